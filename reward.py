@@ -152,7 +152,8 @@ def normalize_answer(s):
     4. units: a trailing \\text{...}/\\mathrm{...} after a number (with exponent), then trailing unit
        words of two letters or more after a number ("10 square units", "5 cm")
     5. \\text{X}, \\mathrm{X}, \\mathbf{X} ... -> X ("\\text{Evelyn}" -> "Evelyn")
-    6. all whitespace removed; a leading assignment x=, x_1=, f(x)= dropped; trailing '.' dropped
+    6. all whitespace and a trailing '.' removed; one pair of braces around the whole answer dropped;
+       then a leading assignment x=, x_1=, f(x)= dropped ({a_n=2^{n-1}} -> 2^{n-1})
     7. thousands separators in numbers (1,000 -> 1000); a leading '+' on a number dropped
     8. a/b of integers -> \\frac{a}{b}; \\frac{-a}{b} -> -\\frac{a}{b}; 3e5 and 3\\cdot10^5 -> 3\\times10^{5}
     9. brace-less arguments get braces: \\frac12 -> \\frac{1}{2}, \\sqrt2 -> \\sqrt{2}, 10^9 -> 10^{9},
@@ -172,9 +173,10 @@ def normalize_answer(s):
     s = TEXT_UNIT.sub(r"\1", s)
     s = TRAILING_UNITS.sub(r"\1", s)
     s = TEXT_WRAPPER.sub(r"\1", s)
-    s = WHITESPACE.sub("", s)
+    s = WHITESPACE.sub("", s).rstrip(".")
+    if s.startswith("{") and _braced_content(s, 0) == s[1:-1]:
+        s = s[1:-1]
     s = ASSIGNMENT.sub("", s)
-    s = s.rstrip(".")
     if THOUSANDS.match(s):
         s = s.replace(",", "")
     if s.startswith("+") and s[1:2].isdigit():
@@ -200,13 +202,19 @@ def _as_list(answer):
     return list(answer) if isinstance(answer, (list, tuple)) else [answer]
 
 
+def _unboxed(reference):
+    """A few references are themselves boxed ('$\\boxed{a=170}$' in the training set): use the content."""
+    return (extract_boxed(reference) if isinstance(reference, str) else None) or reference
+
+
 def is_correct(completion, answer):
-    """True when the completion's last boxed answer equals any acceptable reference, after normalization."""
+    """True when the completion's last boxed answer equals any acceptable reference, after normalization.
+    A reference that is itself boxed is compared by its content."""
     predicted = extract_boxed(completion)
     if predicted is None:
         return False
     target = normalize_answer(predicted)
-    return any(target == normalize_answer(a) for a in _as_list(answer) if a is not None)
+    return any(target == normalize_answer(_unboxed(a)) for a in _as_list(answer) if a is not None)
 
 
 def format_reward(completion):
