@@ -207,6 +207,17 @@ def _unboxed(reference):
     return (extract_boxed(reference) if isinstance(reference, str) else None) or reference
 
 
+def reference_answer_text(answer):
+    """The reference as a model would box it: the first acceptable form, unboxed, without $...$.
+    Guided error correction writes it into \\boxed{} when it appends the correct answer."""
+    first = _as_list(answer)[0] if _as_list(answer) else ""
+    if isinstance(first, float) and first.is_integer():  # AMC stores 142.0
+        first = int(first)
+    text = str(_unboxed(first)).strip()
+    m = MATH_DELIMITERS.match(text)
+    return (m.group(2) if m else text).strip()
+
+
 def is_correct(completion, answer):
     """True when the completion's last boxed answer equals any acceptable reference, after normalization.
     A reference that is itself boxed is compared by its content."""

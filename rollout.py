@@ -1,0 +1,320 @@
+"""
+rollout.py: from problems to a scored group of responses, the input of every GRPO step.
+
+  1. build_prompt            the problem through the chat template, as the authors prompted each family
+  2. sample_rollout          G completions per prompt in one generate call, masks from the first EOS,
+                             rewards from reward.py
+  3. token_logprobs_and_entropy
+                             per-token log p(o_t) and entropy H_t of the full next-token distribution,
+                             completion positions only, the vocabulary in chunks
+  4. guided_error_correction GEC (paper section 3.2): every response below the maximum reward is
+                             continued after a reflection cue (1/2), gets the correct answer appended
+                             (1/4) or is replaced by the reference solution (1/4); then re-scored
+
+Dimensions: P prompts, G responses per prompt, B = P x G rows (group i is rows i*G .. i*G+G-1),
+Tp prompt tokens, T completion tokens, V vocabulary, D hidden size.
+
+Departures from the authors' code (../shared/PAPER.md, "Guided Error Correction"):
+- corrected rows end with EOS (theirs lose it when re-tokenized, so those rows never learn to stop);
+- only the rows being continued are sent to generate again (theirs regenerates the whole batch);
+- corrected rows are built from token ids, not decoded and re-tokenized, so the sampled tokens the
+  loss trains on are exactly the ones the policy sampled;
+- a per-token sampled_mask marks the text GEC inserted; the loss decides what to do with it.
+"""
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from reward import MAX_REWARD, reference_answer_text, reward
+
+# -----------------------------------------------------------------------------
+# Constants: the authors' values (grpo_aha_trainer.py)
+
+# Appended to the user message for every family but Qwen2.5-Math, whose chat template's default
+# system prompt already asks for step-by-step reasoning and a boxed answer.
+STEP_BY_STEP = "\nPlease reason step by step, and put your final answer within \\boxed{}.\n\n"
+REFLECTION_CUE = " Wait! Something is wrong here."
+ANSWER_SENTENCE = "\nWait! Something is wrong here. After verification, the correct answer is \\boxed{{{answer}}}."
+P_REFLECTION, P_ANSWER = 0.5, 0.25   # and P_SOLUTION = 1 - 0.5 - 0.25 = 0.25
+GEC_MAX_PROMPT_TOKENS = 256          # GEC only for prompts shorter than this (their condition)
+REFLECTION_NEW_TOKENS = 256          # budget of the continuation after the reflection cue
+# Rows of the (N, V) logit matrix materialized at once while scoring: 512 x 151,936 (Qwen) x 4 bytes
+# is 311 MB per tensor, instead of the 5 GB of a whole 8 x 1024 x V batch.
+LOGIT_CHUNK_ROWS = 512
+
+GEC_ACTIONS = ("none", "reflection", "answer", "solution", "skipped")  # skipped: prompt too long
+
+
+@dataclass
+class Rollout:
+    """One scored batch of B = P x G responses. Built by sample_rollout, rebuilt (never mutated) by
+    guided_error_correction."""
+    prompt_ids: torch.Tensor       # (B, Tp) left-padded
+    prompt_mask: torch.Tensor      # (B, Tp) 1 on prompt tokens
+    completion_ids: torch.Tensor   # (B, T) right-padded
+    completion_mask: torch.Tensor  # (B, T) 1 on the response up to and including its first EOS
+    sampled_mask: torch.Tensor     # (B, T) 1 where the policy sampled the token; 0 where GEC inserted it, and on padding
+    truncated: torch.Tensor        # (B,) bool: the response hit its length cap without EOS
+    texts: list                    # (B,) decoded responses, special tokens removed
+    rewards: torch.Tensor          # (B,) r_i in {0, 1, 2}, see reward.py
+    actions: list                  # (B,) GEC action per row, one of GEC_ACTIONS
+    group_size: int                # G
+
+    @property
+    def input_ids(self):
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)  # (B, Tp + T)
+
+    @property
+    def attention_mask(self):
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)  # (B, Tp + T)
+
+
+# -----------------------------------------------------------------------------
+# 1. Prompts
+
+
+def uses_bare_problem(model_name):
+    """The authors gave Qwen2.5-Math models the bare problem (their template's system prompt asks for
+    \\boxed{}); every other family gets the STEP_BY_STEP instruction appended."""
+    return "qwen2.5-math" in str(model_name).lower()
+
+
+def build_prompt(tokenizer, problem, bare_problem=False):
+    user = problem if bare_problem else problem + STEP_BY_STEP
+    if tokenizer.chat_template is None:
+        warnings.warn("the tokenizer has no chat template: prompting with plain text 'Question: ... Answer:'")
+        return f"{tokenizer.bos_token or ''}Question: {user}\nAnswer:"
+    return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+# -----------------------------------------------------------------------------
+# 2. Sampling
+
+
+def stop_token_ids(tokenizer, model):
+    """Every id that ends a response: the tokenizer's EOS first (it is what corrected rows end with),
+    then the generation config's (Qwen's lists two)."""
+    ids = [tokenizer.eos_token_id]
+    configured = model.generation_config.eos_token_id
+    ids += configured if isinstance(configured, list) else [configured]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def completion_mask_from_eos(completion_ids, stop_ids):
+    """1 up to and including the first stop token, 0 after: the EOS is trained, so the model learns to
+    stop. Never built by comparing with the pad id (pad is often EOS). Returns mask (B, T) and
+    truncated (B,): rows that never stopped."""
+    is_stop = torch.isin(completion_ids, torch.tensor(stop_ids, device=completion_ids.device))  # (B, T)
+    T = completion_ids.shape[1]
+    positions = torch.arange(T, device=completion_ids.device)  # (T,)
+    first_stop = torch.where(is_stop, positions, T).min(dim=1).values  # (B,) T when there is none
+    mask = (positions[None, :] <= first_stop[:, None]).long()  # (B, T)
+    return mask, first_stop == T
+
+
+def left_pad(sequences, pad_id):
+    """Lists of ids -> ids (B, L) and mask (B, L), padded on the left as generate expects."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, s in enumerate(sequences):
+        if s:
+            ids[row, width - len(s):] = torch.tensor(s)
+            mask[row, width - len(s):] = 1
+    return ids, mask
+
+
+def right_pad(sequences, pad_value, width=None):
+    width = max(max((len(s) for s in sequences), default=0), width or 0)
+    out = torch.full((len(sequences), width), pad_value, dtype=torch.long)
+    for row, s in enumerate(sequences):
+        out[row, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def generate(model, input_ids, attention_mask, *, max_new_tokens, temperature, top_p, seed, stop_ids, pad_id):
+    """Completion ids (B, T<=max_new_tokens). Temperature 0 is greedy. The seed drives sampling inside
+    a forked RNG, so the same seed gives the same samples and the caller's RNG state is untouched.
+    top_k=0: transformers would otherwise cut sampling to the top 50 tokens, a distribution the loss
+    does not assume."""
+    device = model.device
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
+        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                             max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
+                             **sampling)
+    return out[:, input_ids.shape[1]:].cpu()
+
+
+def pad_id_of(tokenizer):
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def sample_rollout(model, tokenizer, prompts, answers, *, group_size, max_new_tokens, temperature=1.0,
+                   top_p=1.0, seed=0):
+    """G = group_size completions for each prompt, in one generate call, scored by reward.py."""
+    encoded = tokenizer(prompts, padding=True, padding_side="left", add_special_tokens=False,
+                        return_tensors="pt")
+    prompt_ids = encoded.input_ids.repeat_interleave(group_size, dim=0)  # (B, Tp)
+    prompt_mask = encoded.attention_mask.repeat_interleave(group_size, dim=0)  # (B, Tp)
+    stop_ids = stop_token_ids(tokenizer, model)
+    completion_ids = generate(model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_p=top_p, seed=seed, stop_ids=stop_ids,
+                              pad_id=pad_id_of(tokenizer))  # (B, T)
+    completion_mask, truncated = completion_mask_from_eos(completion_ids, stop_ids)
+    texts = tokenizer.batch_decode(completion_ids * completion_mask + pad_id_of(tokenizer) * (1 - completion_mask),
+                                   skip_special_tokens=True)
+    row_answers = [answers[row // group_size] for row in range(len(texts))]
+    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                   completion_mask=completion_mask, sampled_mask=completion_mask.clone(), truncated=truncated,
+                   texts=texts, rewards=torch.tensor([reward(t, a) for t, a in zip(texts, row_answers)]),
+                   actions=["none"] * len(texts), group_size=group_size)
+
+
+# -----------------------------------------------------------------------------
+# 3. Scoring: log-probs of the taken tokens and entropy of the full distribution
+
+
+def _logprob_and_entropy(head, hidden, targets, temperature):
+    """hidden (n, D), targets (n,) -> log p(target) (n,), entropy (n,). Temperature is applied here,
+    once, for both: they describe the distribution the tokens were sampled from."""
+    logits = head(hidden).float() / temperature  # (n, V)
+    logp = logits.log_softmax(dim=-1)  # (n, V)
+    taken = logp.gather(-1, targets[:, None]).squeeze(-1)  # (n,)
+    entropy = -(logp.exp() * logp).sum(dim=-1)  # (n,)
+    return taken, entropy
+
+
+def token_logprobs_and_entropy(model, input_ids, attention_mask, completion_mask, temperature=1.0,
+                               chunk_rows=LOGIT_CHUNK_ROWS):
+    """input_ids, attention_mask (B, Tp + T) with the completion in the last T columns; completion_mask
+    (B, T) picks the positions to score. Returns log-probs (B, T) and entropies (B, T), 0 off the mask.
+
+    Memory: the transformer runs once over (B, Tp + T); only the N = completion_mask.sum() scored
+    positions go through the LM head, chunk_rows at a time, so at most one (chunk_rows, V) block of
+    logits exists. With grad enabled each chunk is checkpointed: its logits are recomputed in
+    backward instead of being kept, so the bound holds for training too."""
+    T = completion_mask.shape[1]
+    # Left padding: positions count real tokens only, as generate does. (RoPE models are invariant to a
+    # constant shift anyway; absolute-position models such as GPT-2 are not.)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids).last_hidden_state  # (B, Tp + T, D)
+    hidden = hidden[:, -T - 1:-1]  # (B, T, D): the state before token t predicts token t
+    keep = completion_mask.bool()  # (B, T)
+    hidden, targets = hidden[keep], input_ids[:, -T:][keep]  # (N, D), (N,)
+    head = model.get_output_embeddings()
+    temperature = temperature if temperature > 0 else 1.0  # greedy sampling: score the plain distribution
+    taken, entropy = [], []
+    for start in range(0, hidden.shape[0], chunk_rows):
+        args = (head, hidden[start:start + chunk_rows], targets[start:start + chunk_rows], temperature)
+        t, h = checkpoint(_logprob_and_entropy, *args, use_reentrant=False) if torch.is_grad_enabled() \
+            else _logprob_and_entropy(*args)
+        taken.append(t)
+        entropy.append(h)
+    zeros = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device)  # (B, T)
+    if not taken:
+        return zeros, zeros.clone()
+    return zeros.masked_scatter(keep, torch.cat(taken)), zeros.masked_scatter(keep, torch.cat(entropy))
+
+
+# -----------------------------------------------------------------------------
+# 4. Guided error correction
+
+
+def choose_gec_actions(needs_fix, has_solution, prompt_too_long, generator, forced_reflection=False):
+    """One action per row, from one uniform draw per row (every row draws, so row i's choice does not
+    depend on the others). needs_fix, has_solution, prompt_too_long: (B,) bool.
+    GEC: reflection with p 1/2, answer with p 1/4, solution with p 1/4 (answer when there is no
+    solution). Forced reflection (the paper's baseline): reflection for every row that needs a fix."""
+    u = torch.rand(len(needs_fix), generator=generator)  # (B,)
+    actions = []
+    for row, draw in enumerate(u.tolist()):
+        if not needs_fix[row]:
+            actions.append("none")
+        elif prompt_too_long[row]:
+            actions.append("skipped")
+        elif forced_reflection or draw < P_REFLECTION:
+            actions.append("reflection")
+        elif draw < P_REFLECTION + P_ANSWER or not has_solution[row]:
+            actions.append("answer")
+        else:
+            actions.append("solution")
+    return actions
+
+
+def _encode(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def guided_error_correction(model, tokenizer, rollout, answers, solutions, *, seed, forced_reflection=False,
+                            reflection_tokens=REFLECTION_NEW_TOKENS, temperature=1.0, top_p=1.0):
+    """Rewrite every response with r_i < MAX_REWARD, then re-score; returns a new Rollout.
+    answers, solutions: one per prompt (a solution may be None or ''). Tokens GEC inserts (the cue,
+    the answer sentence, the solution, their EOS) get sampled_mask 0; tokens the policy generates
+    after the cue get 1."""
+    G = rollout.group_size
+    B = len(rollout.texts)
+    stop_ids, pad_id = stop_token_ids(tokenizer, model), pad_id_of(tokenizer)
+    eos = stop_ids[0]
+    generator = torch.Generator().manual_seed(seed)
+    prompt_lengths = rollout.prompt_mask.sum(dim=1)  # (B,)
+    actions = choose_gec_actions(
+        needs_fix=(rollout.rewards < MAX_REWARD).tolist(),
+        has_solution=[bool(solutions[row // G]) for row in range(B)],
+        prompt_too_long=(prompt_lengths >= GEC_MAX_PROMPT_TOKENS).tolist(),
+        generator=generator, forced_reflection=forced_reflection)
+
+    # Each row as lists: its token ids and, per token, 1 if sampled by the policy, 0 if inserted.
+    ids, sampled = [], []
+    for row in range(B):
+        length = int(rollout.completion_mask[row].sum())
+        response = rollout.completion_ids[row, :length].tolist()
+        flags = rollout.sampled_mask[row, :length].tolist()
+        if actions[row] in ("none", "skipped"):
+            ids.append(response)
+            sampled.append(flags)
+            continue
+        if not rollout.truncated[row]:  # the response goes on after the correction: drop its EOS
+            response, flags = response[:-1], flags[:-1]
+        if actions[row] == "reflection":
+            inserted = _encode(tokenizer, REFLECTION_CUE)
+        elif actions[row] == "answer":
+            inserted = _encode(tokenizer, ANSWER_SENTENCE.format(answer=reference_answer_text(answers[row // G]))) + [eos]
+        else:
+            response, flags = [], []
+            inserted = _encode(tokenizer, solutions[row // G]) + [eos]
+        ids.append(response + inserted)
+        sampled.append(flags + [0] * len(inserted))
+
+    # Continue the reflection rows, and only them, in one generate call.
+    continued = [row for row in range(B) if actions[row] == "reflection"]
+    if continued:
+        contexts = [rollout.prompt_ids[row][rollout.prompt_mask[row].bool()].tolist() + ids[row] for row in continued]
+        context_ids, context_mask = left_pad(contexts, pad_id)
+        continuation = generate(model, context_ids, context_mask, max_new_tokens=reflection_tokens,
+                                temperature=temperature, top_p=top_p, seed=seed + 1, stop_ids=stop_ids,
+                                pad_id=pad_id)  # (len(continued), T')
+        continuation_mask, _ = completion_mask_from_eos(continuation, stop_ids)
+        for k, row in enumerate(continued):
+            new = continuation[k, :int(continuation_mask[k].sum())].tolist()
+            ids[row] = ids[row] + new
+            sampled[row] = sampled[row] + [1] * len(new)
+
+    completion_ids = right_pad(ids, pad_id)  # (B, T')
+    completion_mask = right_pad([[1] * len(s) for s in ids], 0, width=completion_ids.shape[1])  # (B, T')
+    ends = [bool(s) and s[-1] in stop_ids for s in ids]
+    texts = [tokenizer.decode(s, skip_special_tokens=True) for s in ids]
+    rewards = torch.tensor([reward(texts[row], answers[row // G]) if actions[row] not in ("none", "skipped")
+                            else float(rollout.rewards[row]) for row in range(B)])
+    return Rollout(prompt_ids=rollout.prompt_ids, prompt_mask=rollout.prompt_mask, completion_ids=completion_ids,
+                   completion_mask=completion_mask, sampled_mask=right_pad(sampled, 0, width=completion_ids.shape[1]),
+                   truncated=torch.tensor([not e for e in ends]), texts=texts, rewards=rewards, actions=actions,
+                   group_size=G)

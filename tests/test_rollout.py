@@ -1,0 +1,280 @@
+"""rollout.py on a tiny model: masks, seeding, log-probs and entropy, guided error correction.
+Run: python -m pytest tests/test_rollout.py"""
+
+import math
+
+import pytest
+import torch
+
+from reward import MAX_REWARD, reward
+from rollout import (ANSWER_SENTENCE, GEC_MAX_PROMPT_TOKENS, REFLECTION_CUE, STEP_BY_STEP, Rollout, build_prompt,
+                     choose_gec_actions, completion_mask_from_eos, guided_error_correction, right_pad,
+                     sample_rollout, token_logprobs_and_entropy, uses_bare_problem)
+from tests.tiny import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_model(tok)
+
+
+def sample(model, tok, seed, temperature=1.0, G=4, max_new_tokens=16):
+    prompts = [build_prompt(tok, "What is 1+1?"), build_prompt(tok, "Compute 12*3.")]
+    return sample_rollout(model, tok, prompts, ["2", "36"], group_size=G, max_new_tokens=max_new_tokens,
+                          temperature=temperature, seed=seed)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def test_prompt_families(tok):
+    assert uses_bare_problem("Qwen/Qwen2.5-Math-1.5B") and not uses_bare_problem("HuggingFaceTB/SmolLM2-135M")
+    bare = build_prompt(tok, "2+2?", bare_problem=True)
+    assert bare == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+    assert build_prompt(tok, "2+2?") == f"<|im_start|>user\n2+2?{STEP_BY_STEP}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_no_chat_template_falls_back_to_plain_text_with_a_warning():
+    plain = tiny_tokenizer(chat_template=None)
+    with pytest.warns(UserWarning, match="no chat template"):
+        prompt = build_prompt(plain, "2+2?")
+    assert prompt == f"<|im_start|>Question: 2+2?{STEP_BY_STEP}\nAnswer:"
+
+
+# ----------------------------------------------------------------------------- masks
+
+def test_completion_mask_ends_at_first_eos_inclusive():
+    EOS, OTHER_STOP, PAD = 2, 7, 2
+    ids = torch.tensor([
+        [EOS, PAD, PAD, PAD, PAD],      # stops at once: only the EOS is trained
+        [5, 6, EOS, PAD, PAD],          # stops early
+        [5, 6, 8, 9, EOS],              # stops on the last position
+        [5, 6, 8, 9, 10],               # never stops: truncated
+        [5, OTHER_STOP, 5, EOS, PAD],   # a second stop id (Qwen has two)
+    ])
+    mask, truncated = completion_mask_from_eos(ids, [EOS, OTHER_STOP])
+    assert mask.tolist() == [[1, 0, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert truncated.tolist() == [False, False, False, True, False]
+
+
+def test_rollout_masks_and_texts(model, tok):
+    r = sample(model, tok, seed=3, G=4, max_new_tokens=24)
+    B = 8
+    assert r.prompt_ids.shape[0] == r.completion_ids.shape[0] == B and len(r.texts) == B
+    mask, truncated = completion_mask_from_eos(r.completion_ids, [tok.eos_token_id])
+    assert torch.equal(r.completion_mask, mask) and torch.equal(r.truncated, truncated)
+    assert torch.equal(r.sampled_mask, r.completion_mask)
+    assert r.actions == ["none"] * B
+    for row in range(B):
+        kept = r.completion_ids[row, :int(mask[row].sum())].tolist()
+        assert r.texts[row] == tok.decode(kept, skip_special_tokens=True)
+        assert r.rewards[row] == reward(r.texts[row], ["2", "36"][row // 4])
+    # group structure: the G rows of a group share the prompt
+    assert torch.equal(r.prompt_ids[0], r.prompt_ids[3]) and not torch.equal(r.prompt_ids[3], r.prompt_ids[4])
+
+
+# ----------------------------------------------------------------------------- seeding
+
+def test_same_seed_same_samples_and_caller_rng_untouched(model, tok):
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a, b = sample(model, tok, seed=7), sample(model, tok, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert torch.equal(a.completion_ids, b.completion_ids) and a.texts == b.texts
+    c = sample(model, tok, seed=8)
+    assert not torch.equal(a.completion_ids[:, :c.completion_ids.shape[1]], c.completion_ids[:, :a.completion_ids.shape[1]])
+
+
+def test_greedy_is_the_same_for_any_seed(model, tok):
+    a, b = sample(model, tok, seed=1, temperature=0), sample(model, tok, seed=999, temperature=0)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    # and the G copies of a prompt are identical under greedy decoding
+    assert torch.equal(a.completion_ids[0], a.completion_ids[3])
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def plain_forward_logits(model, r):
+    """The reference: one ordinary forward over prompt + completion, logits at completion positions."""
+    T = r.completion_ids.shape[1]
+    position_ids = (r.attention_mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=r.input_ids, attention_mask=r.attention_mask, position_ids=position_ids).logits
+    return logits[:, -T - 1:-1].double()  # (B, T, V)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_logprobs_and_entropy_match_a_plain_forward(model, tok, temperature):
+    r = sample(model, tok, seed=5)
+    with torch.no_grad():
+        logp, entropy = token_logprobs_and_entropy(model, r.input_ids, r.attention_mask, r.completion_mask,
+                                                   temperature=temperature)
+    ref = (plain_forward_logits(model, r) / temperature).log_softmax(-1)  # temperature applied exactly once
+    ref_taken = ref.gather(-1, r.completion_ids[..., None]).squeeze(-1)
+    ref_entropy = -(ref.exp() * ref).sum(-1)
+    m = r.completion_mask.bool()
+    assert torch.allclose(logp[m].double(), ref_taken[m], atol=1e-5)
+    assert torch.allclose(entropy[m].double(), ref_entropy[m], atol=1e-5)
+    assert (logp[~m] == 0).all() and (entropy[~m] == 0).all()
+
+
+def test_entropy_of_a_uniform_model_is_log_v(tok):
+    model = tiny_model(tok)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # tied: every logit is 0, the next-token distribution is uniform
+    r = sample(model, tok, seed=0)
+    with torch.no_grad():
+        logp, entropy = token_logprobs_and_entropy(model, r.input_ids, r.attention_mask, r.completion_mask,
+                                                   temperature=0.7)
+    V, m = len(tok), r.completion_mask.bool()
+    assert torch.allclose(entropy[m], torch.full_like(entropy[m], math.log(V)), atol=1e-5)
+    assert torch.allclose(logp[m], torch.full_like(logp[m], -math.log(V)), atol=1e-5)
+
+
+def test_chunked_equals_unchunked_values_and_gradients(model, tok):
+    r = sample(model, tok, seed=11)
+    results = []
+    for chunk_rows in (3, 10_000):
+        model.zero_grad()
+        logp, entropy = token_logprobs_and_entropy(model, r.input_ids, r.attention_mask, r.completion_mask,
+                                                   chunk_rows=chunk_rows)
+        (logp.sum() + entropy.sum()).backward()
+        results.append((logp.detach(), entropy.detach(), model.model.layers[0].mlp.up_proj.weight.grad.clone()))
+    (l1, h1, g1), (l2, h2, g2) = results
+    assert torch.allclose(l1, l2, atol=1e-5) and torch.allclose(h1, h2, atol=1e-5)
+    assert torch.allclose(g1, g2, atol=1e-5) and g1.abs().sum() > 0
+    model.zero_grad()
+
+
+def test_scores_do_not_depend_on_batch_padding(model, tok):
+    """A row scored alone equals the same row scored in a batch with longer prompts (left padding)."""
+    r = sample(model, tok, seed=2)
+    with torch.no_grad():
+        batch_logp, _ = token_logprobs_and_entropy(model, r.input_ids, r.attention_mask, r.completion_mask)
+        row = 4  # a row of the second, longer prompt has no padding; the first prompt's rows do
+        for row in (0, 4):
+            keep = r.prompt_mask[row].bool()
+            ids = torch.cat([r.prompt_ids[row][keep], r.completion_ids[row]])[None]
+            mask = torch.cat([r.prompt_mask[row][keep], r.completion_mask[row]])[None]
+            alone, _ = token_logprobs_and_entropy(model, ids, mask, r.completion_mask[row][None])
+            assert torch.allclose(alone[0], batch_logp[row], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- GEC: branch choice
+
+def test_gec_branch_frequencies_over_many_seeds():
+    """50,000 wrong rows over 50 seeds. Each share is within 6 standard errors of the documented
+    1/2, 1/4, 1/4 (chance of a false failure < 1e-8); an implementation with 1/3 each misses by
+    more than 50 standard errors."""
+    counts = {"reflection": 0, "answer": 0, "solution": 0}
+    n = 0
+    for seed in range(50):
+        actions = choose_gec_actions([True] * 1000, [True] * 1000, [False] * 1000,
+                                     torch.Generator().manual_seed(seed))
+        for a in actions:
+            counts[a] += 1
+        n += len(actions)
+    for action, p in (("reflection", 0.5), ("answer", 0.25), ("solution", 0.25)):
+        assert abs(counts[action] / n - p) < 6 * math.sqrt(p * (1 - p) / n), (action, counts)
+
+
+def test_gec_choices_respect_correctness_solutions_prompt_length_and_mode():
+    g = lambda: torch.Generator().manual_seed(0)
+    n = 4000
+    no_solution = choose_gec_actions([True] * n, [False] * n, [False] * n, g())
+    assert "solution" not in no_solution
+    assert abs(no_solution.count("answer") / n - 0.5) < 6 * math.sqrt(0.25 / n)  # answer takes the solution's share
+    mixed = choose_gec_actions([True, False, True], [True] * 3, [False, False, True], g())
+    assert mixed[1] == "none" and mixed[2] == "skipped"
+    assert choose_gec_actions([True] * 50 + [False], [True] * 51, [False] * 51, g(), forced_reflection=True) \
+        == ["reflection"] * 50 + ["none"]
+    assert choose_gec_actions([True] * 100, [True] * 100, [False] * 100, g()) == \
+        choose_gec_actions([True] * 100, [True] * 100, [False] * 100, g())
+
+
+# ----------------------------------------------------------------------------- GEC: end to end
+
+def rollout_from_texts(tok, prompts, texts, G):
+    """A Rollout whose responses we choose: each text encoded and ended with EOS."""
+    eos = tok.eos_token_id
+    enc = tok(prompts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
+    ids = [tok(t, add_special_tokens=False).input_ids + [eos] for t in texts]
+    completion_ids = right_pad(ids, eos)
+    mask = right_pad([[1] * len(s) for s in ids], 0, width=completion_ids.shape[1])
+    from reward import reward as score
+    answers = ["2", "36"]
+    return Rollout(prompt_ids=enc.input_ids.repeat_interleave(G, 0), prompt_mask=enc.attention_mask.repeat_interleave(G, 0),
+                   completion_ids=completion_ids, completion_mask=mask, sampled_mask=mask.clone(),
+                   truncated=torch.zeros(len(texts), dtype=torch.bool), texts=texts,
+                   rewards=torch.tensor([score(t, answers[i // G]) for i, t in enumerate(texts)]),
+                   actions=["none"] * len(texts), group_size=G)
+
+
+def test_gec_rewrites_wrong_rows_and_only_regenerates_continued_ones(model, tok, monkeypatch):
+    G = 8
+    prompts = [build_prompt(tok, "What is 1+1?"), build_prompt(tok, "Compute 12*3.")]
+    texts = ["so \\boxed{2}", "it is 3", "\\boxed{3}", "hmm", "x", "1+1=2", "\\boxed{5}", "no"] + \
+            ["12*3=36", "\\boxed{35}", "36?", "?", "I think 30", "\\boxed{6}", "36", "\\boxed{-36}"]  # group 2: all wrong
+    before = rollout_from_texts(tok, prompts, texts, G)
+    assert before.rewards.tolist()[:3] == [2.0, 0.0, 1.0] and (before.rewards[G:] < MAX_REWARD).all()
+    solutions = ["1 and 1 make \\boxed{2}.", None]  # the second problem has no solution: answer instead
+
+    calls = []
+    real_generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: calls.append(kw["input_ids"]) or real_generate(**kw))
+    after = guided_error_correction(model, tok, before, ["2", "36"], solutions, seed=4, reflection_tokens=6)
+
+    assert after.actions[0] == "none"
+    assert torch.equal(after.completion_ids[0, :before.completion_mask[0].sum()],
+                       before.completion_ids[0, :before.completion_mask[0].sum()])
+    assert after.rewards[0] == 2.0 and after.texts[0] == texts[0]
+    assert "solution" not in after.actions[G:]
+    continued = [row for row, a in enumerate(after.actions) if a == "reflection"]
+    assert len(calls) == 1 and calls[0].shape[0] == len(continued) > 0  # one generate, continued rows only
+
+    eos, cue = tok.eos_token_id, tok(REFLECTION_CUE, add_special_tokens=False).input_ids
+    for row, action in enumerate(after.actions):
+        length = int(after.completion_mask[row].sum())
+        ids, sampled = after.completion_ids[row, :length].tolist(), after.sampled_mask[row, :length].tolist()
+        response = before.completion_ids[row, :int(before.completion_mask[row].sum()) - 1].tolist()  # without EOS
+        answer = ["2", "36"][row // G]
+        assert after.rewards[row] == reward(after.texts[row], answer)
+        assert after.texts[row] == tok.decode(ids, skip_special_tokens=True)
+        if action == "answer":
+            sentence = tok(ANSWER_SENTENCE.format(answer=answer), add_special_tokens=False).input_ids
+            assert ids == response + sentence + [eos] and sampled == [1] * len(response) + [0] * (len(sentence) + 1)
+            assert after.rewards[row] == MAX_REWARD and not after.truncated[row]
+        elif action == "solution":
+            assert after.texts[row] == solutions[0] and ids[-1] == eos and sum(sampled) == 0
+            assert after.rewards[row] == MAX_REWARD
+        elif action == "reflection":
+            n = len(response)
+            assert ids[:n + len(cue)] == response + cue
+            assert sampled == [1] * n + [0] * len(cue) + [1] * (length - n - len(cue))
+            assert after.truncated[row] == (ids[-1] != eos)
+    # the all-wrong second group is mixed after GEC
+    assert len(set(after.rewards[G:].tolist())) > 1 and MAX_REWARD in after.rewards[G:].tolist()
+
+
+def test_gec_skips_long_prompts_and_forced_reflection_only_reflects(model, tok):
+    G = 2
+    long_problem = "9" * GEC_MAX_PROMPT_TOKENS  # char-level tokenizer: one token per character
+    prompts = [build_prompt(tok, long_problem), build_prompt(tok, "Compute 12*3.")]
+    before = rollout_from_texts(tok, prompts, ["a", "b", "c", "\\boxed{36}"], G)
+    after = guided_error_correction(model, tok, before, ["2", "36"], ["s", "t"], seed=0, forced_reflection=True,
+                                    reflection_tokens=4)
+    assert after.actions == ["skipped", "skipped", "reflection", "none"]
+    assert torch.equal(after.completion_ids[0, :2], before.completion_ids[0, :2])
+
+
+def test_gec_is_reproducible(model, tok):
+    prompts = [build_prompt(tok, "What is 1+1?"), build_prompt(tok, "Compute 12*3.")]
+    before = rollout_from_texts(tok, prompts, ["a", "b", "c", "d"], 2)
+    runs = [guided_error_correction(model, tok, before, ["2", "36"], ["two", None], seed=9, reflection_tokens=5)
+            for _ in range(2)]
+    assert runs[0].actions == runs[1].actions and runs[0].texts == runs[1].texts
+    assert torch.equal(runs[0].completion_ids, runs[1].completion_ids)
