@@ -153,6 +153,10 @@ def generate(model, input_ids, attention_mask, *, max_new_tokens, temperature, t
     return out[:, input_ids.shape[1]:].cpu()
 
 
+def _encode(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
 def pad_id_of(tokenizer):
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -175,6 +179,23 @@ def sample_rollout(model, tokenizer, prompts, answers, *, group_size, max_new_to
     return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
                    completion_mask=completion_mask, sampled_mask=completion_mask.clone(), truncated=truncated,
                    texts=texts, rewards=torch.tensor([reward(t, a) for t, a in zip(texts, row_answers)]),
+                   actions=["none"] * len(texts), group_size=group_size)
+
+
+def rollout_from_texts(tokenizer, model, prompts, texts, answers, group_size, truncated=None):
+    """A Rollout of given response texts (saved evaluation responses, hand-made tests): each text is
+    tokenized and, unless truncated, ended with EOS; rewards are scored by reward.py."""
+    eos, pad_id = stop_token_ids(tokenizer, model)[0], pad_id_of(tokenizer)
+    truncated = truncated or [False] * len(texts)
+    encoded = tokenizer(prompts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
+    ids = [_encode(tokenizer, t) + ([] if cut else [eos]) for t, cut in zip(texts, truncated)]
+    completion_ids = right_pad(ids, pad_id)
+    mask = right_pad([[1] * len(s) for s in ids], 0, width=completion_ids.shape[1])
+    return Rollout(prompt_ids=encoded.input_ids.repeat_interleave(group_size, 0),
+                   prompt_mask=encoded.attention_mask.repeat_interleave(group_size, 0),
+                   completion_ids=completion_ids, completion_mask=mask, sampled_mask=mask.clone(),
+                   truncated=torch.tensor(truncated, dtype=torch.bool), texts=list(texts),
+                   rewards=torch.tensor([reward(t, answers[i // group_size]) for i, t in enumerate(texts)]),
                    actions=["none"] * len(texts), group_size=group_size)
 
 
@@ -248,10 +269,6 @@ def choose_gec_actions(needs_fix, has_solution, prompt_too_long, generator, forc
         else:
             actions.append("solution")
     return actions
-
-
-def _encode(tokenizer, text):
-    return tokenizer(text, add_special_tokens=False).input_ids
 
 
 def guided_error_correction(model, tokenizer, rollout, answers, solutions, *, seed, forced_reflection=False,

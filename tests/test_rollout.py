@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from reward import MAX_REWARD, reward
+from rollout import rollout_from_texts as make_rollout
 from rollout import (ANSWER_SENTENCE, GEC_MAX_PROMPT_TOKENS, REFLECTION_CUE, STEP_BY_STEP, Rollout, build_prompt,
-                     choose_gec_actions, completion_mask_from_eos, guided_error_correction, right_pad,
+                     choose_gec_actions, completion_mask_from_eos, guided_error_correction,
                      sample_rollout, token_logprobs_and_entropy, uses_bare_problem)
 from tests.tiny import tiny_model, tiny_tokenizer
 
@@ -198,20 +199,9 @@ def test_gec_choices_respect_correctness_solutions_prompt_length_and_mode():
 
 # ----------------------------------------------------------------------------- GEC: end to end
 
-def rollout_from_texts(tok, prompts, texts, G):
+def rollout_from_texts(tok, prompts, texts, G, model=None):
     """A Rollout whose responses we choose: each text encoded and ended with EOS."""
-    eos = tok.eos_token_id
-    enc = tok(prompts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
-    ids = [tok(t, add_special_tokens=False).input_ids + [eos] for t in texts]
-    completion_ids = right_pad(ids, eos)
-    mask = right_pad([[1] * len(s) for s in ids], 0, width=completion_ids.shape[1])
-    from reward import reward as score
-    answers = ["2", "36"]
-    return Rollout(prompt_ids=enc.input_ids.repeat_interleave(G, 0), prompt_mask=enc.attention_mask.repeat_interleave(G, 0),
-                   completion_ids=completion_ids, completion_mask=mask, sampled_mask=mask.clone(),
-                   truncated=torch.zeros(len(texts), dtype=torch.bool), texts=texts,
-                   rewards=torch.tensor([score(t, answers[i // G]) for i, t in enumerate(texts)]),
-                   actions=["none"] * len(texts), group_size=G)
+    return make_rollout(tok, model or tiny_model(tok), prompts, texts, ["2", "36"], G)
 
 
 def test_gec_rewrites_wrong_rows_and_only_regenerates_continued_ones(model, tok, monkeypatch):

@@ -1,0 +1,420 @@
+"""
+analysis.py: evaluation on the paper's benchmarks and the paper's analyses. Each subcommand writes a
+JSON summary (and where a picture helps, a PNG) into --output-dir.
+
+  python analysis.py eval --model smollm2-135m --data ../shared/data/eval/math500.jsonl --limit 20
+  python analysis.py entropy --records runs/eval/records.jsonl        # Fig. 3: entropy of correct vs wrong
+  python analysis.py reflection --records runs/eval/records.jsonl     # Fig. 2: reflection and accuracy
+  python analysis.py plot runs/grpo runs/edge-grpo                    # Fig. 5: advantage variance, entropy
+  python analysis.py compare runs/eval-base runs/eval-trained          # the paper's results table
+
+It computes nothing rollout.py, reward.py or edge_grpo.py already compute: sampling, entropy, GEC's
+forced reflection, rewards, model loading and data loading are theirs. Records are one JSON line per
+response: benchmark, problem index, problem, answer, response, correct, boxed, length, truncated,
+entropy (the response's mean token entropy H_i at the sampling temperature), temperature.
+"""
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from edge_grpo import fail, load_model_and_tokenizer, load_problems, resolve_device, resolve_dtype
+from reward import MAX_REWARD, extract_boxed
+from rollout import (build_prompt, guided_error_correction, rollout_from_texts, sample_rollout,
+                     token_logprobs_and_entropy, uses_bare_problem)
+
+# The authors' evaluate_model.py: one sample per problem at temperature 0.1, up to 3000 new tokens.
+EVAL_TEMPERATURE, EVAL_MAX_NEW_TOKENS, EVAL_SAMPLES = 0.1, 3000, 1
+# The embedded 135M model rambles to any budget; on 2 CPU cores 3000 tokens per answer takes hours.
+CPU_ALIAS_MAX_NEW_TOKENS = {"smollm2-135m": 512}
+# Words that mark self-reflection in a response (Fig. 2). The paper does not list its keywords; these
+# are the cue words common in the reflection literature, matched case-insensitively as substrings.
+REFLECTION_WORDS = ("wait", "re-check", "recheck", "re-examine", "reconsider", "re-evaluate", "double-check",
+                    "let me check", "let's check", "verify", "mistake", "rethink", "on second thought")
+
+
+# -----------------------------------------------------------------------------
+# eval
+
+
+def benchmark_name(path):
+    return Path(path).stem
+
+
+def eval_records(model, tokenizer, model_name, problems, benchmark, *, temperature, max_new_tokens, samples,
+                 batch_size, seed):
+    """Generate `samples` responses per problem, batch_size problems per generate call, and score them.
+    Returns one record per response."""
+    bare = uses_bare_problem(model_name)
+    records = []
+    for start in range(0, len(problems), batch_size):
+        batch = problems[start:start + batch_size]
+        prompts = [build_prompt(tokenizer, row["problem"], bare_problem=bare) for row in batch]
+        answers = [row["answer"] for row in batch]
+        rollout = sample_rollout(model, tokenizer, prompts, answers, group_size=samples, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, seed=seed + start)
+        with torch.no_grad():
+            _, entropy = token_logprobs_and_entropy(model, rollout.input_ids.to(model.device),
+                                                    rollout.attention_mask.to(model.device),
+                                                    rollout.completion_mask.to(model.device), temperature=temperature)
+        mask = rollout.completion_mask
+        H = (entropy.cpu() * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,) mean over the response's tokens
+        for row, text in enumerate(rollout.texts):
+            problem = batch[row // samples]
+            records.append(dict(benchmark=benchmark, index=start + row // samples, problem=problem["problem"],
+                                answer=problem["answer"], response=text,
+                                correct=bool(rollout.rewards[row] == MAX_REWARD), boxed=extract_boxed(text) is not None,
+                                length=int(mask[row].sum()), truncated=bool(rollout.truncated[row]),
+                                entropy=float(H[row]), temperature=temperature))
+    return records
+
+
+def accuracy_table(records):
+    """{benchmark: (pass@1 %, problems)}, plus the paper's weighted average and the unweighted mean."""
+    by_benchmark = defaultdict(list)
+    for r in records:
+        by_benchmark[r["benchmark"]].append(r["correct"])
+    table = {name: (100 * sum(c) / len(c), len(c)) for name, c in by_benchmark.items()}
+    total = sum(n for _, n in table.values())
+    weighted = sum(acc * n for acc, n in table.values()) / total if total else float("nan")
+    unweighted = sum(acc for acc, _ in table.values()) / len(table) if table else float("nan")
+    return table, weighted, unweighted
+
+
+def format_table(rows):
+    """rows: [(label, {benchmark: (acc, n)}, weighted)] -> text, one column per benchmark then Avg."""
+    names = sorted({name for _, table, _ in rows for name in table})
+    header = f"{'model':<28}" + "".join(f"{n[:12]:>13}" for n in names) + f"{'Avg':>9}"
+    lines = [header, "-" * len(header)]
+    for label, table, weighted in rows:
+        cells = "".join(f"{table[n][0]:>12.2f} " if n in table else f"{'-':>13}" for n in names)
+        lines.append(f"{label[:27]:<28}{cells}{weighted:>9.2f}")
+    counts = "".join(f"{'n=' + str(rows[0][1][n][1]) if n in rows[0][1] else '':>13}" for n in names)
+    lines.append(f"{'':<28}{counts}   Avg weighted by problem count")
+    return "\n".join(lines)
+
+
+def run_eval(args):
+    files = [load_problems(path) for path in args.data]  # bad data fails before the model loads
+    device = resolve_device(args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, device, resolve_dtype(args.dtype, device))
+    model.eval()
+    max_new_tokens = args.max_new_tokens or CPU_ALIAS_MAX_NEW_TOKENS.get(args.model, EVAL_MAX_NEW_TOKENS)
+    records = []
+    for path, problems in zip(args.data, files):
+        problems = problems[:args.limit] if args.limit else problems
+        print(f"{benchmark_name(path)}: {len(problems)} problems x {args.samples} samples, T={args.temperature}, "
+              f"up to {max_new_tokens} new tokens", file=sys.stderr)
+        records += eval_records(model, tokenizer, args.model, problems, benchmark_name(path),
+                                temperature=args.temperature, max_new_tokens=max_new_tokens, samples=args.samples,
+                                batch_size=args.batch_size, seed=args.seed)
+    out = Path(args.output_dir)
+    write_records(out / "records.jsonl", records)
+    table, weighted, unweighted = accuracy_table(records)
+    summary = dict(model=args.model, temperature=args.temperature, max_new_tokens=max_new_tokens, samples=args.samples,
+                   limit=args.limit, pass_at_1={k: v[0] for k, v in table.items()},
+                   problems={k: v[1] for k, v in table.items()}, average_weighted=weighted, average_unweighted=unweighted,
+                   boxed=sum(r["boxed"] for r in records) / len(records))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(format_table([(args.model, table, weighted)]))
+    print(f"responses: {out / 'records.jsonl'}; summary: {out / 'summary.json'}")
+    return summary
+
+
+def write_records(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def read_records(path):
+    path = Path(path)
+    if not path.is_file():
+        fail(f"--records {path}: no such file (write one with: python analysis.py eval ...)")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                fail(f"{path}:{number}: not valid JSON: {e.msg}")
+    if not records:
+        fail(f"{path}: no records")
+    return records
+
+
+# -----------------------------------------------------------------------------
+# entropy (Fig. 3)
+
+
+def _mean(values):
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def entropy_stats(records):
+    """Fig. 3 for one temperature. H = mean H_i over all responses.
+    relative_confidence = mean H_i of wrong / mean H_i of correct: above 1, correct responses are the
+    more confident ones. rho_c = share of correct responses with H_i > H (confident-correct is the
+    rule when this is small); rho_w = share of wrong responses with H_i < H. The *_group versions
+    compare each H_i with its own question's mean, the mean EDA uses."""
+    H = _mean(r["entropy"] for r in records)
+    correct = [r for r in records if r["correct"]]
+    wrong = [r for r in records if not r["correct"]]
+    h_c, h_w = _mean(r["entropy"] for r in correct), _mean(r["entropy"] for r in wrong)
+    group_mean = defaultdict(list)
+    for r in records:
+        group_mean[(r["benchmark"], r["index"])].append(r["entropy"])
+    own = {key: sum(v) / len(v) for key, v in group_mean.items()}
+    mixed = [r for r in records if len(group_mean[(r["benchmark"], r["index"])]) > 1]
+    return dict(
+        responses=len(records), correct=len(correct), mean_entropy=H, mean_entropy_correct=h_c, mean_entropy_wrong=h_w,
+        relative_confidence=h_w / h_c if h_c and h_w is not None else None,
+        rho_c=_mean(r["entropy"] > H for r in correct), rho_w=_mean(r["entropy"] < H for r in wrong),
+        rho_c_group=_mean(r["entropy"] > own[(r["benchmark"], r["index"])] for r in mixed if r["correct"]),
+        rho_w_group=_mean(r["entropy"] < own[(r["benchmark"], r["index"])] for r in mixed if not r["correct"]),
+    )
+
+
+def run_entropy(args):
+    if args.records:
+        records = read_records(args.records)
+    else:
+        if not (args.model and args.data):
+            fail("entropy needs --records FILE, or --model and --data to sample fresh responses")
+        device = resolve_device(args.device)
+        model, tokenizer = load_model_and_tokenizer(args.model, device, resolve_dtype(args.dtype, device))
+        model.eval()
+        problems = load_problems(args.data)[:args.limit or None]
+        max_new_tokens = args.max_new_tokens or CPU_ALIAS_MAX_NEW_TOKENS.get(args.model, EVAL_MAX_NEW_TOKENS)
+        records = []
+        for t in args.temperatures:
+            records += eval_records(model, tokenizer, args.model, problems, benchmark_name(args.data), temperature=t,
+                                    max_new_tokens=max_new_tokens, samples=args.samples, batch_size=args.batch_size,
+                                    seed=args.seed)
+        write_records(Path(args.output_dir) / "entropy_records.jsonl", records)
+    by_temperature = defaultdict(list)
+    for r in records:
+        by_temperature[r.get("temperature")].append(r)
+    result = {str(t): entropy_stats(rs) for t, rs in sorted(by_temperature.items(), key=lambda kv: kv[0] or 0)}
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "entropy.json").write_text(json.dumps(result, indent=2))
+    print(f"{'T':>5}{'n':>6}{'correct':>9}{'H correct':>11}{'H wrong':>10}{'rel.conf':>10}{'rho_c':>8}{'rho_w':>8}")
+    fmt = lambda v, spec: format(v, spec) if v is not None else "-"
+    for t, s in result.items():
+        print(f"{t:>5}{s['responses']:>6}{s['correct']:>9}{fmt(s['mean_entropy_correct'], '.3f'):>11}"
+              f"{fmt(s['mean_entropy_wrong'], '.3f'):>10}{fmt(s['relative_confidence'], '.2f'):>10}"
+              f"{fmt(s['rho_c'], '.2f'):>8}{fmt(s['rho_w'], '.2f'):>8}")
+    plot_entropy_histogram(records, out / "entropy_hist.png")
+    return result
+
+
+# -----------------------------------------------------------------------------
+# reflection (Fig. 2)
+
+
+def reflects(text):
+    lowered = text.lower()
+    return any(word in lowered for word in REFLECTION_WORDS)
+
+
+def reflection_stats(records):
+    """Share of responses that reflect, their accuracy, and the overall accuracy."""
+    reflecting = [r for r in records if reflects(r["response"])]
+    return dict(responses=len(records), reflecting=len(reflecting), reflection_share=len(reflecting) / len(records),
+                accuracy=_mean(r["correct"] for r in records), accuracy_reflecting=_mean(r["correct"] for r in reflecting),
+                accuracy_not_reflecting=_mean(r["correct"] for r in records if not reflects(r["response"])))
+
+
+def forced_reflection(model, tokenizer, model_name, records, *, max_new_tokens, temperature, seed):
+    """Append the reflection cue to every wrong response and continue it (rollout.py's GEC in its
+    forced-reflection mode). Returns how many wrong responses there were and how many became correct."""
+    wrong = [r for r in records if not r["correct"]]
+    if not wrong:
+        return dict(wrong=0, corrected=0, corrected_share=None)
+    bare = uses_bare_problem(model_name)
+    prompts = [build_prompt(tokenizer, r["problem"], bare_problem=bare) for r in wrong]
+    answers = [r["answer"] for r in wrong]
+    before = rollout_from_texts(tokenizer, model, prompts, [r["response"] for r in wrong], answers, group_size=1,
+                                truncated=[r["truncated"] for r in wrong])
+    after = guided_error_correction(model, tokenizer, before, answers, [None] * len(wrong), seed=seed,
+                                    forced_reflection=True, reflection_tokens=max_new_tokens, temperature=temperature)
+    corrected = int((after.rewards == MAX_REWARD).sum())
+    return dict(wrong=len(wrong), corrected=corrected, corrected_share=corrected / len(wrong))
+
+
+def run_reflection(args):
+    records = read_records(args.records)
+    result = dict(reflection_words=list(REFLECTION_WORDS), **reflection_stats(records))
+    if args.model:
+        device = resolve_device(args.device)
+        model, tokenizer = load_model_and_tokenizer(args.model, device, resolve_dtype(args.dtype, device))
+        model.eval()
+        temperature = records[0].get("temperature", EVAL_TEMPERATURE)
+        result["forced_reflection"] = forced_reflection(model, tokenizer, args.model, records[:args.limit or None],
+                                                        max_new_tokens=args.max_new_tokens or 256,
+                                                        temperature=temperature, seed=args.seed)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reflection.json").write_text(json.dumps(result, indent=2))
+    fmt = lambda v: f"{100 * v:.1f}%" if v is not None else "-"
+    print(f"responses {result['responses']}: reflecting {fmt(result['reflection_share'])}; accuracy overall "
+          f"{fmt(result['accuracy'])}, reflecting {fmt(result['accuracy_reflecting'])}, "
+          f"not reflecting {fmt(result['accuracy_not_reflecting'])}")
+    if "forced_reflection" in result:
+        f = result["forced_reflection"]
+        print(f"forced reflection: {f['corrected']} of {f['wrong']} wrong responses became correct ({fmt(f['corrected_share'])})")
+    return result
+
+
+# -----------------------------------------------------------------------------
+# plot (Fig. 5) and compare
+
+
+PLOTTED = (("adv_var", "advantage variance (after EDA)"), ("entropy", "mean response entropy H"),
+           ("accuracy", "policy accuracy (before GEC)"), ("zero_std_before_gec", "collapsed groups (before GEC)"))
+
+
+def read_run(directory):
+    directory = Path(directory)
+    metrics_path = directory / "metrics.jsonl"
+    if not metrics_path.is_file():
+        fail(f"{directory}: no metrics.jsonl (a training --output-dir is expected)")
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    config_path = directory / "config.json"
+    label = json.loads(config_path.read_text()).get("arm", directory.name) if config_path.is_file() else directory.name
+    return label, rows
+
+
+def moving_average(values, window):
+    out = []
+    for k in range(len(values)):
+        chunk = [v for v in values[max(0, k - window + 1):k + 1] if v is not None]
+        out.append(sum(chunk) / len(chunk) if chunk else math.nan)
+    return out
+
+
+def require_matplotlib():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        fail("plots need matplotlib, an optional dependency: pip install matplotlib")
+
+
+def run_plot(args):
+    runs = [read_run(d) for d in args.runs]
+    plt = require_matplotlib()
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    summary = {}
+    for (label, rows), directory in zip(runs, args.runs):
+        steps = [r["step"] for r in rows]
+        name = f"{label} ({Path(directory).name})"
+        summary[name] = {key: _mean(r[key] for r in rows if r.get(key) is not None) for key, _ in PLOTTED}
+        for ax, (key, title) in zip(axes.flat, PLOTTED):
+            ax.plot(steps, moving_average([r.get(key) for r in rows], args.smooth), label=name)
+            ax.set_title(title)
+            ax.set_xlabel("step")
+    axes.flat[0].legend()
+    fig.suptitle(f"training dynamics (moving average over {args.smooth} steps)")
+    fig.tight_layout()
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    for name, means in summary.items():
+        print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items() if v is not None))
+    print(f"figure: {out}")
+    return summary
+
+
+def plot_entropy_histogram(records, path):
+    try:
+        plt = require_matplotlib()
+    except SystemExit as e:
+        print(f"{e} (skipping the histogram)", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, correct in (("correct", True), ("wrong", False)):
+        values = [r["entropy"] for r in records if r["correct"] == correct]
+        if values:
+            ax.hist(values, bins=30, alpha=0.6, label=f"{label} ({len(values)})")
+    ax.set_xlabel("mean token entropy H_i")
+    ax.set_ylabel("responses")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def run_compare(args):
+    rows = []
+    for directory in args.evals:
+        path = Path(directory) / "summary.json"
+        if not path.is_file():
+            fail(f"{directory}: no summary.json (write one with: python analysis.py eval --output-dir {directory})")
+        s = json.loads(path.read_text())
+        table = {k: (v, s["problems"][k]) for k, v in s["pass_at_1"].items()}
+        rows.append((f"{s['model']} ({Path(directory).name})", table, s["average_weighted"]))
+    print(format_table(rows))
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Evaluation and the EDGE-GRPO paper's analyses.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_flags(p, required):
+        p.add_argument("--model", required=required, help="alias, hub id, local path or training checkpoint dir")
+        p.add_argument("--max-new-tokens", type=int, default=None, help=f"default {EVAL_MAX_NEW_TOKENS} (authors); smollm2-135m: 512")
+        p.add_argument("--samples", type=int, default=EVAL_SAMPLES, help="responses per problem")
+        p.add_argument("--batch-size", type=int, default=16, help="problems per generate call")
+        p.add_argument("--limit", type=int, default=0, help="first N problems per file (0: all)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="auto")
+        p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
+
+    p = sub.add_parser("eval", help="pass@1 on problem files, the paper's table")
+    p.add_argument("--data", nargs="+", required=True, help="JSONL/JSON problem files, e.g. ../shared/data/eval/*.jsonl")
+    p.add_argument("--temperature", type=float, default=EVAL_TEMPERATURE, help="sampling temperature (authors: 0.1)")
+    p.add_argument("--output-dir", default="runs/eval")
+    model_flags(p, required=True)
+
+    p = sub.add_parser("entropy", help="Fig. 3: entropy of correct vs wrong responses")
+    p.add_argument("--records", help="records.jsonl from eval (else --model and --data sample fresh)")
+    p.add_argument("--data", help="one problem file, for fresh responses")
+    p.add_argument("--temperatures", type=float, nargs="+", default=[EVAL_TEMPERATURE], help="for fresh responses")
+    p.add_argument("--output-dir", default="runs/analysis")
+    model_flags(p, required=False)
+
+    p = sub.add_parser("reflection", help="Fig. 2: reflection vs accuracy; forced reflection with --model")
+    p.add_argument("--records", required=True, help="records.jsonl from eval")
+    p.add_argument("--output-dir", default="runs/analysis")
+    model_flags(p, required=False)
+
+    p = sub.add_parser("plot", help="Fig. 5: training curves of one or more runs")
+    p.add_argument("runs", nargs="+", help="training output dirs (with metrics.jsonl)")
+    p.add_argument("--output", default="runs/dynamics.png", help="PNG path")
+    p.add_argument("--smooth", type=int, default=3, help="moving-average window in steps (1: raw)")
+
+    p = sub.add_parser("compare", help="the paper's table for several eval dirs")
+    p.add_argument("evals", nargs="+", help="eval output dirs (with summary.json)")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return dict(eval=run_eval, entropy=run_entropy, reflection=run_reflection, plot=run_plot,
+                compare=run_compare)[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

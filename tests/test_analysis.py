@@ -1,0 +1,113 @@
+"""analysis.py on hand-made records with known entropies and correctness, and eval end to end on a
+tiny model. Run: python -m pytest tests/test_analysis.py"""
+
+import json
+
+import pytest
+import torch
+
+import analysis
+import edge_grpo
+from tests.tiny import tiny_model, tiny_tokenizer
+
+
+def record(benchmark, index, correct, entropy, response="...", temperature=0.1):
+    return dict(benchmark=benchmark, index=index, problem="p", answer="1", response=response, correct=correct,
+                boxed=True, length=10, truncated=False, entropy=entropy, temperature=temperature)
+
+
+RECORDS = [  # two questions x 3 samples; overall mean H = (0.2+0.4+1.2 + 0.3+0.9+1.0) / 6 = 0.666...
+    record("math", 0, True, 0.2), record("math", 0, True, 0.4), record("math", 0, False, 1.2),
+    record("math", 1, True, 0.3), record("math", 1, False, 0.9), record("math", 1, False, 1.0),
+]
+
+
+def test_entropy_stats_hand_computed():
+    s = analysis.entropy_stats(RECORDS)
+    assert s["mean_entropy"] == pytest.approx(4.0 / 6)
+    assert s["mean_entropy_correct"] == pytest.approx(0.3)          # (0.2 + 0.4 + 0.3) / 3
+    assert s["mean_entropy_wrong"] == pytest.approx(3.1 / 3)        # (1.2 + 0.9 + 1.0) / 3
+    assert s["relative_confidence"] == pytest.approx((3.1 / 3) / 0.3)
+    assert s["rho_c"] == 0.0 and s["rho_w"] == 0.0                 # no correct above H, no wrong below it
+    # within questions: q0 mean 0.6, q1 mean 0.733: correct above own mean: none; wrong below own mean: none
+    assert s["rho_c_group"] == 0.0 and s["rho_w_group"] == 0.0
+
+
+def test_entropy_stats_when_confidence_is_inverted():
+    flipped = [dict(r, correct=not r["correct"]) for r in RECORDS]
+    s = analysis.entropy_stats(flipped)
+    assert s["rho_c"] == 1.0 and s["rho_w"] == 1.0
+    assert s["relative_confidence"] == pytest.approx(0.3 / (3.1 / 3))
+
+
+def test_reflection_stats_hand_computed():
+    records = [record("m", 0, True, 1, "so 3. Wait, let me re-check: 3."), record("m", 1, False, 1, "it is 4"),
+               record("m", 2, False, 1, "I made a MISTAKE, hmm"), record("m", 3, True, 1, "easy: 5")]
+    s = analysis.reflection_stats(records)
+    assert s["reflecting"] == 2 and s["reflection_share"] == 0.5
+    assert s["accuracy"] == 0.5 and s["accuracy_reflecting"] == 0.5 and s["accuracy_not_reflecting"] == 0.5
+
+
+def test_accuracy_table_weighted_and_unweighted():
+    records = [record("a", i, i < 1, 1) for i in range(4)] + [record("b", 0, True, 1)]
+    table, weighted, unweighted = analysis.accuracy_table(records)
+    assert table == {"a": (25.0, 4), "b": (100.0, 1)}
+    assert weighted == pytest.approx(40.0)   # 2 of 5 problems
+    assert unweighted == pytest.approx(62.5)
+
+
+def test_eval_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
+    tok = tiny_tokenizer()
+    monkeypatch.setattr(analysis, "load_model_and_tokenizer", lambda *a, **k: (tiny_model(tok), tok))
+    data = tmp_path / "three.jsonl"
+    data.write_text("".join(json.dumps(dict(problem=f"{a}+{a}?", answer=str(2 * a))) + "\n" for a in (1, 2, 3)))
+    summary = analysis.main(["eval", "--model", "tiny", "--data", str(data), "--max-new-tokens", "8",
+                             "--batch-size", "2", "--output-dir", str(tmp_path / "ev")])
+    records = [json.loads(line) for line in (tmp_path / "ev" / "records.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in records] == [0, 1, 2] and all(r["benchmark"] == "three" for r in records)
+    assert all(r["entropy"] > 0 and 1 <= r["length"] <= 8 for r in records)
+    assert summary["problems"] == {"three": 3} and summary["pass_at_1"]["three"] == 0.0
+    assert "three" in capsys.readouterr().out
+    # the saved records feed the other analyses without generating again
+    result = analysis.main(["entropy", "--records", str(tmp_path / "ev" / "records.jsonl"), "--output-dir", str(tmp_path / "an")])
+    assert result["0.1"]["responses"] == 3
+    # forced reflection continues every wrong response after the cue
+    model = tiny_model(tok)
+    forced = analysis.forced_reflection(model, tok, "tiny", records, max_new_tokens=4, temperature=1.0, seed=0)
+    assert forced["wrong"] == 3 and 0 <= forced["corrected"] <= 3
+
+
+def test_compare_prints_one_row_per_eval(tmp_path, capsys):
+    for name, acc in (("base", 10.0), ("trained", 30.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(dict(
+            model=name, pass_at_1={"math500": acc, "aime24": 0.0}, problems={"math500": 500, "aime24": 30},
+            average_weighted=acc * 500 / 530)))
+    analysis.main(["compare", str(tmp_path / "base"), str(tmp_path / "trained")])
+    out = capsys.readouterr().out
+    assert "base" in out and "trained" in out and "30.00" in out and f"{30 * 500 / 530:.2f}" in out
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    for arm, var in (("GRPO", 0.0), ("EDGE-GRPO", 1.0)):
+        run = tmp_path / arm
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps(dict(arm=arm)))
+        (run / "metrics.jsonl").write_text("".join(json.dumps(dict(step=s, adv_var=var, entropy=0.5, accuracy=0.1,
+                                                                   zero_std_before_gec=1 - var)) + "\n" for s in range(1, 6)))
+    out = tmp_path / "fig.png"
+    summary = analysis.main(["plot", str(tmp_path / "GRPO"), str(tmp_path / "EDGE-GRPO"), "--output", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    assert summary["GRPO (GRPO)"]["adv_var"] == 0.0 and summary["EDGE-GRPO (EDGE-GRPO)"]["adv_var"] == 1.0
+
+
+def test_missing_inputs_fail_clearly(tmp_path):
+    with pytest.raises(SystemExit, match="no metrics.jsonl"):
+        analysis.main(["plot", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no such file"):
+        analysis.main(["reflection", "--records", str(tmp_path / "none.jsonl")])
+
+
+def test_moving_average():
+    assert analysis.moving_average([1, 3, None, 5], 2) == [1, 2, 3, 5]
