@@ -276,8 +276,10 @@ def run_reflection(args):
 # plot (Fig. 5) and compare
 
 
-PLOTTED = (("adv_var", "advantage variance (after EDA)"), ("entropy", "mean response entropy H"),
-           ("accuracy", "policy accuracy (before GEC)"), ("zero_std_before_gec", "collapsed groups (before GEC)"))
+# (key drawn solid, key drawn dashed or None, panel title)
+PLOTTED = (("adv_var", None, "advantage variance (after EDA)"), ("entropy", None, "mean response entropy H"),
+           ("accuracy", None, "policy accuracy (its own answers, before GEC)"),
+           ("zero_std_after_gec", "zero_std_before_gec", "collapsed groups: after GEC (solid), before (dashed)"))
 
 
 def read_run(directory):
@@ -317,10 +319,13 @@ def run_plot(args):
     for (label, rows), directory in zip(runs, args.runs):
         steps = [r["step"] for r in rows]
         name = f"{label} ({Path(directory).name})"
-        summary[name] = {key: _mean(r[key] for r in rows if r.get(key) is not None) for key, _ in PLOTTED}
-        for ax, (key, title) in zip(axes.flat, PLOTTED):
-            ax.plot(steps, moving_average([r.get(key) for r in rows], args.smooth), label=name)
-            ax.set_title(title)
+        keys = [k for solid, dashed, _ in PLOTTED for k in (solid, dashed) if k]
+        summary[name] = {key: _mean(r[key] for r in rows if r.get(key) is not None) for key in keys}
+        for ax, (solid, dashed, title) in zip(axes.flat, PLOTTED):
+            line, = ax.plot(steps, moving_average([r.get(solid) for r in rows], args.smooth), label=name)
+            if dashed:
+                ax.plot(steps, moving_average([r.get(dashed) for r in rows], args.smooth), "--", color=line.get_color())
+            ax.set_title(title, fontsize=10)
             ax.set_xlabel("step")
     axes.flat[0].legend()
     fig.suptitle(f"training dynamics (moving average over {args.smooth} steps)")

@@ -95,7 +95,7 @@ def test_plot_writes_a_png(tmp_path):
         run.mkdir()
         (run / "config.json").write_text(json.dumps(dict(arm=arm)))
         (run / "metrics.jsonl").write_text("".join(json.dumps(dict(step=s, adv_var=var, entropy=0.5, accuracy=0.1,
-                                                                   zero_std_before_gec=1 - var)) + "\n" for s in range(1, 6)))
+                                                                   zero_std_before_gec=1 - var, zero_std_after_gec=0.0)) + "\n" for s in range(1, 6)))
     out = tmp_path / "fig.png"
     summary = analysis.main(["plot", str(tmp_path / "GRPO"), str(tmp_path / "EDGE-GRPO"), "--output", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
