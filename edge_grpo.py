@@ -400,11 +400,11 @@ def micro_batch(rollout, rows, extra):
     return ids, mask, completion_mask[:, :width], {k: v[rows, :width] for k, v in extra.items()}
 
 
-def score(model, ids, mask, completion_mask, temperature, authors_eda):
-    """Log-probs and entropies of one micro-batch. --authors-eda scores padding positions too, since
-    their H_i averages over them."""
+def score(model, ids, mask, completion_mask, temperature, authors_eda, group_size):
+    """Log-probs and entropies of one micro-batch (its groups' prompts run once each). --authors-eda
+    scores padding positions too, since their H_i averages over them."""
     positions = torch.ones_like(completion_mask) if authors_eda else completion_mask
-    return token_logprobs_and_entropy(model, ids, mask, positions, temperature=temperature)
+    return token_logprobs_and_entropy(model, ids, mask, positions, temperature=temperature, group_size=group_size)
 
 
 def response_entropy(entropy, completion_mask, authors_eda):
@@ -434,7 +434,7 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args):
         with torch.no_grad():
             for rows in batches:
                 ids, mask, cmask, _ = micro_batch(rollout, rows, {})
-                logp, entropy = score(model, ids.to(device), mask.to(device), cmask.to(device), args.temperature, False)
+                logp, entropy = score(model, ids.to(device), mask.to(device), cmask.to(device), args.temperature, False, G)
                 old_logp[rows, :cmask.shape[1]] = logp.float().cpu()
                 H[rows] = masked_mean(entropy.float().cpu(), cmask)
         if args.eda and not args.authors_eda:
@@ -448,7 +448,7 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args):
                 extra["old_logp"] = old_logp
             ids, mask, cmask, sliced = micro_batch(rollout, rows, extra)
             ids, mask, cmask = ids.to(device), mask.to(device), cmask.to(device)
-            logp, entropy = score(model, ids, mask, cmask, args.temperature, args.authors_eda)  # (b, T), (b, T)
+            logp, entropy = score(model, ids, mask, cmask, args.temperature, args.authors_eda, G)  # (b, T), (b, T)
             A = advantages[rows].to(device)
             if args.eda and eda_advantages is None:
                 H_rows = response_entropy(entropy, cmask, args.authors_eda)
@@ -463,7 +463,8 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args):
             per_token, clip_active = clipped_policy_loss(logp, reference, A, args.epsilon, eps_high)
             if ref_model is not None:
                 with torch.no_grad():
-                    ref_logp, _ = token_logprobs_and_entropy(ref_model, ids, mask, cmask, temperature=args.temperature)
+                    ref_logp, _ = token_logprobs_and_entropy(ref_model, ids, mask, cmask, temperature=args.temperature,
+                                                             group_size=G)
                 kl = kl_k3(logp, ref_logp)
                 per_token = per_token + args.beta * kl
                 totals["kl"] += (kl.detach() * sliced["loss_mask"].to(device)).sum().item()
@@ -627,8 +628,8 @@ def train(args, model=None, tokenizer=None, progress=True):
     if model is None:
         model, tokenizer = load_model_and_tokenizer(args.model, device, dtype, weights=args.resume)
     problems = drop_long_prompts(problems, tokenizer, args)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if args.gradient_checkpointing:  # transformers 5 calls it activation checkpointing
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     ref_model = None
     if args.beta > 0:
         # the reference is the initial policy: on resume, reload it rather than copy the trained one

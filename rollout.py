@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
+from transformers import DynamicCache
 
 from reward import MAX_REWARD, reference_answer_text, reward
 
@@ -136,18 +137,34 @@ def right_pad(sequences, pad_value, width=None):
     return out
 
 
-def generate(model, input_ids, attention_mask, *, max_new_tokens, temperature, top_p, seed, stop_ids, pad_id):
+def shared_prefix_cache(model, input_ids, attention_mask, group_size):
+    """Keys/values of each group's prompt but its last token, computed once per prompt and repeated
+    for the group's G rows: generate then prefills 1 token per row instead of the whole prompt G times."""
+    G = group_size
+    ids, mask = input_ids[::G, :-1], attention_mask[::G, :-1]
+    cache = DynamicCache(config=model.config)
+    model.base_model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                     past_key_values=cache, use_cache=True)
+    cache.batch_repeat_interleave(G)
+    return cache
+
+
+def generate(model, input_ids, attention_mask, *, max_new_tokens, temperature, top_p, seed, stop_ids, pad_id,
+             group_size=1):
     """Completion ids (B, T<=max_new_tokens). Temperature 0 is greedy. The seed drives sampling inside
     a forked RNG, so the same seed gives the same samples and the caller's RNG state is untouched.
     top_k=0: transformers would otherwise cut sampling to the top 50 tokens, a distribution the loss
-    does not assume."""
+    does not assume. group_size: rows come in groups of G identical prompts, prefilled once each."""
     device = model.device
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     devices = [device] if device.type == "cuda" else []
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(seed)
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+        cache = shared_prefix_cache(model, input_ids, attention_mask, group_size) \
+            if input_ids.shape[1] > 1 and shares_prompts(input_ids, input_ids.shape[1], group_size) else None
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
                              max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
                              **sampling)
     return out[:, input_ids.shape[1]:].cpu()
@@ -171,7 +188,7 @@ def sample_rollout(model, tokenizer, prompts, answers, *, group_size, max_new_to
     stop_ids = stop_token_ids(tokenizer, model)
     completion_ids = generate(model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
                               temperature=temperature, top_p=top_p, seed=seed, stop_ids=stop_ids,
-                              pad_id=pad_id_of(tokenizer))  # (B, T)
+                              pad_id=pad_id_of(tokenizer), group_size=group_size)  # (B, T)
     completion_mask, truncated = completion_mask_from_eos(completion_ids, stop_ids)
     texts = tokenizer.batch_decode(completion_ids * completion_mask + pad_id_of(tokenizer) * (1 - completion_mask),
                                    skip_special_tokens=True)
@@ -213,22 +230,59 @@ def _logprob_and_entropy(head, hidden, targets, temperature):
     return taken, entropy
 
 
+def shares_prompts(input_ids, prompt_width, group_size):
+    """True when the rows come in whole groups of group_size rows with identical prompts."""
+    b = input_ids.shape[0]
+    if group_size < 2 or b % group_size or prompt_width == 0:
+        return False
+    prompts = input_ids[:, :prompt_width].view(b // group_size, group_size, prompt_width)
+    return bool((prompts == prompts[:, :1]).all())
+
+
+def _activation_checkpointing(model):
+    """transformers 5 renamed is_gradient_checkpointing to is_activation_checkpointing."""
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
+
+
+def completion_hidden_states(model, input_ids, attention_mask, T, group_size=1):
+    """(b, T, D): the hidden states that predict the last T tokens of input_ids (b, Tp + T).
+    When rows come in groups sharing a prompt, each prompt runs through the transformer once and its
+    keys/values are repeated for the group's G completions: the same numbers and, through the
+    repeat, the same gradient (the G paths through the shared prompt add up), for about 1/G of the
+    prompt's cost. Not under gradient checkpointing, which forbids the cache in training."""
+    # Left padding: positions count real tokens only, as generate does. (RoPE models are invariant to a
+    # constant shift anyway; absolute-position models such as GPT-2 are not.)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    Tp = input_ids.shape[1] - T
+    if _activation_checkpointing(model) or not shares_prompts(input_ids, Tp, group_size):
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids).last_hidden_state  # (b, Tp + T, D)
+        return hidden[:, -T - 1:-1]  # the state before token t predicts token t
+    G = group_size
+    cache = DynamicCache(config=model.config)
+    prompt = model.base_model(input_ids=input_ids[::G, :Tp], attention_mask=attention_mask[::G, :Tp],
+                              position_ids=position_ids[::G, :Tp], past_key_values=cache,
+                              use_cache=True).last_hidden_state  # (b / G, Tp, D)
+    cache.batch_repeat_interleave(G)
+    rest = model.base_model(input_ids=input_ids[:, Tp:], attention_mask=attention_mask,
+                            position_ids=position_ids[:, Tp:], past_key_values=cache,
+                            use_cache=True).last_hidden_state  # (b, T, D)
+    return torch.cat([prompt[:, -1:].repeat_interleave(G, dim=0), rest[:, :-1]], dim=1)
+
+
 def token_logprobs_and_entropy(model, input_ids, attention_mask, completion_mask, temperature=1.0,
-                               chunk_rows=LOGIT_CHUNK_ROWS):
+                               chunk_rows=LOGIT_CHUNK_ROWS, group_size=1):
     """input_ids, attention_mask (B, Tp + T) with the completion in the last T columns; completion_mask
     (B, T) picks the positions to score. Returns log-probs (B, T) and entropies (B, T), 0 off the mask.
 
+    group_size: rows come in groups of G sharing a prompt (rollout order): each prompt is run once.
     Memory: the transformer runs once over (B, Tp + T); only the N = completion_mask.sum() scored
     positions go through the LM head, chunk_rows at a time, so at most one (chunk_rows, V) block of
     logits exists. With grad enabled each chunk is checkpointed: its logits are recomputed in
     backward instead of being kept, so the bound holds for training too."""
     T = completion_mask.shape[1]
-    # Left padding: positions count real tokens only, as generate does. (RoPE models are invariant to a
-    # constant shift anyway; absolute-position models such as GPT-2 are not.)
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=position_ids).last_hidden_state  # (B, Tp + T, D)
-    hidden = hidden[:, -T - 1:-1]  # (B, T, D): the state before token t predicts token t
+    hidden = completion_hidden_states(model, input_ids, attention_mask, T, group_size)  # (B, T, D)
     keep = completion_mask.bool()  # (B, T)
     hidden, targets = hidden[keep], input_ids[:, -T:][keep]  # (N, D), (N,)
     head = model.get_output_embeddings()

@@ -7,7 +7,8 @@ off, beta 0 (no reference model), one update per rollout, epsilon 0.2, lr 1e-6 c
 1.0, AdamW, no gradient checkpointing, no vLLM, per-response token-mean loss ("grpo" on both
 sides), micro-batches of G rows (TRL: per_device_train_batch_size = G, gradient accumulation P),
 no skipping of zero-advantage groups; our side runs vanilla GRPO (--no-gec --no-eda). Then EDGE-GRPO
-(GEC and EDA on) against our own vanilla step.
+(GEC and EDA on) against our own vanilla step, its reflection budget in the authors' proportion
+(256 tokens per 1024 completion tokens: L/4).
 
 Each measurement is a fresh process that loads the model and runs --steps steps; the first
 --warmup are not counted. Processes alternate ours, TRL, EDGE, ours, TRL, EDGE ... so that machine
@@ -72,6 +73,11 @@ def workload(P, steps):
     return [rows[k * P:(k + 1) * P] for k in range(steps)]
 
 
+def reflection_tokens(L):
+    """GEC's continuation budget in the authors' proportion: 256 reflection tokens for 1024 completion tokens."""
+    return max(1, L * 256 // 1024)
+
+
 def load_model():
     sys.path.insert(0, str(ROOT))
     import torch
@@ -91,7 +97,7 @@ def run_ours(P, G, L, steps, edge):
     flags = ["--num-generations", str(G), "--prompts-per-step", str(P), "--max-completion-length", str(L),
              "--temperature", "1.0", "--beta", "0", "--num-iterations", "1", "--epsilon", "0.2",
              "--learning-rate", str(LEARNING_RATE), "--lr-scheduler-type", "constant", "--max-grad-norm", "1.0",
-             "--micro-batch-size", str(G), "--max-steps", str(steps), "--gec-reflection-tokens", str(L)]
+             "--micro-batch-size", str(G), "--max-steps", str(steps), "--gec-reflection-tokens", str(reflection_tokens(L))]
     args = edge_grpo.parse_args(flags + ([] if edge else ["--no-gec", "--no-eda"]))
     optimizer = edge_grpo.make_optimizer(model, args, torch.device("cpu"))
     scheduler = edge_grpo.make_scheduler(optimizer, args)

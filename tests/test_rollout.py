@@ -268,3 +268,40 @@ def test_gec_is_reproducible(model, tok):
             for _ in range(2)]
     assert runs[0].actions == runs[1].actions and runs[0].texts == runs[1].texts
     assert torch.equal(runs[0].completion_ids, runs[1].completion_ids)
+
+
+def test_shared_prompt_prefix_equals_the_plain_forward(model, tok):
+    """Groups sharing a prompt: each prompt runs once, its keys/values repeated G times. Same
+    log-probs, entropies and gradients as running every row in full."""
+    r = sample(model, tok, seed=13, G=4)
+    results = []
+    for group_size in (1, 4):
+        model.zero_grad()
+        logp, entropy = token_logprobs_and_entropy(model, r.input_ids, r.attention_mask, r.completion_mask,
+                                                   group_size=group_size)
+        (logp.sum() - 0.5 * entropy.sum()).backward()
+        results.append((logp.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()]))
+    (l1, h1, g1), (l2, h2, g2) = results
+    assert torch.allclose(l1, l2, atol=1e-5) and torch.allclose(h1, h2, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
+    model.zero_grad()
+
+
+def test_prompt_sharing_needs_whole_groups_of_equal_prompts(tok):
+    from rollout import shares_prompts
+    ids = torch.tensor([[1, 2, 9], [1, 2, 8], [3, 4, 7], [3, 4, 6]])
+    assert shares_prompts(ids, prompt_width=2, group_size=2)
+    assert not shares_prompts(ids, prompt_width=2, group_size=4)   # the prompts differ inside the "group"
+    assert not shares_prompts(ids[:3], prompt_width=2, group_size=2)  # not whole groups
+    assert not shares_prompts(ids, prompt_width=2, group_size=1)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_prefilling_each_prompt_once_gives_the_same_samples(model, tok, temperature):
+    from rollout import generate
+    prompts = [build_prompt(tok, "What is 1+1?"), build_prompt(tok, "Compute 12*3.")]
+    enc = tok(prompts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
+    ids, mask = enc.input_ids.repeat_interleave(4, 0), enc.attention_mask.repeat_interleave(4, 0)
+    kwargs = dict(max_new_tokens=12, temperature=temperature, top_p=1.0, seed=5, stop_ids=[tok.eos_token_id],
+                  pad_id=tok.pad_token_id)
+    assert torch.equal(generate(model, ids, mask, group_size=1, **kwargs), generate(model, ids, mask, group_size=4, **kwargs))
