@@ -2,11 +2,11 @@
 rollout.py: from problems to a scored group of responses, the input of every GRPO step.
 
   1. build_prompt            the problem through the chat template, as the authors prompted each family
-  2. sample_rollout          G completions per prompt in one generate call, masks from the first EOS,
-                             rewards from reward.py
+  2. sample_rollout          G completions per prompt in one generate call (each prompt prefilled once),
+                             masks from the first EOS, rewards from reward.py
   3. token_logprobs_and_entropy
                              per-token log p(o_t) and entropy H_t of the full next-token distribution,
-                             completion positions only, the vocabulary in chunks
+                             completion positions only, the vocabulary in chunks, each group's prompt once
   4. guided_error_correction GEC (paper section 3.2): every response below the maximum reward is
                              continued after a reflection cue (1/2), gets the correct answer appended
                              (1/4) or is replaced by the reference solution (1/4); then re-scored
@@ -137,6 +137,15 @@ def right_pad(sequences, pad_value, width=None):
     return out
 
 
+def shares_prompts(input_ids, prompt_width, group_size):
+    """True when the rows come in whole groups of group_size rows with identical prompts."""
+    b = input_ids.shape[0]
+    if group_size < 2 or b % group_size or prompt_width == 0:
+        return False
+    prompts = input_ids[:, :prompt_width].view(b // group_size, group_size, prompt_width)
+    return bool((prompts == prompts[:, :1]).all())
+
+
 def shared_prefix_cache(model, input_ids, attention_mask, group_size):
     """Keys/values of each group's prompt but its last token, computed once per prompt and repeated
     for the group's G rows: generate then prefills 1 token per row instead of the whole prompt G times."""
@@ -228,15 +237,6 @@ def _logprob_and_entropy(head, hidden, targets, temperature):
     taken = logp.gather(-1, targets[:, None]).squeeze(-1)  # (n,)
     entropy = -(logp.exp() * logp).sum(dim=-1)  # (n,)
     return taken, entropy
-
-
-def shares_prompts(input_ids, prompt_width, group_size):
-    """True when the rows come in whole groups of group_size rows with identical prompts."""
-    b = input_ids.shape[0]
-    if group_size < 2 or b % group_size or prompt_width == 0:
-        return False
-    prompts = input_ids[:, :prompt_width].view(b // group_size, group_size, prompt_width)
-    return bool((prompts == prompts[:, :1]).all())
 
 
 def _activation_checkpointing(model):
