@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from edge_grpo import fail, load_model_and_tokenizer, load_problems, resolve_device, resolve_dtype
+from edge_grpo import fail, load_model_and_tokenizer, load_problems, masked_mean, resolve_device, resolve_dtype
 from reward import MAX_REWARD, extract_boxed
 from rollout import (build_prompt, guided_error_correction, rollout_from_texts, sample_rollout,
                      token_logprobs_and_entropy, uses_bare_problem)
@@ -63,7 +63,7 @@ def eval_records(model, tokenizer, model_name, problems, benchmark, *, temperatu
                                                     rollout.attention_mask.to(model.device),
                                                     rollout.completion_mask.to(model.device), temperature=temperature)
         mask = rollout.completion_mask
-        H = (entropy.cpu() * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,) mean over the response's tokens
+        H = masked_mean(entropy.cpu(), mask)  # (B,) mean over the response's tokens
         for row, text in enumerate(rollout.texts):
             problem = batch[row // samples]
             records.append(dict(benchmark=benchmark, index=start + row // samples, problem=problem["problem"],

@@ -436,29 +436,28 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args):
                 ids, mask, cmask, _ = micro_batch(rollout, rows, {})
                 logp, entropy = score(model, ids.to(device), mask.to(device), cmask.to(device), args.temperature, False, G)
                 old_logp[rows, :cmask.shape[1]] = logp.float().cpu()
-                H[rows] = masked_mean(entropy.float().cpu(), cmask)
+                H[rows] = response_entropy(entropy.float().cpu(), cmask, authors_eda=False)
         if args.eda and not args.authors_eda:
             eda_advantages = entropy_driven_advantages(advantages, H, G)
     final_advantages = eda_advantages if eda_advantages is not None else advantages.clone()
     totals = dict(loss=0.0, kl=0.0, clipped=0.0, grad_norm=0.0)
+    per_step = dict(weights=weights, loss_mask=loss_mask.float())  # (B, T) tensors sliced per micro-batch
+    if old_logp is not None:
+        per_step["old_logp"] = old_logp
     for iteration in range(args.num_iterations):
         for rows in batches:
-            extra = dict(weights=weights, loss_mask=loss_mask.float())
-            if old_logp is not None:
-                extra["old_logp"] = old_logp
-            ids, mask, cmask, sliced = micro_batch(rollout, rows, extra)
+            ids, mask, cmask, sliced = micro_batch(rollout, rows, per_step)
             ids, mask, cmask = ids.to(device), mask.to(device), cmask.to(device)
             logp, entropy = score(model, ids, mask, cmask, args.temperature, args.authors_eda, G)  # (b, T), (b, T)
-            A = advantages[rows].to(device)
-            if args.eda and eda_advantages is None:
-                H_rows = response_entropy(entropy, cmask, args.authors_eda)
-                A = entropy_driven_advantages(A, H_rows, G, scale_range=None if args.authors_eda else EDA_SCALE_RANGE)
-                if iteration == 0:
-                    H[rows], final_advantages[rows] = H_rows.detach().float().cpu(), A.detach().float().cpu()
-            elif args.eda:
+            if eda_advantages is not None:  # fixed for the rollout by the no-grad pass
                 A = eda_advantages[rows].to(device)
-            elif iteration == 0 and not needs_pass:
-                H[rows] = masked_mean(entropy.detach().float().cpu(), cmask.cpu())
+            else:
+                A = advantages[rows].to(device)
+                H_rows = response_entropy(entropy, cmask, args.authors_eda)  # (b,)
+                if args.eda:
+                    A = entropy_driven_advantages(A, H_rows, G, scale_range=None if args.authors_eda else EDA_SCALE_RANGE)
+                if iteration == 0:  # the rollout's policy: what the metrics report
+                    H[rows], final_advantages[rows] = H_rows.detach().float().cpu(), A.detach().float().cpu()
             reference = sliced["old_logp"].to(device) if old_logp is not None else logp.detach()
             per_token, clip_active = clipped_policy_loss(logp, reference, A, args.epsilon, eps_high)
             if ref_model is not None:
