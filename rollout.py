@@ -26,7 +26,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from torch.utils.checkpoint import checkpoint
+import torch.nn.functional as F
 from transformers import DynamicCache
 
 from reward import MAX_REWARD, reference_answer_text, reward
@@ -63,6 +63,7 @@ class Rollout:
     rewards: torch.Tensor          # (B,) r_i in {0, 1, 2}, see reward.py
     actions: list                  # (B,) GEC action per row, one of GEC_ACTIONS
     group_size: int                # G
+    kv: tuple = None               # (KV cache, its mask) of the sampling pass, for GEC to continue rows from
 
     @property
     def input_ids(self):
@@ -146,37 +147,77 @@ def shares_prompts(input_ids, prompt_width, group_size):
     return bool((prompts == prompts[:, :1]).all())
 
 
-def shared_prefix_cache(model, input_ids, attention_mask, group_size):
-    """Keys/values of each group's prompt but its last token, computed once per prompt and repeated
-    for the group's G rows: generate then prefills 1 token per row instead of the whole prompt G times."""
-    G = group_size
-    ids, mask = input_ids[::G, :-1], attention_mask[::G, :-1]
+@torch.no_grad()
+def prefill(model, input_ids, attention_mask, group_size):
+    """KV cache of the prompts (B, Tp) but their last token, which the first decoding step feeds.
+    When the rows come in groups of G identical prompts (rollout order), each prompt runs once and
+    its keys/values are repeated for its G rows."""
+    G = group_size if shares_prompts(input_ids, input_ids.shape[1], group_size) else 1
+    ids, mask = input_ids[::G, :-1], attention_mask[::G, :-1]  # (B / G, Tp - 1)
     cache = DynamicCache(config=model.config)
-    model.base_model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                     past_key_values=cache, use_cache=True)
-    cache.batch_repeat_interleave(G)
+    if ids.shape[1] > 0:
+        model.base_model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                         past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(G)
     return cache
+
+
+def sample_next_token(logits, temperature, top_p, generator):
+    """logits (B, V) -> ids (B,). Temperature 0 is greedy. Otherwise one draw from softmax(logits / T),
+    restricted to the nucleus (the most likely tokens holding top_p of the mass) when top_p < 1: the
+    distribution the loss scores, with nothing else (no top-k, no repetition penalty from the model's
+    generation config). Drawn by inverse CDF, one uniform per row; torch.multinomial draws V
+    exponentials per row, 7 ms of every 70 ms decoding step of the 135M demo model on 2 CPU cores."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = (logits.float() / temperature).softmax(dim=-1)  # (B, V)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # the mass before the token already reaches top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    cdf = probs.double().cumsum(dim=-1)  # (B, V); fp64 so that 150k additions do not drift
+    u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device, generator=generator) * cdf[:, -1:]  # (B, 1)
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)  # first cdf > u
+
+
+@torch.no_grad()
+def decode(model, cache, mask, step_ids, *, max_new_tokens, temperature, top_p, generator, stop_ids, pad_id):
+    """The sampling loop. cache: keys/values of everything before step_ids (B, S), the tokens fed
+    first (left-padded when S > 1); mask (B, cache + S). Each step feeds one token per row; a row
+    that has produced a stop id gets pad_id after it; the loop ends when every row has stopped.
+    Returns the new ids (B, T <= max_new_tokens) and kv = (cache, its mask), from which rows can be
+    continued (guided_error_correction)."""
+    stops = torch.tensor(stop_ids, device=mask.device)
+    done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)  # (B,)
+    new = []
+    for _ in range(max_new_tokens):
+        # Positions count real tokens only (left padding, and holes GEC leaves in a continued cache).
+        position = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]  # (B, S)
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=position,
+                       past_key_values=cache, use_cache=True).logits[:, -1]  # (B, V)
+        token = sample_next_token(logits, temperature, top_p, generator).masked_fill(done, pad_id)  # (B,)
+        new.append(token)
+        done |= torch.isin(token, stops)
+        if done.all():
+            break
+        step_ids = token[:, None]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    ids = torch.stack(new, dim=1).cpu() if new else torch.zeros((mask.shape[0], 0), dtype=torch.long)  # (B, T)
+    return ids, (cache, mask[:, :cache.get_seq_length()])
 
 
 def generate(model, input_ids, attention_mask, *, max_new_tokens, temperature, top_p, seed, stop_ids, pad_id,
              group_size=1):
-    """Completion ids (B, T<=max_new_tokens). Temperature 0 is greedy. The seed drives sampling inside
-    a forked RNG, so the same seed gives the same samples and the caller's RNG state is untouched.
-    top_k=0: transformers would otherwise cut sampling to the top 50 tokens, a distribution the loss
-    does not assume. group_size: rows come in groups of G identical prompts, prefilled once each."""
+    """Completions (B, T <= max_new_tokens) of left-padded prompts (B, Tp), and the kv to continue
+    them (see decode). The seed drives a private generator: the same seed gives the same samples
+    and the caller's RNG is untouched. group_size: groups of G identical prompts are prefilled
+    once each."""
     device = model.device
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
-        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    devices = [device] if device.type == "cuda" else []
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        torch.manual_seed(seed)
-        cache = shared_prefix_cache(model, input_ids, attention_mask, group_size) \
-            if input_ids.shape[1] > 1 and shares_prompts(input_ids, input_ids.shape[1], group_size) else None
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
-                             max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
-                             **sampling)
-    return out[:, input_ids.shape[1]:].cpu()
+    mask = attention_mask.to(device)
+    cache = prefill(model, input_ids.to(device), mask, group_size)
+    return decode(model, cache, mask, input_ids[:, -1:].to(device), max_new_tokens=max_new_tokens,
+                  temperature=temperature, top_p=top_p, generator=torch.Generator(device=device).manual_seed(seed),
+                  stop_ids=stop_ids, pad_id=pad_id)
 
 
 def _encode(tokenizer, text):
@@ -188,16 +229,17 @@ def pad_id_of(tokenizer):
 
 
 def sample_rollout(model, tokenizer, prompts, answers, *, group_size, max_new_tokens, temperature=1.0,
-                   top_p=1.0, seed=0):
-    """G = group_size completions for each prompt, in one generate call, scored by reward.py."""
+                   top_p=1.0, seed=0, keep_kv=False):
+    """G = group_size completions for each prompt, in one generate call, scored by reward.py.
+    keep_kv: keep the sampling pass's KV cache in the rollout, for guided_error_correction."""
     encoded = tokenizer(prompts, padding=True, padding_side="left", add_special_tokens=False,
                         return_tensors="pt")
     prompt_ids = encoded.input_ids.repeat_interleave(group_size, dim=0)  # (B, Tp)
     prompt_mask = encoded.attention_mask.repeat_interleave(group_size, dim=0)  # (B, Tp)
     stop_ids = stop_token_ids(tokenizer, model)
-    completion_ids = generate(model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
-                              temperature=temperature, top_p=top_p, seed=seed, stop_ids=stop_ids,
-                              pad_id=pad_id_of(tokenizer), group_size=group_size)  # (B, T)
+    completion_ids, kv = generate(model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_p=top_p, seed=seed, stop_ids=stop_ids,
+                                  pad_id=pad_id_of(tokenizer), group_size=group_size)  # (B, T)
     completion_mask, truncated = completion_mask_from_eos(completion_ids, stop_ids)
     texts = tokenizer.batch_decode(completion_ids * completion_mask + pad_id_of(tokenizer) * (1 - completion_mask),
                                    skip_special_tokens=True)
@@ -205,7 +247,7 @@ def sample_rollout(model, tokenizer, prompts, answers, *, group_size, max_new_to
     return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
                    completion_mask=completion_mask, sampled_mask=completion_mask.clone(), truncated=truncated,
                    texts=texts, rewards=torch.tensor([reward(t, a) for t, a in zip(texts, row_answers)]),
-                   actions=["none"] * len(texts), group_size=group_size)
+                   actions=["none"] * len(texts), group_size=group_size, kv=kv if keep_kv else None)
 
 
 def rollout_from_texts(tokenizer, model, prompts, texts, answers, group_size, truncated=None):
@@ -229,14 +271,64 @@ def rollout_from_texts(tokenizer, model, prompts, texts, answers, group_size, tr
 # 3. Scoring: log-probs of the taken tokens and entropy of the full distribution
 
 
-def _logprob_and_entropy(head, hidden, targets, temperature):
-    """hidden (n, D), targets (n,) -> log p(target) (n,), entropy (n,). Temperature is applied here,
-    once, for both: they describe the distribution the tokens were sampled from."""
-    logits = head(hidden).float() / temperature  # (n, V)
-    logp = logits.log_softmax(dim=-1)  # (n, V)
-    taken = logp.gather(-1, targets[:, None]).squeeze(-1)  # (n,)
-    entropy = -(logp.exp() * logp).sum(dim=-1)  # (n,)
-    return taken, entropy
+class LogprobAndEntropy(torch.autograd.Function):
+    """log p(y) (n,) and entropy H (n,) of p = softmax(z), z = (hidden W^T + b) / temperature, for n
+    rows of hidden (n, D), chunk_rows rows at a time, so at most one (chunk_rows, V) block of logits
+    exists, in forward and in backward. Autograd through log_softmax would keep (or, checkpointed,
+    rebuild) several such blocks per chunk and sweep them about ten times; here backward recomputes
+    the chunk's logits with one matmul and applies the closed forms in place:
+        d log p_y / dz = onehot(y) - p          d H / dz = -p * (log p + H)
+    Only hidden, the per-row log-normalizer and H are kept between forward and backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_rows):
+        ctx.set_materialize_grads(False)
+        scaled = hidden / temperature  # (n, D): the temperature on h, not on n x V logits
+        bias = None if bias is None else bias / temperature
+        n = hidden.shape[0]
+        taken, entropy, lse = (torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3))
+        for rows in _chunks(n, chunk_rows):
+            z = F.linear(scaled[rows], weight, bias).float()  # (c, V)
+            logp = z.log_softmax(dim=-1)  # (c, V)
+            y = targets[rows, None]  # (c, 1)
+            taken[rows] = logp.gather(-1, y).squeeze(-1)
+            lse[rows] = z.gather(-1, y).squeeze(-1) - taken[rows]  # logsumexp(z), for free
+            entropy[rows] = -(logp.exp() * logp).sum(dim=-1)
+        ctx.save_for_backward(scaled, weight, bias, targets, lse, entropy)
+        ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
+        return taken, entropy
+
+    @staticmethod
+    def backward(ctx, grad_taken, grad_entropy):  # (n,) each, None when unused
+        scaled, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        T = ctx.temperature
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if grad_taken is None:
+            grad_taken = torch.zeros_like(entropy)
+        grad_hidden = torch.empty_like(scaled) if need_hidden else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_bias = torch.zeros_like(bias) if need_bias else None
+        for rows in _chunks(scaled.shape[0], ctx.chunk_rows):
+            logp = F.linear(scaled[rows], weight, bias).float().sub_(lse[rows, None])  # (c, V)
+            g = grad_taken[rows, None]  # (c, 1)
+            if grad_entropy is None:  # dz = -g p + g onehot(y)
+                dz = logp.exp_().mul_(-g)
+            else:  # dz = -p (g + g_H (log p + H)) + g onehot(y)
+                p = logp.exp()
+                dz = logp.add_(entropy[rows, None]).mul_(grad_entropy[rows, None]).add_(g).mul_(p).neg_()
+            dz.scatter_add_(-1, targets[rows, None], g)
+            dz = dz.to(weight.dtype)  # (c, V)
+            if need_hidden:
+                grad_hidden[rows] = dz @ weight / T  # z = (h / T) W^T: dh = dz W / T
+            if need_weight:
+                grad_weight.addmm_(dz.t(), scaled[rows])  # dW = dz^T (h / T)
+            if need_bias:
+                grad_bias += dz.sum(dim=0) / T
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _chunks(n, size):
+    return [slice(start, start + size) for start in range(0, n, size)]
 
 
 def _activation_checkpointing(model):
@@ -278,26 +370,18 @@ def token_logprobs_and_entropy(model, input_ids, attention_mask, completion_mask
 
     group_size: rows come in groups of G sharing a prompt (rollout order): each prompt is run once.
     Memory: the transformer runs once over (B, Tp + T); only the N = completion_mask.sum() scored
-    positions go through the LM head, chunk_rows at a time, so at most one (chunk_rows, V) block of
-    logits exists. With grad enabled each chunk is checkpointed: its logits are recomputed in
-    backward instead of being kept, so the bound holds for training too."""
+    positions go through the LM head, chunk_rows at a time (LogprobAndEntropy), so at most one
+    (chunk_rows, V) block of logits exists, in training too."""
     T = completion_mask.shape[1]
     hidden = completion_hidden_states(model, input_ids, attention_mask, T, group_size)  # (B, T, D)
     keep = completion_mask.bool()  # (B, T)
     hidden, targets = hidden[keep], input_ids[:, -T:][keep]  # (N, D), (N,)
     head = model.get_output_embeddings()
     temperature = temperature if temperature > 0 else 1.0  # greedy sampling: score the plain distribution
-    taken, entropy = [], []
-    for start in range(0, hidden.shape[0], chunk_rows):
-        args = (head, hidden[start:start + chunk_rows], targets[start:start + chunk_rows], temperature)
-        t, h = checkpoint(_logprob_and_entropy, *args, use_reentrant=False) if torch.is_grad_enabled() \
-            else _logprob_and_entropy(*args)
-        taken.append(t)
-        entropy.append(h)
+    taken, entropy = LogprobAndEntropy.apply(hidden, head.weight, getattr(head, "bias", None), targets, temperature,
+                                             chunk_rows)  # (N,) each
     zeros = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device)  # (B, T)
-    if not taken:
-        return zeros, zeros.clone()
-    return zeros.masked_scatter(keep, torch.cat(taken)), zeros.masked_scatter(keep, torch.cat(entropy))
+    return zeros.masked_scatter(keep, taken), zeros.masked_scatter(keep, entropy)
 
 
 # -----------------------------------------------------------------------------
@@ -323,6 +407,28 @@ def choose_gec_actions(needs_fix, has_solution, prompt_too_long, generator, forc
         else:
             actions.append("solution")
     return actions
+
+
+def cached_contexts(model, rollout, ids, rows, pad_id):
+    """Continue rows from the sampling pass's KV cache instead of running prompt + response through
+    the model again. The cache holds the prompt and every fed sampled token; a row's kept response
+    (without its EOS) is a prefix of those, except a truncated response's last token, which was
+    sampled but never fed. What follows the kept response in the cache (the EOS, the padding) stays
+    as a hole, masked out. Fed now: that last token if any, then the cue, left-padded.
+    ids: each row's tokens after GEC's rewrite (response + cue). Returns cache, mask, step_ids."""
+    cache, cache_mask = rollout.kv
+    Tp = rollout.prompt_ids.shape[1]
+    cached = cache_mask.shape[1] - Tp  # sampled tokens whose keys/values are in the cache
+    index = torch.tensor(rows, device=cache_mask.device)
+    selected = DynamicCache([(layer.keys[index], layer.values[index]) for layer in cache.layers], config=model.config)
+    mask = cache_mask[index].clone()  # (n, Tp + cached)
+    suffixes = []
+    for k, row in enumerate(rows):
+        kept = int(rollout.completion_mask[row].sum()) - (0 if rollout.truncated[row] else 1)  # response without EOS
+        mask[k, Tp + min(kept, cached):] = 0
+        suffixes.append(ids[row][min(kept, cached):])  # the never-fed last token, if any, and the cue
+    step_ids, step_mask = left_pad(suffixes, pad_id)  # (n, S)
+    return selected, torch.cat([mask, step_mask.to(mask.device)], dim=1), step_ids.to(mask.device)
 
 
 def guided_error_correction(model, tokenizer, rollout, answers, solutions, *, seed, forced_reflection=False,
@@ -365,14 +471,18 @@ def guided_error_correction(model, tokenizer, rollout, answers, solutions, *, se
         ids.append(response + inserted)
         sampled.append(flags + [0] * len(inserted))
 
-    # Continue the reflection rows, and only them, in one generate call.
+    # Continue the reflection rows, and only them, in one decoding loop.
     continued = [row for row in range(B) if actions[row] == "reflection"]
     if continued:
-        contexts = [rollout.prompt_ids[row][rollout.prompt_mask[row].bool()].tolist() + ids[row] for row in continued]
-        context_ids, context_mask = left_pad(contexts, pad_id)
-        continuation = generate(model, context_ids, context_mask, max_new_tokens=reflection_tokens,
-                                temperature=temperature, top_p=top_p, seed=seed + 1, stop_ids=stop_ids,
-                                pad_id=pad_id)  # (len(continued), T')
+        if rollout.kv is not None:
+            cache, mask, step_ids = cached_contexts(model, rollout, ids, continued, pad_id)
+        else:  # a rollout that was not sampled here (saved texts): prefill prompt + response + cue
+            contexts = [rollout.prompt_ids[row][rollout.prompt_mask[row].bool()].tolist() + ids[row] for row in continued]
+            context_ids, mask = (t.to(model.device) for t in left_pad(contexts, pad_id))
+            cache, step_ids = prefill(model, context_ids, mask, group_size=1), context_ids[:, -1:]
+        continuation, _ = decode(model, cache, mask, step_ids, max_new_tokens=reflection_tokens, temperature=temperature,
+                                 top_p=top_p, generator=torch.Generator(device=model.device).manual_seed(seed + 1),
+                                 stop_ids=stop_ids, pad_id=pad_id)  # (len(continued), T')
         continuation_mask, _ = completion_mask_from_eos(continuation, stop_ids)
         for k, row in enumerate(continued):
             new = continuation[k, :int(continuation_mask[k].sum())].tolist()

@@ -93,6 +93,7 @@ def load_model():
 def run_ours(P, G, L, steps, edge):
     import edge_grpo
     import torch
+    edge_grpo.keep_freed_memory()  # as `python edge_grpo.py` does
     model, tokenizer = load_model()
     flags = ["--num-generations", str(G), "--prompts-per-step", str(P), "--max-completion-length", str(L),
              "--temperature", "1.0", "--beta", "0", "--num-iterations", "1", "--epsilon", "0.2",
@@ -116,13 +117,16 @@ def run_ours(P, G, L, steps, edge):
 # TRL's step
 
 
-def run_trl(P, G, L, steps):
+def run_trl(P, G, L, steps, keep_memory=False):
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
     from reward import reward
     from rollout import build_prompt
+    if keep_memory:  # side "trl-keep": TRL given our allocator setting, to separate it from the rest
+        import edge_grpo
+        edge_grpo.keep_freed_memory()
     model, tokenizer = load_model()
     batches = workload(P, steps)
     rows = [dict(prompt=build_prompt(tokenizer, r["problem"]), answer=r["answer"]) for batch in batches for r in batch]
@@ -185,7 +189,7 @@ def trl_python():
 
 
 def measure(side, P, G, L, steps):
-    python = trl_python() if side == "trl" else sys.executable
+    python = trl_python() if side.startswith("trl") else sys.executable
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
     done = subprocess.run([python, __file__, "--child", json.dumps([side, P, G, L, steps])], capture_output=True,
                           text=True, env=env)
@@ -208,31 +212,39 @@ def main():
     parser.add_argument("--steps", type=int, default=4, help="steps per process, warmup included")
     parser.add_argument("--warmup", type=int, default=1, help="first steps of each process not counted")
     parser.add_argument("--repeats", type=int, default=2, help="processes per side and configuration (alternated)")
+    parser.add_argument("--sides", nargs="+", default=["ours", "trl", "edge"], choices=["ours", "trl", "edge", "trl-keep"],
+                        help="trl-keep: TRL with our allocator setting (edge_grpo.keep_freed_memory)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         side, P, G, L, steps = json.loads(args.child)
-        result = run_trl(P, G, L, steps) if side == "trl" else run_ours(P, G, L, steps, edge=(side == "edge"))
+        result = run_trl(P, G, L, steps, keep_memory=(side == "trl-keep")) if side.startswith("trl") \
+            else run_ours(P, G, L, steps, edge=(side == "edge"))
         print(json.dumps(result))
         return
     table = {}
     for config in args.configs:
         P, G, L = map(int, config.split(","))
-        runs = {"ours": [], "trl": [], "edge": []}
+        runs = {side: [] for side in args.sides}
         for repeat in range(args.repeats):
-            for side in ("ours", "trl", "edge"):
+            for side in args.sides:
                 print(f"P={P} G={G} L={L}: {side} run {repeat + 1}/{args.repeats} ...", file=sys.stderr)
                 runs[side].append(measure(side, P, G, L, args.steps))
         table[config] = {side: summarize(r, args.warmup) for side, r in runs.items()}
-    print(f"\n{'config P,G,L':<14}{'side':<9}{'s/step':>8}{'ms/token':>10}{'peak RSS MB':>13}"
+    print(f"\n{'config P,G,L':<14}{'side':<10}{'s/step':>8}{'ms/token':>10}{'peak RSS MB':>13}"
           f"{'generate':>10}{'GEC':>6}{'update':>8}")
     for config, sides in table.items():
         for side, s in sides.items():
-            print(f"{config:<14}{side:<9}{s['step']:>8.2f}{1000 * s['per_token']:>10.1f}{s['rss']:>13,.0f}"
+            print(f"{config:<14}{side:<10}{s['step']:>8.2f}{1000 * s['per_token']:>10.1f}{s['rss']:>13,.0f}"
                   f"{s['generation']:>10.2f}{s['gec']:>6.2f}{s['update']:>8.2f}")
-        ours, trl, edge = sides["ours"], sides["trl"], sides["edge"]
-        print(f"{'':<14}ratios: step ours/TRL {ours['step'] / trl['step']:.2f}, per token {ours['per_token'] / trl['per_token']:.2f}, "
-              f"RSS ours/TRL {ours['rss'] / trl['rss']:.2f}; EDGE/ours step {edge['step'] / ours['step']:.2f}")
+        ours = sides.get("ours")
+        for other in ("trl", "trl-keep"):
+            if ours and other in sides:
+                theirs = sides[other]
+                print(f"{'':<14}ours/{other}: step {ours['step'] / theirs['step']:.2f}, per token "
+                      f"{ours['per_token'] / theirs['per_token']:.2f}, peak RSS {ours['rss'] / theirs['rss']:.2f}")
+        if ours and "edge" in sides:
+            print(f"{'':<14}EDGE/ours: step {sides['edge']['step'] / ours['step']:.2f}")
     (ROOT / "runs").mkdir(exist_ok=True)
     (ROOT / "runs" / "vs_trl.json").write_text(json.dumps(table, indent=2))
 

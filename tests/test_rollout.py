@@ -97,6 +97,72 @@ def test_greedy_is_the_same_for_any_seed(model, tok):
     assert torch.equal(a.completion_ids[0], a.completion_ids[3])
 
 
+def test_greedy_decoding_equals_transformers_generate(model, tok):
+    """Our decoding loop against model.generate on left-padded prompts of different lengths: the same
+    tokens, including where rows stop and the padding after. The stop id is a token that the two
+    prompts' rows first produce at different steps, so rows stop at different steps."""
+    from rollout import generate
+    prompts = [build_prompt(tok, "What is 1+1?"), build_prompt(tok, "Compute 12*3 and explain.")]
+    enc = tok(prompts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
+    ids, mask = enc.input_ids.repeat_interleave(2, 0), enc.attention_mask.repeat_interleave(2, 0)
+    model = tiny_model(tok)
+    with torch.no_grad():  # sharper weights: the default init decodes one token over and over
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(20)
+
+    def both(stop, group_size):
+        ours, _ = generate(model, ids, mask, max_new_tokens=20, temperature=0, top_p=1.0, seed=0, stop_ids=[stop],
+                           pad_id=tok.pad_token_id, group_size=group_size)
+        with torch.no_grad():
+            theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
+                                    eos_token_id=stop, pad_token_id=tok.pad_token_id)[:, ids.shape[1]:]
+        return ours, theirs
+
+    ours, theirs = both(tok.eos_token_id, group_size=2)
+    assert torch.equal(ours, theirs)
+    first = lambda row, t: row.tolist().index(t) if t in row.tolist() else None
+    stop = next(int(t) for t in ours[0] if first(ours[0], int(t)) != first(ours[2], int(t)))
+    for group_size in (1, 2):
+        ours, theirs = both(stop, group_size)
+        assert torch.equal(ours, theirs)
+    stopped_at = [first(row, stop) for row in ours]
+    assert stopped_at[0] != stopped_at[2]
+    for row, k in enumerate(stopped_at):
+        if k is not None:
+            assert (ours[row, k + 1:] == tok.pad_token_id).all()
+
+
+def test_sampling_frequencies_match_the_tempered_softmax():
+    """200,000 draws from one row of logits at T = 0.7: each token's share is within 6 standard errors
+    of softmax(z / T). A sampler that ignored the temperature misses token 0 by over 90 errors."""
+    from rollout import sample_next_token
+    z = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -float("inf")])
+    n, T = 200_000, 0.7
+    draws = sample_next_token(z.expand(n, -1), T, 1.0, torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=6).double() / n
+    p = (z / T).softmax(-1).double()
+    assert torch.all((counts - p).abs() < 6 * (p * (1 - p) / n).sqrt() + 1e-12), (counts, p)
+    assert counts[5] == 0  # a token of probability 0 is never drawn
+
+
+def test_top_p_keeps_the_nucleus_like_transformers():
+    """probs (0.5, 0.3, 0.15, 0.05) with top_p 0.7: the nucleus is the first two tokens, renormalized
+    to (0.625, 0.375); and on random logits the kept set equals transformers' TopPLogitsWarper's."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+    from rollout import sample_next_token
+    n = 100_000
+    z = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    counts = torch.bincount(sample_next_token(z.expand(n, -1), 1.0, 0.7, torch.Generator().manual_seed(1)),
+                            minlength=4).double() / n
+    assert abs(counts[0] - 0.625) < 6 * math.sqrt(0.625 * 0.375 / n) and counts[2:].sum() == 0
+    logits = torch.randn(50, 30) * 2
+    kept_by_hf = TopPLogitsWarper(0.8)(None, logits.clone()) > -float("inf")  # (50, 30)
+    drawn = sample_next_token(logits.repeat_interleave(400, 0), 1.0, 0.8, torch.Generator().manual_seed(2))
+    for row in range(50):
+        assert kept_by_hf[row, drawn[row * 400:(row + 1) * 400]].all()  # never outside HF's nucleus
+
+
 # ----------------------------------------------------------------------------- scoring
 
 def plain_forward_logits(model, r):
@@ -121,6 +187,33 @@ def test_logprobs_and_entropy_match_a_plain_forward(model, tok, temperature):
     assert torch.allclose(logp[m].double(), ref_taken[m], atol=1e-5)
     assert torch.allclose(entropy[m].double(), ref_entropy[m], atol=1e-5)
     assert (logp[~m] == 0).all() and (entropy[~m] == 0).all()
+
+
+@pytest.mark.parametrize("uses", ["both", "logp", "entropy"])
+def test_fused_head_gradients_equal_autograd_through_log_softmax(uses):
+    """LogprobAndEntropy's closed-form backward against float64 autograd through log_softmax, with a
+    bias, T = 0.7 and chunks of 3 rows: values and the gradients of hidden, weight and bias."""
+    from rollout import LogprobAndEntropy
+    g = torch.Generator().manual_seed(0)
+    n, D, V, T = 7, 5, 11, 0.7
+    hidden, weight, bias = (torch.randn(*shape, generator=g, requires_grad=True) for shape in ((n, D), (V, D), (V,)))
+    targets = torch.randint(0, V, (n,), generator=g)
+    a, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
+
+    def loss_of(taken, entropy):  # an unused output reaches backward as None: that path is tested too
+        terms = dict(logp=(taken * a.to(taken.dtype)).sum(), entropy=(entropy * b.to(entropy.dtype)).sum())
+        return sum(terms.values()) if uses == "both" else terms[uses]
+
+    taken, entropy = LogprobAndEntropy.apply(hidden, weight, bias, targets, T, 3)
+    ours = torch.autograd.grad(loss_of(taken, entropy), (hidden, weight, bias))
+    h64, w64, b64 = (t.detach().double().requires_grad_() for t in (hidden, weight, bias))
+    logp = ((h64 @ w64.T + b64) / T).log_softmax(-1)  # (n, V)
+    ref_taken, ref_entropy = logp.gather(-1, targets[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+    reference = torch.autograd.grad(loss_of(ref_taken, ref_entropy), (h64, w64, b64))
+    assert torch.allclose(taken.double(), ref_taken, atol=1e-5) and torch.allclose(entropy.double(), ref_entropy, atol=1e-5)
+    for mine, ref in zip(ours, reference):
+        assert torch.allclose(mine.double(), ref, atol=1e-5), (mine, ref)
+        assert ref.abs().max() > 1e-3
 
 
 def test_entropy_of_a_uniform_model_is_log_v(tok):
@@ -213,9 +306,10 @@ def test_gec_rewrites_wrong_rows_and_only_regenerates_continued_ones(model, tok,
     assert before.rewards.tolist()[:3] == [2.0, 0.0, 1.0] and (before.rewards[G:] < MAX_REWARD).all()
     solutions = ["1 and 1 make \\boxed{2}.", None]  # the second problem has no solution: answer instead
 
+    import rollout
     calls = []
-    real_generate = model.generate
-    monkeypatch.setattr(model, "generate", lambda **kw: calls.append(kw["input_ids"]) or real_generate(**kw))
+    real_decode = rollout.decode
+    monkeypatch.setattr(rollout, "decode", lambda model, cache, mask, *a, **kw: calls.append(mask) or real_decode(model, cache, mask, *a, **kw))
     after = guided_error_correction(model, tok, before, ["2", "36"], solutions, seed=4, reflection_tokens=6)
 
     assert after.actions[0] == "none"
@@ -224,7 +318,7 @@ def test_gec_rewrites_wrong_rows_and_only_regenerates_continued_ones(model, tok,
     assert after.rewards[0] == 2.0 and after.texts[0] == texts[0]
     assert "solution" not in after.actions[G:]
     continued = [row for row, a in enumerate(after.actions) if a == "reflection"]
-    assert len(calls) == 1 and calls[0].shape[0] == len(continued) > 0  # one generate, continued rows only
+    assert len(calls) == 1 and calls[0].shape[0] == len(continued) > 0  # one decoding loop, continued rows only
 
     eos, cue = tok.eos_token_id, tok(REFLECTION_CUE, add_special_tokens=False).input_ids
     for row, action in enumerate(after.actions):
@@ -248,6 +342,30 @@ def test_gec_rewrites_wrong_rows_and_only_regenerates_continued_ones(model, tok,
             assert after.truncated[row] == (ids[-1] != eos)
     # the all-wrong second group is mixed after GEC
     assert len(set(after.rewards[G:].tolist())) > 1 and MAX_REWARD in after.rewards[G:].tolist()
+
+
+def test_gec_continues_from_the_sampling_cache_as_from_a_fresh_prefill(tok):
+    """GEC continues reflection rows from the KV cache of the sampling pass (holes where a response
+    ended, the never-fed last token of a truncated one). Greedy continuations equal those of a full
+    prefill of prompt + response + cue, for rows that ended and rows that were truncated."""
+    import dataclasses
+    model = tiny_model(tok)
+    with torch.no_grad():  # sharper weights: continuations that depend on their context
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(20)
+    prompts = [build_prompt(tok, "What is 1+1?"), build_prompt(tok, "Compute 12*3 and explain.")]
+    r = sample_rollout(model, tok, prompts, ["2", "36"], group_size=4, max_new_tokens=16, temperature=3.0, seed=2,
+                       keep_kv=True)
+    assert r.kv is not None and r.truncated.any() and not r.truncated.all()
+    kwargs = dict(seed=1, forced_reflection=True, reflection_tokens=8, temperature=0)
+    cached = guided_error_correction(model, tok, r, ["2", "36"], ["two", "36"], **kwargs)
+    fresh = guided_error_correction(model, tok, dataclasses.replace(r, kv=None), ["2", "36"], ["two", "36"], **kwargs)
+    assert cached.actions == fresh.actions and cached.actions.count("reflection") == 8
+    assert torch.equal(cached.completion_ids, fresh.completion_ids)
+    assert torch.equal(cached.completion_mask, fresh.completion_mask)
+    tails = {tuple(row[-8:].tolist()) for row in cached.completion_ids}
+    assert len(tails) > 4  # the continuations differ from row to row: the test can tell contexts apart
 
 
 def test_gec_skips_long_prompts_and_forced_reflection_only_reflects(model, tok):
@@ -304,4 +422,4 @@ def test_prefilling_each_prompt_once_gives_the_same_samples(model, tok, temperat
     ids, mask = enc.input_ids.repeat_interleave(4, 0), enc.attention_mask.repeat_interleave(4, 0)
     kwargs = dict(max_new_tokens=12, temperature=temperature, top_p=1.0, seed=5, stop_ids=[tok.eos_token_id],
                   pad_id=tok.pad_token_id)
-    assert torch.equal(generate(model, ids, mask, group_size=1, **kwargs), generate(model, ids, mask, group_size=4, **kwargs))
+    assert torch.equal(generate(model, ids, mask, group_size=1, **kwargs)[0], generate(model, ids, mask, group_size=4, **kwargs)[0])
