@@ -2,8 +2,8 @@
 rollout.py: from problems to a scored group of responses, the input of every GRPO step.
 
   1. build_prompt            the problem through the chat template, as the authors prompted each family
-  2. sample_rollout          G completions per prompt in one generate call (each prompt prefilled once),
-                             masks from the first EOS, rewards from reward.py
+  2. sample_rollout          G completions per prompt: each prompt prefilled once, then one decoding
+                             loop for all P x G rows; masks from the first EOS, rewards from reward.py
   3. token_logprobs_and_entropy
                              per-token log p(o_t) and entropy H_t of the full next-token distribution,
                              completion positions only, the vocabulary in chunks, each group's prompt once
@@ -16,7 +16,8 @@ Tp prompt tokens, T completion tokens, V vocabulary, D hidden size.
 
 Departures from the authors' code (../shared/PAPER.md, "Guided Error Correction"):
 - corrected rows end with EOS (theirs lose it when re-tokenized, so those rows never learn to stop);
-- only the rows being continued are sent to generate again (theirs regenerates the whole batch);
+- only the rows being continued are decoded again, from the KV cache of their sampling pass
+  (theirs regenerates the whole batch, prompt and response included);
 - corrected rows are built from token ids, not decoded and re-tokenized, so the sampled tokens the
   loss trains on are exactly the ones the policy sampled;
 - a per-token sampled_mask marks the text GEC inserted; the loss decides what to do with it.
@@ -193,8 +194,8 @@ def decode(model, cache, mask, step_ids, *, max_new_tokens, temperature, top_p, 
     for _ in range(max_new_tokens):
         # Positions count real tokens only (left padding, and holes GEC leaves in a continued cache).
         position = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]  # (B, S)
-        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=position,
-                       past_key_values=cache, use_cache=True).logits[:, -1]  # (B, V)
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=position, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]  # (B, V)
         token = sample_next_token(logits, temperature, top_p, generator).masked_fill(done, pad_id)  # (B,)
         new.append(token)
         done |= torch.isin(token, stops)
@@ -230,7 +231,7 @@ def pad_id_of(tokenizer):
 
 def sample_rollout(model, tokenizer, prompts, answers, *, group_size, max_new_tokens, temperature=1.0,
                    top_p=1.0, seed=0, keep_kv=False):
-    """G = group_size completions for each prompt, in one generate call, scored by reward.py.
+    """G = group_size completions for each prompt, sampled together, scored by reward.py.
     keep_kv: keep the sampling pass's KV cache in the rollout, for guided_error_correction."""
     encoded = tokenizer(prompts, padding=True, padding_side="left", add_special_tokens=False,
                         return_tensors="pt")
@@ -293,7 +294,8 @@ class LogprobAndEntropy(torch.autograd.Function):
             y = targets[rows, None]  # (c, 1)
             taken[rows] = logp.gather(-1, y).squeeze(-1)
             lse[rows] = z.gather(-1, y).squeeze(-1) - taken[rows]  # logsumexp(z), for free
-            entropy[rows] = -(logp.exp() * logp).sum(dim=-1)
+            del z  # at most two (c, V) blocks at a time
+            entropy[rows] = -logp.exp().mul_(logp).sum(dim=-1)
         ctx.save_for_backward(scaled, weight, bias, targets, lse, entropy)
         ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
         return taken, entropy
