@@ -1,11 +1,12 @@
 """
-Peak memory of scoring (rollout.token_logprobs_and_entropy) with and without vocabulary chunking.
+Peak memory of scoring (rollout.token_logprobs_and_entropy): in chunks of rows, in one chunk, and the
+usual way (full logits from the model, log_softmax, autograd), for reference.
 
 Each measurement runs in a fresh process and reports the growth of its peak RSS over the RSS just
 before scoring, so the model's own weights are not counted. Default: B x T = 8 x 512 completion
 tokens (plus a 64-token prompt), V = 50,000, a 2-layer Llama with hidden size 256.
 
-  python benchmarks/scoring_memory.py            # prints a table: chunked vs unchunked, no grad vs grad
+  python benchmarks/scoring_memory.py            # prints a table: the three ways, no grad vs grad
 """
 
 import argparse
@@ -36,7 +37,12 @@ def measure(batch, tokens, vocab, chunk_rows, grad):
     completion_mask = torch.ones(batch, tokens, dtype=torch.long)
     before = peak_rss_mb()
     with torch.set_grad_enabled(grad):
-        logp, entropy = token_logprobs_and_entropy(model, ids, mask, completion_mask, chunk_rows=chunk_rows)
+        if chunk_rows == 0:  # the usual way: every position's logits, autograd through log_softmax
+            logp_all = model(input_ids=ids, attention_mask=mask).logits[:, prompt - 1:-1].float().log_softmax(-1)
+            logp = logp_all.gather(-1, ids[:, prompt:, None]).squeeze(-1)
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+        else:
+            logp, entropy = token_logprobs_and_entropy(model, ids, mask, completion_mask, chunk_rows=chunk_rows)
         if grad:
             (logp.sum() + entropy.sum()).backward()
     return peak_rss_mb() - before
@@ -58,7 +64,8 @@ def main():
     print(f"scoring B x T = {args.batch} x {args.tokens}, V = {args.vocab:,}: one fp32 (B*T, V) tensor is "
           f"{full * args.vocab * 4 / 2**20:,.0f} MB")
     print(f"{'':26}{'no grad':>12}{'grad + backward':>18}")
-    for label, chunk_rows in ((f"chunked ({args.chunk_rows} rows)", args.chunk_rows), ("unchunked", full)):
+    for label, chunk_rows in ((f"chunked ({args.chunk_rows} rows)", args.chunk_rows), ("one chunk", full),
+                              ("full logits + autograd", 0)):
         row = []
         for grad in (False, True):
             out = subprocess.run([sys.executable, __file__, "--batch", str(args.batch), "--tokens", str(args.tokens),
