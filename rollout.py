@@ -274,8 +274,8 @@ def rollout_from_texts(tokenizer, model, prompts, texts, answers, group_size, tr
 
 class LogprobAndEntropy(torch.autograd.Function):
     """log p(y) (n,) and entropy H (n,) of p = softmax(z), z = (hidden W^T + b) / temperature, for n
-    rows of hidden (n, D), chunk_rows rows at a time, so at most one (chunk_rows, V) block of logits
-    exists, in forward and in backward. Autograd through log_softmax would keep (or, checkpointed,
+    rows of hidden (n, D), chunk_rows rows at a time, so at most two (chunk_rows, V) blocks exist, in
+    forward and in backward. Autograd through log_softmax would keep (or, checkpointed,
     rebuild) several such blocks per chunk and sweep them about ten times; here backward recomputes
     the chunk's logits with one matmul and applies the closed forms in place:
         d log p_y / dz = onehot(y) - p          d H / dz = -p * (log p + H)
@@ -372,8 +372,8 @@ def token_logprobs_and_entropy(model, input_ids, attention_mask, completion_mask
 
     group_size: rows come in groups of G sharing a prompt (rollout order): each prompt is run once.
     Memory: the transformer runs once over (B, Tp + T); only the N = completion_mask.sum() scored
-    positions go through the LM head, chunk_rows at a time (LogprobAndEntropy), so at most one
-    (chunk_rows, V) block of logits exists, in training too."""
+    positions go through the LM head, chunk_rows at a time (LogprobAndEntropy), so at most two
+    (chunk_rows, V) blocks exist, in training too."""
     T = completion_mask.shape[1]
     hidden = completion_hidden_states(model, input_ids, attention_mask, T, group_size)  # (B, T, D)
     keep = completion_mask.bool()  # (B, T)
