@@ -148,19 +148,29 @@ def shares_prompts(input_ids, prompt_width, group_size):
     return bool((prompts == prompts[:, :1]).all())
 
 
+def run_prompts_once(model, input_ids, attention_mask, G):
+    """input_ids, attention_mask (B, t): rows in groups of G identical rows. Each group's row runs
+    through the transformer once and its keys/values are repeated for the G rows. Returns the hidden
+    states (B / G, t, D) and the cache (B rows). Used by sampling (prefill) and by training
+    (completion_hidden_states), where the G paths through the repeat add up in backward."""
+    ids, mask = input_ids[::G], attention_mask[::G]  # (B / G, t)
+    cache = DynamicCache(config=model.config)
+    # Left padding: positions count real tokens only. (RoPE models are invariant to a constant shift
+    # anyway; absolute-position models such as GPT-2 are not.)
+    hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                              past_key_values=cache, use_cache=True).last_hidden_state  # (B / G, t, D)
+    cache.batch_repeat_interleave(G)
+    return hidden, cache
+
+
 @torch.no_grad()
 def prefill(model, input_ids, attention_mask, group_size):
     """KV cache of the prompts (B, Tp) but their last token, which the first decoding step feeds.
-    When the rows come in groups of G identical prompts (rollout order), each prompt runs once and
-    its keys/values are repeated for its G rows."""
+    When the rows come in groups of G identical prompts (rollout order), each prompt runs once."""
+    if input_ids.shape[1] < 2:
+        return DynamicCache(config=model.config)
     G = group_size if shares_prompts(input_ids, input_ids.shape[1], group_size) else 1
-    ids, mask = input_ids[::G, :-1], attention_mask[::G, :-1]  # (B / G, Tp - 1)
-    cache = DynamicCache(config=model.config)
-    if ids.shape[1] > 0:
-        model.base_model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                         past_key_values=cache, use_cache=True)
-        cache.batch_repeat_interleave(G)
-    return cache
+    return run_prompts_once(model, input_ids[:, :-1], attention_mask[:, :-1], G)[1]
 
 
 def sample_next_token(logits, temperature, top_p, generator):
@@ -345,20 +355,14 @@ def completion_hidden_states(model, input_ids, attention_mask, T, group_size=1):
     keys/values are repeated for the group's G completions: the same numbers and, through the
     repeat, the same gradient (the G paths through the shared prompt add up), for about 1/G of the
     prompt's cost. Not under gradient checkpointing, which forbids the cache in training."""
-    # Left padding: positions count real tokens only, as generate does. (RoPE models are invariant to a
-    # constant shift anyway; absolute-position models such as GPT-2 are not.)
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding: real tokens only
     Tp = input_ids.shape[1] - T
     if _activation_checkpointing(model) or not shares_prompts(input_ids, Tp, group_size):
         hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                   position_ids=position_ids).last_hidden_state  # (b, Tp + T, D)
         return hidden[:, -T - 1:-1]  # the state before token t predicts token t
     G = group_size
-    cache = DynamicCache(config=model.config)
-    prompt = model.base_model(input_ids=input_ids[::G, :Tp], attention_mask=attention_mask[::G, :Tp],
-                              position_ids=position_ids[::G, :Tp], past_key_values=cache,
-                              use_cache=True).last_hidden_state  # (b / G, Tp, D)
-    cache.batch_repeat_interleave(G)
+    prompt, cache = run_prompts_once(model, input_ids[:, :Tp], attention_mask[:, :Tp], G)  # (b / G, Tp, D)
     rest = model.base_model(input_ids=input_ids[:, Tp:], attention_mask=attention_mask,
                             position_ids=position_ids[:, Tp:], past_key_values=cache,
                             use_cache=True).last_hidden_state  # (b, T, D)
