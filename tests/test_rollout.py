@@ -1,6 +1,7 @@
 """rollout.py on a tiny model: masks, seeding, log-probs and entropy, guided error correction.
 Run: python -m pytest tests/test_rollout.py"""
 
+import dataclasses
 import math
 
 import pytest
@@ -8,9 +9,10 @@ import torch
 
 from reward import MAX_REWARD, reward
 from rollout import rollout_from_texts as make_rollout
-from rollout import (ANSWER_SENTENCE, GEC_MAX_PROMPT_TOKENS, REFLECTION_CUE, STEP_BY_STEP, Rollout, build_prompt,
-                     choose_gec_actions, completion_mask_from_eos, guided_error_correction,
-                     sample_rollout, token_logprobs_and_entropy, uses_bare_problem)
+from rollout import (ANSWER_SENTENCE, GEC_MAX_PROMPT_TOKENS, REFLECTION_CUE, STEP_BY_STEP, LogprobAndEntropy, Rollout,
+                     build_prompt, choose_gec_actions, completion_mask_from_eos, generate, guided_error_correction,
+                     sample_next_token, sample_rollout, shares_prompts, token_logprobs_and_entropy,
+                     uses_bare_problem)
 from tests.tiny import tiny_model, tiny_tokenizer
 
 
@@ -22,6 +24,17 @@ def tok():
 @pytest.fixture(scope="module")
 def model(tok):
     return tiny_model(tok)
+
+
+def sharp_model(tok):
+    """The tiny model with weights x 20: the default init decodes one token over and over; this one's
+    outputs depend on their context, so decoding tests can tell contexts apart."""
+    model = tiny_model(tok)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(20)
+    return model
 
 
 def sample(model, tok, seed, temperature=1.0, G=4, max_new_tokens=16):
@@ -101,15 +114,10 @@ def test_greedy_decoding_equals_transformers_generate(model, tok):
     """Our decoding loop against model.generate on left-padded prompts of different lengths: the same
     tokens, including where rows stop and the padding after. The stop id is a token that the two
     prompts' rows first produce at different steps, so rows stop at different steps."""
-    from rollout import generate
     prompts = [build_prompt(tok, "What is 1+1?"), build_prompt(tok, "Compute 12*3 and explain.")]
     enc = tok(prompts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
     ids, mask = enc.input_ids.repeat_interleave(2, 0), enc.attention_mask.repeat_interleave(2, 0)
-    model = tiny_model(tok)
-    with torch.no_grad():  # sharper weights: the default init decodes one token over and over
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.mul_(20)
+    model = sharp_model(tok)
 
     def both(stop, group_size):
         ours, _ = generate(model, ids, mask, max_new_tokens=20, temperature=0, top_p=1.0, seed=0, stop_ids=[stop],
@@ -136,7 +144,6 @@ def test_greedy_decoding_equals_transformers_generate(model, tok):
 def test_sampling_frequencies_match_the_tempered_softmax():
     """200,000 draws from one row of logits at T = 0.7: each token's share is within 6 standard errors
     of softmax(z / T). A sampler that ignored the temperature misses token 0 by over 90 errors."""
-    from rollout import sample_next_token
     z = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -float("inf")])
     n, T = 200_000, 0.7
     draws = sample_next_token(z.expand(n, -1), T, 1.0, torch.Generator().manual_seed(0))
@@ -150,7 +157,6 @@ def test_top_p_keeps_the_nucleus_like_transformers():
     """probs (0.5, 0.3, 0.15, 0.05) with top_p 0.7: the nucleus is the first two tokens, renormalized
     to (0.625, 0.375); and on random logits the kept set equals transformers' TopPLogitsWarper's."""
     from transformers.generation.logits_process import TopPLogitsWarper
-    from rollout import sample_next_token
     n = 100_000
     z = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
     counts = torch.bincount(sample_next_token(z.expand(n, -1), 1.0, 0.7, torch.Generator().manual_seed(1)),
@@ -193,7 +199,6 @@ def test_logprobs_and_entropy_match_a_plain_forward(model, tok, temperature):
 def test_fused_head_gradients_equal_autograd_through_log_softmax(uses):
     """LogprobAndEntropy's closed-form backward against float64 autograd through log_softmax, with a
     bias, T = 0.7 and chunks of 3 rows: values and the gradients of hidden, weight and bias."""
-    from rollout import LogprobAndEntropy
     g = torch.Generator().manual_seed(0)
     n, D, V, T = 7, 5, 11, 0.7
     hidden, weight, bias = (torch.randn(*shape, generator=g, requires_grad=True) for shape in ((n, D), (V, D), (V,)))
@@ -348,12 +353,7 @@ def test_gec_continues_from_the_sampling_cache_as_from_a_fresh_prefill(tok):
     """GEC continues reflection rows from the KV cache of the sampling pass (holes where a response
     ended, the never-fed last token of a truncated one). Greedy continuations equal those of a full
     prefill of prompt + response + cue, for rows that ended and rows that were truncated."""
-    import dataclasses
-    model = tiny_model(tok)
-    with torch.no_grad():  # sharper weights: continuations that depend on their context
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.mul_(20)
+    model = sharp_model(tok)
     prompts = [build_prompt(tok, "What is 1+1?"), build_prompt(tok, "Compute 12*3 and explain.")]
     r = sample_rollout(model, tok, prompts, ["2", "36"], group_size=4, max_new_tokens=16, temperature=3.0, seed=2,
                        keep_kv=True)
@@ -406,7 +406,6 @@ def test_shared_prompt_prefix_equals_the_plain_forward(model, tok):
 
 
 def test_prompt_sharing_needs_whole_groups_of_equal_prompts(tok):
-    from rollout import shares_prompts
     ids = torch.tensor([[1, 2, 9], [1, 2, 8], [3, 4, 7], [3, 4, 6]])
     assert shares_prompts(ids, prompt_width=2, group_size=2)
     assert not shares_prompts(ids, prompt_width=2, group_size=4)   # the prompts differ inside the "group"
@@ -416,7 +415,6 @@ def test_prompt_sharing_needs_whole_groups_of_equal_prompts(tok):
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_prefilling_each_prompt_once_gives_the_same_samples(model, tok, temperature):
-    from rollout import generate
     prompts = [build_prompt(tok, "What is 1+1?"), build_prompt(tok, "Compute 12*3.")]
     enc = tok(prompts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
     ids, mask = enc.input_ids.repeat_interleave(4, 0), enc.attention_mask.repeat_interleave(4, 0)
