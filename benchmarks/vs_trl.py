@@ -93,8 +93,9 @@ def load_model():
 def run_ours(P, G, L, steps, edge):
     import edge_grpo
     import torch
-    edge_grpo.keep_freed_memory()  # as `python edge_grpo.py` does
     model, tokenizer = load_model()
+    edge_grpo.lean_activations(model)  # as edge_grpo.train does
+    edge_grpo.keep_freed_memory()  # once the model is loaded, as `python edge_grpo.py` does
     flags = ["--num-generations", str(G), "--prompts-per-step", str(P), "--max-completion-length", str(L),
              "--temperature", "1.0", "--beta", "0", "--num-iterations", "1", "--epsilon", "0.2",
              "--learning-rate", str(LEARNING_RATE), "--lr-scheduler-type", "constant", "--max-grad-norm", "1.0",
@@ -124,10 +125,10 @@ def run_trl(P, G, L, steps, keep_memory=False):
     from trl import GRPOConfig, GRPOTrainer
     from reward import reward
     from rollout import build_prompt
+    model, tokenizer = load_model()
     if keep_memory:  # side "trl-keep": TRL given our allocator setting, to separate it from the rest
         import edge_grpo
         edge_grpo.keep_freed_memory()
-    model, tokenizer = load_model()
     batches = workload(P, steps)
     rows = [dict(prompt=build_prompt(tokenizer, r["problem"]), answer=r["answer"]) for batch in batches for r in batch]
 

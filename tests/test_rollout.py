@@ -1,6 +1,7 @@
 """rollout.py on a tiny model: masks, seeding, log-probs and entropy, guided error correction.
 Run: python -m pytest tests/test_rollout.py"""
 
+import copy
 import dataclasses
 import math
 
@@ -11,7 +12,7 @@ from reward import MAX_REWARD, reward
 from rollout import rollout_from_texts as make_rollout
 from rollout import (ANSWER_SENTENCE, GEC_MAX_PROMPT_TOKENS, REFLECTION_CUE, STEP_BY_STEP, LogprobAndEntropy, Rollout,
                      build_prompt, choose_gec_actions, completion_mask_from_eos, generate, guided_error_correction,
-                     sample_next_token, sample_rollout, shares_prompts, token_logprobs_and_entropy,
+                     lean_activations, sample_next_token, sample_rollout, shares_prompts, token_logprobs_and_entropy,
                      uses_bare_problem)
 from tests.tiny import tiny_model, tiny_tokenizer
 
@@ -221,6 +222,27 @@ def test_fused_head_gradients_equal_autograd_through_log_softmax(uses):
         assert ref.abs().max() > 1e-3
 
 
+def test_fused_head_adds_into_an_existing_weight_grad():
+    """With weight.grad already there (accumulation over micro-batches), backward adds the weight's
+    gradient into it in place and hands autograd nothing more for the weight: the final .grad is the
+    earlier one plus the float64 reference, and it is the same tensor object."""
+    g = torch.Generator().manual_seed(1)
+    n, D, V, T = 6, 4, 9, 0.8
+    hidden, weight = torch.randn(n, D, generator=g, requires_grad=True), torch.randn(V, D, generator=g, requires_grad=True)
+    targets, a = torch.randint(0, V, (n,), generator=g), torch.randn(n, generator=g)
+    earlier = torch.randn(V, D, generator=g)
+    weight.grad = earlier.clone()
+    buffer = weight.grad
+    taken, entropy = LogprobAndEntropy.apply(hidden, weight, None, targets, T, 4)
+    ((taken * a).sum() + entropy.sum()).backward()
+    w64 = weight.detach().double().requires_grad_()
+    logp = ((hidden.detach().double() @ w64.T) / T).log_softmax(-1)
+    ((logp.gather(-1, targets[:, None]).squeeze(-1) * a.double()).sum() - (logp.exp() * logp).sum()).backward()
+    assert weight.grad is buffer
+    assert torch.allclose(weight.grad.double(), earlier.double() + w64.grad, atol=1e-5)
+    assert w64.grad.abs().max() > 1e-2
+
+
 def test_entropy_of_a_uniform_model_is_log_v(tok):
     model = tiny_model(tok)
     with torch.no_grad():
@@ -403,6 +425,70 @@ def test_shared_prompt_prefix_equals_the_plain_forward(model, tok):
     assert torch.allclose(l1, l2, atol=1e-5) and torch.allclose(h1, h2, atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
     model.zero_grad()
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_shared_prompts_accumulate_over_micro_batches_like_one_plain_backward(tok, lean):
+    """Two micro-batches of one group each, prompts shared, gradients accumulated (the second one
+    finds .grad filled: the fused head adds into it, the prompts' backward runs on its own) against
+    both groups in one plain forward and one backward. And the cut itself: every weight is used by
+    the prompts and by the completions, and each part reaches .grad on its own (two accumulations
+    per weight per backward instead of one). With lean_activations too: the embedding then adds its
+    rows into .grad directly."""
+    model = tiny_model(tok)
+    if lean:
+        lean_activations(model)
+    r = sample(model, tok, seed=17, G=4)
+    params = list(model.parameters())
+    model.zero_grad()
+    logp, entropy = token_logprobs_and_entropy(model, r.input_ids, r.attention_mask, r.completion_mask, group_size=1)
+    (logp.sum() - 0.5 * entropy.sum()).backward()
+    reference = [p.grad.clone() for p in params]
+    model.zero_grad()
+    accumulations = []
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: accumulations.append(p)) for p in params]
+    for rows in ([0, 1, 2, 3], [4, 5, 6, 7]):
+        logp, entropy = token_logprobs_and_entropy(model, r.input_ids[rows], r.attention_mask[rows],
+                                                   r.completion_mask[rows], group_size=4)
+        (logp.sum() - 0.5 * entropy.sum()).backward()
+    for hook in hooks:
+        hook.remove()
+    assert all(torch.allclose(p.grad, ref, atol=1e-5) for p, ref in zip(params, reference))
+    assert len(accumulations) == 2 * 2 * len(params)  # 2 micro-batches x (completions, prompts)
+    model.zero_grad()
+
+
+def test_lean_activations_same_numbers_less_memory_for_backward(tok):
+    """Every MLP and RMSNorm of the tiny Llama routed through SwiGLUDown / RMSNormFunction: the same
+    log-probs, entropies and gradients as the stock modules (float64 model; both norms compute in
+    float32, as transformers' does, hence the tolerance), and the tensors kept for backward shrink by what the two functions drop: per layer and
+    token 2 x I values of the MLP (silu(g) and the product) and D for each of the two norms, and D
+    for the final norm."""
+    stock = tiny_model(tok).double()
+    lean = copy.deepcopy(stock)
+    assert lean_activations(lean) == 2 * 3 + 1 + 1  # 2 layers x (MLP, 2 norms), the final norm, the embedding
+    r = sample(stock, tok, seed=5, G=4)
+    results = []
+    for model in (stock, lean):
+        model.zero_grad(set_to_none=True)
+        kept = {}
+
+        def keep(t):  # every tensor saved for backward, once per storage
+            kept.setdefault(t.untyped_storage().data_ptr(), t)
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            logp, entropy = token_logprobs_and_entropy(model, r.input_ids, r.attention_mask, r.completion_mask)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        kept_values = sum(t.numel() for ptr, t in kept.items() if ptr not in params)
+        (logp.sum() - 0.5 * entropy.sum()).backward()
+        results.append((logp.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()], kept_values))
+    (l1, h1, g1, kept_stock), (l2, h2, g2, kept_lean) = results
+    assert torch.allclose(l1, l2, atol=1e-6) and torch.allclose(h1, h2, atol=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(g1, g2))
+    config, tokens = stock.config, r.input_ids.numel()
+    dropped = tokens * (config.num_hidden_layers * (2 * config.intermediate_size + 2 * config.hidden_size) + config.hidden_size)
+    assert kept_stock - kept_lean == dropped, (kept_stock, kept_lean, dropped)
+    assert sum(g.abs().sum() for g in g1) > 0
 
 
 def test_prompt_sharing_needs_whole_groups_of_equal_prompts(tok):
