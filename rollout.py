@@ -7,6 +7,7 @@ rollout.py: from problems to a scored group of responses, the input of every GRP
   3. token_logprobs_and_entropy
                              per-token log p(o_t) and entropy H_t of the full next-token distribution,
                              completion positions only, the vocabulary in chunks, each group's prompt once
+                             (with a backward of its own); lean_activations: less kept for backward
   4. guided_error_correction GEC (paper section 3.2): every response below the maximum reward is
                              continued after a reflection cue (1/2), gets the correct answer appended
                              (1/4) or is replaced by the reference solution (1/4); then re-scored

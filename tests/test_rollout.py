@@ -491,6 +491,22 @@ def test_lean_activations_same_numbers_less_memory_for_backward(tok):
     assert sum(g.abs().sum() for g in g1) > 0
 
 
+def test_lean_activations_under_gradient_checkpointing(tok):
+    """--gradient-checkpointing recomputes each layer in backward, through the lean functions too (and
+    takes the plain path, no prompt sharing): the same gradients as without it."""
+    r = sample(tiny_model(tok), tok, seed=19, G=4)
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model(tok).train()
+        lean_activations(model)
+        if checkpointing:
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+        logp, entropy = token_logprobs_and_entropy(model, r.input_ids, r.attention_mask, r.completion_mask, group_size=4)
+        (logp.sum() - 0.5 * entropy.sum()).backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads))
+
+
 def test_prompt_sharing_needs_whole_groups_of_equal_prompts(tok):
     ids = torch.tensor([[1, 2, 9], [1, 2, 8], [3, 4, 7], [3, 4, 6]])
     assert shares_prompts(ids, prompt_width=2, group_size=2)
