@@ -542,8 +542,8 @@ def keep_freed_memory():
     (logit chunks, the (V, D) embedding gradient) that the kept memory cannot hold is mapped on its
     own and handed back when freed, rather than growing the heap for good: there it would leave a
     hole that smaller blocks split up, and the heap would grow past it step after step. Call it
-    once the model is loaded: what loading freed is handed back first. PyTorch's CPU tuning guide suggests jemalloc or tcmalloc for the same reason.
-    Returns whether glibc took the settings."""
+    once the model is loaded: what loading freed is handed back first. PyTorch's CPU tuning guide
+    suggests jemalloc or tcmalloc for the same reason. Returns whether glibc took the settings."""
     if not sys.platform.startswith("linux"):
         return False
     try:

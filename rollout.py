@@ -353,12 +353,7 @@ class LogprobAndEntropy(torch.autograd.Function):
         if grad_taken is None:
             grad_taken = torch.zeros_like(entropy)
         grad_hidden = torch.empty_like(scaled) if need_hidden else None
-        # When weight.grad already holds a gradient (accumulation over micro-batches), the head's part
-        # is added straight into it. Returned, it would be one more (V, D) tensor, held to the end of
-        # backward when the weight is tied to the input embedding (autograd adds the embedding's
-        # part to it first): 113 MB for SmolLM2-135M, 0.9 GB for Qwen2.5-1.5B in fp32.
-        into_grad = need_weight and weight.grad is not None
-        grad_weight = weight.grad if into_grad else torch.zeros_like(weight) if need_weight else None
+        grad_weight, into_grad = weight_grad_buffer(weight) if need_weight else (None, False)
         grad_bias = torch.zeros_like(bias) if need_bias else None
         for rows in _chunks(scaled.shape[0], ctx.chunk_rows):
             logp = F.linear(scaled[rows], weight, bias).float().sub_(lse[rows, None])  # (c, V)
@@ -377,6 +372,18 @@ class LogprobAndEntropy(torch.autograd.Function):
             if need_bias:
                 grad_bias += dz.sum(dim=0) / T
         return grad_hidden, None if into_grad else grad_weight, grad_bias, None, None, None
+
+
+def weight_grad_buffer(weight):
+    """Where a backward should put the gradient of a (V, D) weight: weight.grad itself when it already
+    holds one (accumulation over micro-batches; the gradient is added in place and not returned),
+    else a zero tensor to fill and return. Returned, it would be one more (V, D) tensor that autograd
+    then adds into weight.grad; for the tied LM head and input embedding it is held to the end of
+    backward, since autograd sums both parts first: 113 MB for SmolLM2-135M, 0.9 GB for Qwen2.5-1.5B
+    in fp32. Returns (buffer, whether it is weight.grad)."""
+    if weight.grad is not None:
+        return weight.grad, True
+    return torch.zeros_like(weight), False
 
 
 def _chunks(n, size):
@@ -428,9 +435,8 @@ class RMSNormFunction(torch.autograd.Function):
 
 class EmbeddingIntoGrad(torch.autograd.Function):
     """weight[ids], as nn.Embedding (with its padding_idx, whose row gets no gradient). Autograd's
-    backward builds the (V, D) gradient as a dense tensor (zeroed, rows added, then added into
-    weight.grad: 113 MB for SmolLM2-135M, per backward, per stage); when weight.grad exists, this
-    adds the rows straight into it."""
+    backward builds the (V, D) gradient as a dense tensor, per backward, per stage; this adds the
+    rows straight into weight.grad when it exists (weight_grad_buffer)."""
 
     @staticmethod
     def forward(ctx, ids, weight, padding_idx):
@@ -444,10 +450,9 @@ class EmbeddingIntoGrad(torch.autograd.Function):
         ids, rows = ids.reshape(-1), grad_out.reshape(-1, grad_out.shape[-1])  # (n,), (n, D)
         if ctx.padding_idx is not None:
             rows = rows.masked_fill((ids == ctx.padding_idx)[:, None], 0)
-        if weight.grad is not None:
-            weight.grad.index_add_(0, ids, rows.to(weight.grad.dtype))
-            return None, None, None
-        return None, torch.zeros_like(weight).index_add_(0, ids, rows.to(weight.dtype)), None
+        grad_weight, into_grad = weight_grad_buffer(weight)
+        grad_weight.index_add_(0, ids, rows.to(grad_weight.dtype))
+        return None, None if into_grad else grad_weight, None
 
 
 def lean_activations(model):
