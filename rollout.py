@@ -82,14 +82,20 @@ class Rollout:
 # 1. Prompts
 
 
-def uses_bare_problem(model_name):
-    """The authors gave Qwen2.5-Math models the bare problem (their template's system prompt asks for
-    \\boxed{}); every other family gets the STEP_BY_STEP instruction appended."""
-    return "qwen2.5-math" in str(model_name).lower()
+PROMPT_FORMATS = ("bare", "step-by-step")
 
 
-def build_prompt(tokenizer, problem, bare_problem=False):
-    user = problem if bare_problem else problem + STEP_BY_STEP
+def default_prompt_format(model_name):
+    """The authors' choice per family: Qwen2.5-Math models get the bare problem (their chat template's
+    default system prompt asks for step-by-step reasoning and \\boxed{}), every other family gets
+    the STEP_BY_STEP instruction appended. Decided once per run from the model's name, saved with
+    every checkpoint (run_config.json) and read back by resume and evaluation: a checkpoint's
+    directory name says nothing about its family."""
+    return "bare" if "qwen2.5-math" in str(model_name).lower() else "step-by-step"
+
+
+def build_prompt(tokenizer, problem, prompt_format):
+    user = problem if prompt_format == "bare" else problem + STEP_BY_STEP
     if tokenizer.chat_template is None:
         warnings.warn("the tokenizer has no chat template: prompting with plain text 'Question: ... Answer:'")
         return f"{tokenizer.bos_token or ''}Question: {user}\nAnswer:"
@@ -162,7 +168,7 @@ def run_prompts_once(model, input_ids, attention_mask, G):
     # Left padding: positions count real tokens only. (RoPE models are invariant to a constant shift
     # anyway; absolute-position models such as GPT-2 are not.)
     hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                              past_key_values=cache, use_cache=True).last_hidden_state  # (B / G, t, D)
+                              cache=cache, use_cache=True).last_hidden_state  # (B / G, t, D)
     if torch.is_grad_enabled():
         hidden = backward_separately(hidden, cache)
     cache.batch_repeat_interleave(G)
@@ -238,7 +244,7 @@ def decode(model, cache, mask, step_ids, *, max_new_tokens, temperature, top_p, 
     for _ in range(max_new_tokens):
         # Positions count real tokens only (left padding, and holes GEC leaves in a continued cache).
         position = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]  # (B, S)
-        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=position, past_key_values=cache,
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=position, cache=cache,
                        use_cache=True, logits_to_keep=1).logits[:, -1]  # (B, V)
         token = sample_next_token(logits, temperature, top_p, generator).masked_fill(done, pad_id)  # (B,)
         new.append(token)
@@ -516,7 +522,7 @@ def completion_hidden_states(model, input_ids, attention_mask, T, group_size=1):
     G = group_size
     prompt, cache = run_prompts_once(model, input_ids[:, :Tp], attention_mask[:, :Tp], G)  # (b / G, Tp, D)
     rest = model.base_model(input_ids=input_ids[:, Tp:], attention_mask=attention_mask,
-                            position_ids=position_ids[:, Tp:], past_key_values=cache,
+                            position_ids=position_ids[:, Tp:], cache=cache,
                             use_cache=True).last_hidden_state  # (b, T, D)
     return torch.cat([prompt[:, -1:].repeat_interleave(G, dim=0), rest[:, :-1]], dim=1)
 
@@ -567,13 +573,32 @@ def choose_gec_actions(needs_fix, has_solution, prompt_too_long, generator, forc
     return actions
 
 
-def cached_contexts(model, rollout, ids, rows, pad_id):
+def special_token_ids(tokenizer):
+    """Every id that skip_special_tokens drops: the named special tokens and every added token marked
+    special (Qwen's <|im_end|>, <|im_start|>, ...)."""
+    added = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return set(tokenizer.all_special_ids) | added
+
+
+def trailing_special_start(ids, special_ids):
+    """Length of ids without its trailing special tokens (EOS, and end-of-turn tokens such as Qwen's
+    <|im_end|> that the model may emit before its EOS): where GEC's text is appended. The authors
+    decode with skip_special_tokens, which drops them too; left in, the policy would be trained to
+    talk on past an end-of-turn token."""
+    end = len(ids)
+    while end and ids[end - 1] in special_ids:
+        end -= 1
+    return end
+
+
+def cached_contexts(model, rollout, ids, rows, kept_lengths, pad_id):
     """Continue rows from the sampling pass's KV cache instead of running prompt + response through
     the model again. The cache holds the prompt and every fed sampled token; a row's kept response
     (without its EOS) is a prefix of those, except a truncated response's last token, which was
     sampled but never fed. What follows the kept response in the cache (the EOS, the padding) stays
     as a hole, masked out. Fed now: that last token if any, then the cue, left-padded.
-    ids: each row's tokens after GEC's rewrite (response + cue). Returns cache, mask, step_ids."""
+    ids: each row's tokens after GEC's rewrite (response + cue); kept_lengths: how many of them are the
+    response. Returns cache, mask, step_ids."""
     cache, cache_mask = rollout.kv
     Tp = rollout.prompt_ids.shape[1]
     cached = cache_mask.shape[1] - Tp  # sampled tokens whose keys/values are in the cache
@@ -581,8 +606,7 @@ def cached_contexts(model, rollout, ids, rows, pad_id):
     selected = DynamicCache([(layer.keys[index], layer.values[index]) for layer in cache.layers], config=model.config)
     mask = cache_mask[index].clone()  # (n, Tp + cached)
     suffixes = []
-    for k, row in enumerate(rows):
-        kept = int(rollout.completion_mask[row].sum()) - (0 if rollout.truncated[row] else 1)  # response without EOS
+    for k, (row, kept) in enumerate(zip(rows, kept_lengths)):
         mask[k, Tp + min(kept, cached):] = 0
         suffixes.append(ids[row][min(kept, cached):])  # the never-fed last token, if any, and the cue
     step_ids, step_mask = left_pad(suffixes, pad_id)  # (n, S)
@@ -608,7 +632,8 @@ def guided_error_correction(model, tokenizer, rollout, answers, solutions, *, se
         generator=generator, forced_reflection=forced_reflection)
 
     # Each row as lists: its token ids and, per token, 1 if sampled by the policy, 0 if inserted.
-    ids, sampled = [], []
+    special_ids = set(stop_ids) | special_token_ids(tokenizer)
+    ids, sampled, kept = [], [], {}
     for row in range(B):
         length = int(rollout.completion_mask[row].sum())
         response = rollout.completion_ids[row, :length].tolist()
@@ -617,8 +642,8 @@ def guided_error_correction(model, tokenizer, rollout, answers, solutions, *, se
             ids.append(response)
             sampled.append(flags)
             continue
-        if not rollout.truncated[row]:  # the response goes on after the correction: drop its EOS
-            response, flags = response[:-1], flags[:-1]
+        kept[row] = trailing_special_start(response, special_ids)  # the response goes on: drop its end tokens
+        response, flags = response[:kept[row]], flags[:kept[row]]
         if actions[row] == "reflection":
             inserted = _encode(tokenizer, REFLECTION_CUE)
         elif actions[row] == "answer":
@@ -633,7 +658,8 @@ def guided_error_correction(model, tokenizer, rollout, answers, solutions, *, se
     continued = [row for row in range(B) if actions[row] == "reflection"]
     if continued:
         if rollout.kv is not None:
-            cache, mask, step_ids = cached_contexts(model, rollout, ids, continued, pad_id)
+            cache, mask, step_ids = cached_contexts(model, rollout, ids, continued, [kept[row] for row in continued],
+                                                    pad_id)
         else:  # a rollout that was not sampled here (saved texts): prefill prompt + response + cue
             contexts = [rollout.prompt_ids[row][rollout.prompt_mask[row].bool()].tolist() + ids[row] for row in continued]
             context_ids, mask = (t.to(model.device) for t in left_pad(contexts, pad_id))

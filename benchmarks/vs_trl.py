@@ -68,8 +68,8 @@ class PeakRss:
 def workload(P, steps):
     """The prompts every side trains on: the first P x steps rows of the built-in set, in order."""
     sys.path.insert(0, str(ROOT))
-    import edge_grpo
-    rows = edge_grpo.arithmetic_problems()
+    import data
+    rows = data.arithmetic_problems()
     return [rows[k * P:(k + 1) * P] for k in range(steps)]
 
 
@@ -130,7 +130,7 @@ def run_trl(P, G, L, steps, keep_memory=False):
         import edge_grpo
         edge_grpo.keep_freed_memory()
     batches = workload(P, steps)
-    rows = [dict(prompt=build_prompt(tokenizer, r["problem"]), answer=r["answer"]) for batch in batches for r in batch]
+    rows = [dict(prompt=build_prompt(tokenizer, r["problem"], "step-by-step"), answer=r["answer"]) for batch in batches for r in batch]
 
     def reward_fn(prompts, completions, answer, **kwargs):
         return [reward(c, a) for c, a in zip(completions, answer)]

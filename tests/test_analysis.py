@@ -2,6 +2,9 @@
 tiny model. Run: python -m pytest tests/test_analysis.py"""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,7 +76,7 @@ def test_eval_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     assert result["0.1"]["responses"] == 3
     # forced reflection continues every wrong response after the cue
     model = tiny_model(tok)
-    forced = analysis.forced_reflection(model, tok, "tiny", records, max_new_tokens=4, temperature=1.0, seed=0)
+    forced = analysis.forced_reflection(model, tok, "step-by-step", records, max_new_tokens=4, temperature=1.0, seed=0)
     assert forced["wrong"] == 3 and 0 <= forced["corrected"] <= 3
 
 
@@ -111,3 +114,48 @@ def test_missing_inputs_fail_clearly(tmp_path):
 
 def test_moving_average():
     assert analysis.moving_average([1, 3, None, 5], 2) == [1, 2, 3, 5]
+
+
+def test_several_samples_count_problems_not_responses(tmp_path, monkeypatch, capsys):
+    tok = tiny_tokenizer()
+    monkeypatch.setattr(analysis, "load_model_and_tokenizer", lambda *a, **k: (tiny_model(tok), tok))
+    data = tmp_path / "three.jsonl"
+    data.write_text("".join(json.dumps(dict(problem=f"{a}+{a}?", answer=str(2 * a))) + "\n" for a in (1, 2, 3)))
+    summary = analysis.main(["eval", "--model", "tiny", "--data", str(data), "--max-new-tokens", "4", "--samples", "4",
+                             "--output-dir", str(tmp_path / "ev")])
+    assert summary["problems"] == {"three": 3}
+    out = capsys.readouterr()
+    assert "n=3" in out.out and "n=12" not in out.out
+    assert "8 problems per batch" in out.err  # the CPU default (EVAL_BATCH_SIZE)
+    records = [record("b", i // 4, i < 3, 1) for i in range(8)]  # 2 problems x 4 samples, 3 of 8 correct
+    assert analysis.accuracy_table(records)[0] == {"b": (37.5, 2)}
+
+
+def test_a_checkpoint_is_evaluated_with_the_prompt_it_was_trained_with(tmp_path, monkeypatch):
+    tok = tiny_tokenizer()
+    monkeypatch.setattr(analysis, "load_model_and_tokenizer", lambda *a, **k: (tiny_model(tok), tok))
+    checkpoint = tmp_path / "checkpoint-1000"  # a name that says nothing of the family
+    checkpoint.mkdir()
+    (checkpoint / "run_config.json").write_text(json.dumps(dict(prompt_format="bare")))
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps(dict(problem="1+1?", answer="2")) + "\n")
+    seen = []
+    original = analysis.build_prompt
+    monkeypatch.setattr(analysis, "build_prompt", lambda t, p, f: seen.append(f) or original(t, p, f))
+    summary = analysis.main(["eval", "--model", str(checkpoint), "--data", str(data), "--max-new-tokens", "2",
+                             "--output-dir", str(tmp_path / "ev")])
+    assert summary["prompt_format"] == "bare" and seen == ["bare"]
+
+
+def test_records_with_a_missing_field_name_the_line(tmp_path):
+    path = tmp_path / "records.jsonl"
+    path.write_text(json.dumps(record("m", 0, True, 0.5)) + "\n" + json.dumps(dict(problem="p", correct=True)) + "\n")
+    with pytest.raises(SystemExit, match="records.jsonl:2: a record needs benchmark, index, answer, response, entropy"):
+        analysis.main(["entropy", "--records", str(path)])
+
+
+def test_errors_name_the_program_that_failed(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "analysis.py", "entropy", "--records", str(tmp_path / "none.jsonl")], cwd=root,
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.startswith("analysis.py: error: ")

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
 import edge_grpo as eg
 from reward import reward
-from rollout import build_prompt, guided_error_correction, sample_rollout
-from tests.tiny import tiny_model, tiny_tokenizer
+from rollout import build_prompt, guided_error_correction, rollout_from_texts, sample_rollout
+from tests.tiny import tiny_model, tiny_tokenizer, write_tiny_gguf
 
 
 # ----------------------------------------------------------------------------- advantages
@@ -57,10 +58,23 @@ def test_masked_mean_and_token_weights():
     x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [0, 0, 0]])
     assert eg.masked_mean(x, mask).tolist() == [1.5, 5.0, 0.0]
-    w = eg.token_weights(mask, "grpo", max_completion_length=4)
+    one_batch = [[0, 1, 2]]
+    w = eg.token_weights(mask, "grpo", 4, one_batch)
     assert torch.allclose(w, torch.tensor([[1 / 6, 1 / 6, 0], [1 / 9, 1 / 9, 1 / 9], [0, 0, 0]]))
-    assert torch.allclose(eg.token_weights(mask, "bnpo", 4), mask / 5.0)
-    assert torch.allclose(eg.token_weights(mask, "dr_grpo", 4), mask / 12.0)
+    assert torch.allclose(eg.token_weights(mask, "dapo", 4, one_batch), mask / 5.0)
+    assert torch.allclose(eg.token_weights(mask, "bnpo", 4, one_batch), mask / 5.0)  # one micro-batch: the same
+    assert torch.allclose(eg.token_weights(mask, "dr_grpo", 4, one_batch), mask / 12.0)
+
+
+def test_bnpo_is_a_token_mean_per_micro_batch_as_in_trl():
+    """TRL's bnpo: each micro-batch's loss is its token sum / its token count, divided by the number
+    of micro-batches (gradient accumulation steps). Rows 0-1 hold 2 + 3 tokens, rows 2-3 hold 1 + 4."""
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    w = eg.token_weights(mask, "bnpo", 4, [[0, 1], [2, 3]])
+    assert torch.allclose(w, torch.cat([mask[:2] / 5 / 2, mask[2:] / 5 / 2]).float())
+    w = eg.token_weights(mask, "bnpo", 4, [[0], [1, 2], [3]])  # another micro-batching, another loss (as TRL's)
+    assert torch.allclose(w, torch.cat([mask[:1] / 2 / 3, mask[1:3] / 4 / 3, mask[3:] / 4 / 3]).float())
+    assert torch.allclose(eg.token_weights(mask, "dapo", 4, [[0, 1], [2, 3]]), mask / 10.0)  # the step's token mean
 
 
 def test_clipped_policy_loss_hand_table():
@@ -104,7 +118,7 @@ def args_for(tmp_path, *extra):
 
 def mixed_rollout(model, tok, seed=0):
     """A rollout after GEC: the tiny model answers wrong, GEC makes groups mixed."""
-    prompts = [build_prompt(tok, "What is 1+1?"), build_prompt(tok, "Compute 12*3.")]
+    prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"), build_prompt(tok, "Compute 12*3.", "step-by-step")]
     first = sample_rollout(model, tok, prompts, ["2", "36"], group_size=4, max_new_tokens=12, seed=seed)
     return guided_error_correction(model, tok, first, ["2", "36"], ["1+1=\\boxed{2}", None], seed=seed + 1,
                                    reflection_tokens=6)
@@ -119,11 +133,10 @@ def update_delta(tok, rollout, args):
     return [b - p.detach() for b, p in zip(before, model.parameters())], metrics
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
 @pytest.mark.parametrize("eda", ["--eda", "--no-eda"])
 def test_accumulation_equals_full_batch(tok, tmp_path, loss_type, eda):
-    """Not for --authors-eda: their H_i averages over the padded width of the (micro-)batch, so their
-    gradient depends on how rows are batched, as it does on their per-device batch."""
+    """Not for bnpo, whose loss is defined per micro-batch (as TRL's), so it depends on the micro-batching."""
     rollout = mixed_rollout(tiny_model(tok), tok)
     assert len(set(rollout.rewards.tolist())) > 1
     common = ("--loss-type", loss_type, eda, "--max-grad-norm", "0")
@@ -271,23 +284,6 @@ def test_contradictory_flags_fail_clearly(argv, message, capsys):
     assert message in str(e.value)
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"problem": "a", "answer": "1"}\n{"problem": "b", "answer": "2"\n', "data.jsonl:2: not valid JSON"),
-    ('{"problem": "a", "answer": "1"}\n\n{"problem": "b"}\n', "data.jsonl:3: missing 'answer'"),
-    ('{"answer": "1"}\n', "data.jsonl:1: missing 'problem'"),
-    ('[{"problem": "a", "answer": "1"}, 5]', "item 1: expected an object"),
-    ('[{"problem": "a", "answer": "1"},\n {"problem": }]', "data.jsonl:2: not valid JSON"),
-    ("", "the file is empty"),
-    ("[]", "no problems"),
-])
-def test_bad_data_names_file_and_line(tmp_path, content, message):
-    path = tmp_path / "data.jsonl"
-    path.write_text(content)
-    with pytest.raises(SystemExit) as e:
-        eg.load_problems(path)
-    assert message in str(e.value)
-
-
 def test_bad_data_fails_before_any_model_is_loaded(tmp_path, monkeypatch):
     monkeypatch.setattr(eg, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded before data check"))
     args = eg.parse_args(["--data", str(tmp_path / "missing.jsonl"), "--output-dir", str(tmp_path)])
@@ -301,6 +297,9 @@ def test_aliases_bring_settings_and_flags_override():
     assert eg.parse_args(["--model", "qwen2.5-math-1.5b", "--learning-rate", "2e-6"]).learning_rate == 2e-6
     assert eg.parse_args([]).model == "smollm2-135m"
     assert eg.arm_name(eg.parse_args(["--no-gec", "--no-eda"])) == "GRPO"
+    assert eg.parse_args(["--no-gec", "--no-eda"]).output_dir == str(Path("runs/grpo"))
+    assert eg.parse_args(["--forced-reflection"]).output_dir == str(Path("runs/forced-reflection-eda"))
+    assert eg.parse_args([]).output_dir == str(Path("runs/edge-grpo"))
     assert eg.arm_name(eg.parse_args(["--forced-reflection", "--no-eda"])) == "forced reflection"
     assert eg.arm_name(eg.parse_args([])) == "EDGE-GRPO"
 
@@ -308,19 +307,6 @@ def test_aliases_bring_settings_and_flags_override():
 def test_paper_alias_without_data_says_where_to_get_it():
     with pytest.raises(SystemExit, match="deepscaler_hard-1k.json"):
         eg.load_training_data(eg.parse_args(["--model", "qwen2.5-math-7b"]))
-
-
-def test_builtin_problems_have_correct_boxed_solutions():
-    rows = eg.arithmetic_problems()
-    assert len(rows) == 500 and all(reward(r["solution"], r["answer"]) == 2.0 for r in rows)
-
-
-def test_data_order_is_a_fixed_permutation_per_epoch():
-    rows = list(range(5))
-    first, position = eg.next_prompts(rows, 0, 5, seed=3)
-    again, _ = eg.next_prompts(rows, 0, 5, seed=3)
-    second, _ = eg.next_prompts(rows, position, 5, seed=3)
-    assert sorted(first) == rows and first == again and sorted(second) == rows
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
@@ -347,3 +333,159 @@ def test_keep_freed_memory_keeps_freed_blocks_and_returns_big_ones():
     (default_faults, _, _), (keep_faults, grew, kept) = results["default"], results["keep"]
     assert default_faults > 5 * 8_000 and keep_faults < 1_000, results
     assert grew >= 60 and kept < 8, results  # MB: the 64 MB block was resident, then handed back
+
+
+# ----------------------------------------------------------------------------- the paper's run as typed (issue 12)
+
+def test_one_prompt_per_step_prints_samples(tok, tmp_path, capsys):
+    """The paper's setting, one prompt per step, with samples printed every step (it used to ask for
+    row 1 x G of a G-row rollout)."""
+    history, _, _ = run(tmp_path / "p1", tok, "--prompts-per-step", "1", "--log-completions-steps", "1")
+    assert len(history) == 2
+    out = capsys.readouterr().out
+    assert out.count("samples:") == 2 and out.count("What is") >= 2
+
+
+def test_warmup_and_linear_decay_are_hugging_faces():
+    from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
+    for warmup, total in [(0, 10), (3, 10), (4, 4)]:
+        for kind, make in [("linear", lambda o: get_linear_schedule_with_warmup(o, warmup, total)),
+                           ("constant", lambda o: get_constant_schedule_with_warmup(o, warmup))]:
+            hf = make(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0))
+            expected = [hf.lr_lambdas[0](k) for k in range(total + 2)]
+            assert [eg.lr_factor(k, total, warmup, kind) for k in range(total + 2)] == pytest.approx(expected)
+    assert eg.lr_factor(0, 10, 3, "linear") == 0.0 and eg.lr_factor(1, 10, 3, "linear") == pytest.approx(1 / 3)
+
+
+def test_a_changed_max_steps_continues_the_decay_from_where_it_was():
+    # 8 updates planned, checkpoint after 4 (factor 0.5), resumed with 12: from 0.5 at update 4 to 0 at 12
+    anchor = (4, eg.lr_factor(4, 8, 0, "linear"))
+    assert anchor[1] == 0.5
+    assert [eg.lr_factor(k, 12, 0, "linear", anchor) for k in (4, 6, 8, 11, 12)] == pytest.approx(
+        [0.5, 0.5 * 6 / 8, 0.5 * 4 / 8, 0.5 * 1 / 8, 0.0])
+    assert [eg.lr_factor(k, 12, 0, "linear", anchor) for k in (0, 3)] == pytest.approx([1.0, 9 / 12])  # before it: unused
+
+
+def test_resume_with_more_steps_has_no_jump_in_the_learning_rate(tok, tmp_path):
+    data = write_jsonl(tmp_path / "data.jsonl", PROBLEMS)
+    common = ["--data", str(data), "--lr-scheduler-type", "linear", "--learning-rate", "1e-3"]
+    first = eg.train(args_for(tmp_path / "a", *common, "--max-steps", "4", "--save-steps", "2"), model=tiny_model(tok),
+                     tokenizer=tok, progress=False)
+    resume_args = eg.parse_args(["--resume", str(tmp_path / "a" / "checkpoint-2"), "--max-steps", "6"])
+    model, tokenizer = eg.load_model_and_tokenizer("tiny", torch.device("cpu"), torch.float32, weights=resume_args.resume)
+    resumed = eg.train(resume_args, model=model, tokenizer=tokenizer, progress=False)
+    assert [m["step"] for m in resumed] == [3, 4, 5, 6]
+    # step 3 ran at 1e-3 x (4 - 2) / 4 in the 4-step run; resumed, it starts there and falls to 0 after step 6
+    assert first[2]["learning_rate"] == pytest.approx(5e-4)
+    assert [m["learning_rate"] for m in resumed] == pytest.approx([5e-4, 5e-4 * 3 / 4, 5e-4 / 2, 5e-4 / 4])
+
+
+def test_a_used_output_dir_is_refused_overwritten_on_request_and_trimmed_on_resume(tok, tmp_path):
+    data = write_jsonl(tmp_path / "data.jsonl", PROBLEMS)
+    out = tmp_path / "out"
+    common = ["--data", str(data), "--max-steps", "4", "--save-steps", "2", "--save-total-limit", "0"]
+    eg.train(args_for(out, *common), model=tiny_model(tok), tokenizer=tok, progress=False)
+    steps = lambda: [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps() == [1, 2, 3, 4]
+    with pytest.raises(SystemExit, match="--overwrite-output-dir"):
+        eg.train(args_for(out, *common), model=tiny_model(tok), tokenizer=tok, progress=False)
+    assert steps() == [1, 2, 3, 4] and (out / "checkpoint-4").is_dir()  # nothing lost to the refused run
+    resume_args = eg.parse_args(["--resume", str(out / "checkpoint-2")])
+    model, tokenizer = eg.load_model_and_tokenizer("tiny", torch.device("cpu"), torch.float32, weights=resume_args.resume)
+    eg.train(resume_args, model=model, tokenizer=tokenizer, progress=False)
+    assert steps() == [1, 2, 3, 4]  # steps 3 and 4 redone, not repeated
+    eg.train(args_for(out, *common, "--max-steps", "1", "--overwrite-output-dir"), model=tiny_model(tok), tokenizer=tok,
+             progress=False)
+    assert steps() == [1] and [p.name for p in eg.checkpoints(out)] == ["checkpoint-1"]
+
+
+def test_periodic_checkpoints_keep_the_newest(tok, tmp_path):
+    _, _, args = run(tmp_path / "r", tok, "--max-steps", "5", "--save-steps", "2", "--save-total-limit", "2")
+    assert [p.name for p in eg.checkpoints(args.output_dir)] == ["checkpoint-4", "checkpoint-5"]
+    assert eg.parse_args([]).save_steps > 0 and eg.parse_args([]).save_total_limit > 0  # periodic by default
+
+
+def test_authors_eda_is_the_mean_over_the_rows_own_tokens(tok, tmp_path):
+    """--authors-eda: H_i with its gradient, over the row's tokens only, so the gradient does not
+    depend on the micro-batch (it did by ~31 % when padding entered the mean)."""
+    prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"), build_prompt(tok, "Compute 12*3.", "step-by-step")]
+    texts = ["\\boxed{2}", "no", "\\boxed{3}", "it is 2",  # short group, long group: padding would enter group 1
+             "a long answer of many characters, \\boxed{36}", "short", "x", "\\boxed{35} and then some more words"]
+    rollout = rollout_from_texts(tok, tiny_model(tok), prompts, texts, ["2", "36"], group_size=4)
+    common = ("--authors-eda", "--max-grad-norm", "0")
+    whole, _ = update_delta(tok, rollout, args_for(tmp_path, "--micro-batch-size", "8", *common))
+    split, _ = update_delta(tok, rollout, args_for(tmp_path, "--micro-batch-size", "4", *common))
+    for a, b in zip(whole, split):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    entropy = torch.tensor([[0.5, 1.5, 9.0], [2.0, 9.0, 9.0]], requires_grad=True)
+    H = eg.response_entropy(entropy, torch.tensor([[1, 1, 0], [1, 0, 0]]), authors_eda=True)
+    assert H.tolist() == [1.0, 2.0] and H.requires_grad  # padding (9.0) left out, gradient kept
+    assert "floored" in eg.build_parser().format_help().replace("\n", " ")  # the help says what the code does
+
+
+def test_prompt_format_is_decided_once_and_saved_with_the_checkpoint(tok, tmp_path):
+    assert eg.parse_args(["--model", "qwen2.5-math-1.5b"]).prompt_format == "bare"
+    assert eg.parse_args(["--model", "Qwen/Qwen2.5-Math-7B"]).prompt_format == "bare"
+    assert eg.parse_args([]).prompt_format == "step-by-step"
+    _, _, args = run(tmp_path / "r", tok, "--prompt-format", "bare")
+    checkpoint = Path(args.output_dir) / "checkpoint-2"
+    assert json.loads((checkpoint / "run_config.json").read_text())["prompt_format"] == "bare"
+    assert eg.prompt_format_of(str(checkpoint)) == "bare"  # a checkpoint's name says nothing of its family
+    assert eg.parse_args(["--resume", str(checkpoint)]).prompt_format == "bare"
+    assert eg.prompt_format_of(str(checkpoint), "step-by-step") == "step-by-step"
+
+
+def test_the_paper_alias_trains_on_the_fetched_paper_data(tmp_path, monkeypatch):
+    args = eg.parse_args(["--model", "qwen2.5-math-1.5b"])
+    assert args.data == "deepscaler_hard-1k"
+    monkeypatch.setenv("EDGE_GRPO_CACHE", str(tmp_path))  # empty cache, and no network in tests: a clear error
+    monkeypatch.setitem(data.PAPER_DATA, "deepscaler_hard-1k",
+                        dict(data.PAPER_DATA["deepscaler_hard-1k"], url=(tmp_path / "offline.json").as_uri()))
+    with pytest.raises(SystemExit, match="could not download deepscaler_hard-1k.*--data PATH"):
+        eg.load_training_data(args)
+
+
+# ----------------------------------------------------------------------------- the embedded model's real loading path
+
+@pytest.fixture
+def embedded_tiny(tmp_path, monkeypatch):
+    """A package holding a tiny GGUF model, put where the embedded alias looks, so that training,
+    saving and resuming go through load_embedded_gguf as `python edge_grpo.py` does."""
+    package = tmp_path / "site" / "tiny_gguf_package"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    write_tiny_gguf(package / "tiny.gguf")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setitem(eg.MODEL_ALIASES["smollm2-135m"], "gguf", ("tiny_gguf_package", "tiny.gguf"))
+    return tmp_path
+
+
+def test_the_embedded_model_saves_clean_checkpoints_and_resumes(embedded_tiny):
+    from transformers import AutoModelForCausalLM
+    out = embedded_tiny / "run"
+    common = ["--output-dir", str(out), "--max-completion-length", "8", "--gec-reflection-tokens", "4",
+              "--log-completions-steps", "0"]
+    eg.main([*common, "--max-steps", "2", "--save-steps", "1"])
+    config = json.loads((out / "checkpoint-2" / "config.json").read_text())
+    assert "quantization_config" not in config
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "checkpoint-2")
+    assert getattr(reloaded, "hf_quantizer", None) is None
+    eg.main(["--resume", str(out / "checkpoint-2"), "--max-steps", "3"])  # README's resume command
+    assert (out / "checkpoint-3" / "model.safetensors").is_file()
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_checkpoint_saved_with_the_gguf_config_loads_as_a_plain_model(embedded_tiny):
+    """Checkpoints written before the fix carry the GGUF quantization_config: they still load, plainly."""
+    model, tokenizer = eg.load_model_and_tokenizer("smollm2-135m", torch.device("cpu"), torch.float32)
+    model.save_pretrained(embedded_tiny / "old")
+    tokenizer.save_pretrained(embedded_tiny / "old")
+    config_path = embedded_tiny / "old" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"] = dict(quant_method="gguf", gguf_file="tiny.gguf", dequantize=False)
+    config_path.write_text(json.dumps(config))
+    loaded, _ = eg.load_model_and_tokenizer("smollm2-135m", torch.device("cpu"), torch.float32, weights=embedded_tiny / "old")
+    assert getattr(loaded, "hf_quantizer", None) is None
+    loaded.save_pretrained(embedded_tiny / "again")
+    for p, q in zip(model.parameters(), loaded.parameters()):
+        assert torch.equal(p, q)

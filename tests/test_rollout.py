@@ -5,6 +5,8 @@ import copy
 import dataclasses
 import math
 
+import warnings
+
 import pytest
 import torch
 
@@ -13,8 +15,8 @@ from rollout import rollout_from_texts as make_rollout
 from rollout import (ANSWER_SENTENCE, GEC_MAX_PROMPT_TOKENS, REFLECTION_CUE, STEP_BY_STEP, LogprobAndEntropy, Rollout,
                      build_prompt, choose_gec_actions, completion_mask_from_eos, generate, guided_error_correction,
                      lean_activations, sample_next_token, sample_rollout, shares_prompts, token_logprobs_and_entropy,
-                     uses_bare_problem)
-from tests.tiny import tiny_model, tiny_tokenizer
+                     default_prompt_format)
+from tests.tiny import qwen_tokenizer, tiny_model, tiny_qwen2, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,7 @@ def sharp_model(tok):
 
 
 def sample(model, tok, seed, temperature=1.0, G=4, max_new_tokens=16):
-    prompts = [build_prompt(tok, "What is 1+1?"), build_prompt(tok, "Compute 12*3.")]
+    prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"), build_prompt(tok, "Compute 12*3.", "step-by-step")]
     return sample_rollout(model, tok, prompts, ["2", "36"], group_size=G, max_new_tokens=max_new_tokens,
                           temperature=temperature, seed=seed)
 
@@ -47,16 +49,17 @@ def sample(model, tok, seed, temperature=1.0, G=4, max_new_tokens=16):
 # ----------------------------------------------------------------------------- prompts
 
 def test_prompt_families(tok):
-    assert uses_bare_problem("Qwen/Qwen2.5-Math-1.5B") and not uses_bare_problem("HuggingFaceTB/SmolLM2-135M")
-    bare = build_prompt(tok, "2+2?", bare_problem=True)
+    assert default_prompt_format("Qwen/Qwen2.5-Math-1.5B") == "bare"
+    assert default_prompt_format("HuggingFaceTB/SmolLM2-135M") == "step-by-step"
+    bare = build_prompt(tok, "2+2?", "bare")
     assert bare == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
-    assert build_prompt(tok, "2+2?") == f"<|im_start|>user\n2+2?{STEP_BY_STEP}<|im_end|>\n<|im_start|>assistant\n"
+    assert build_prompt(tok, "2+2?", "step-by-step") == f"<|im_start|>user\n2+2?{STEP_BY_STEP}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def test_no_chat_template_falls_back_to_plain_text_with_a_warning():
     plain = tiny_tokenizer(chat_template=None)
     with pytest.warns(UserWarning, match="no chat template"):
-        prompt = build_prompt(plain, "2+2?")
+        prompt = build_prompt(plain, "2+2?", "step-by-step")
     assert prompt == f"<|im_start|>Question: 2+2?{STEP_BY_STEP}\nAnswer:"
 
 
@@ -115,7 +118,7 @@ def test_greedy_decoding_equals_transformers_generate(model, tok):
     """Our decoding loop against model.generate on left-padded prompts of different lengths: the same
     tokens, including where rows stop and the padding after. The stop id is a token that the two
     prompts' rows first produce at different steps, so rows stop at different steps."""
-    prompts = [build_prompt(tok, "What is 1+1?"), build_prompt(tok, "Compute 12*3 and explain.")]
+    prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"), build_prompt(tok, "Compute 12*3 and explain.", "step-by-step")]
     enc = tok(prompts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
     ids, mask = enc.input_ids.repeat_interleave(2, 0), enc.attention_mask.repeat_interleave(2, 0)
     model = sharp_model(tok)
@@ -326,7 +329,7 @@ def rollout_from_texts(tok, prompts, texts, G, model=None):
 
 def test_gec_rewrites_wrong_rows_and_only_regenerates_continued_ones(model, tok, monkeypatch):
     G = 8
-    prompts = [build_prompt(tok, "What is 1+1?"), build_prompt(tok, "Compute 12*3.")]
+    prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"), build_prompt(tok, "Compute 12*3.", "step-by-step")]
     texts = ["so \\boxed{2}", "it is 3", "\\boxed{3}", "hmm", "x", "1+1=2", "\\boxed{5}", "no"] + \
             ["12*3=36", "\\boxed{35}", "36?", "?", "I think 30", "\\boxed{6}", "36", "\\boxed{-36}"]  # group 2: all wrong
     before = rollout_from_texts(tok, prompts, texts, G)
@@ -376,7 +379,7 @@ def test_gec_continues_from_the_sampling_cache_as_from_a_fresh_prefill(tok):
     ended, the never-fed last token of a truncated one). Greedy continuations equal those of a full
     prefill of prompt + response + cue, for rows that ended and rows that were truncated."""
     model = sharp_model(tok)
-    prompts = [build_prompt(tok, "What is 1+1?"), build_prompt(tok, "Compute 12*3 and explain.")]
+    prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"), build_prompt(tok, "Compute 12*3 and explain.", "step-by-step")]
     r = sample_rollout(model, tok, prompts, ["2", "36"], group_size=4, max_new_tokens=16, temperature=3.0, seed=2,
                        keep_kv=True)
     assert r.kv is not None and r.truncated.any() and not r.truncated.all()
@@ -393,7 +396,7 @@ def test_gec_continues_from_the_sampling_cache_as_from_a_fresh_prefill(tok):
 def test_gec_skips_long_prompts_and_forced_reflection_only_reflects(model, tok):
     G = 2
     long_problem = "9" * GEC_MAX_PROMPT_TOKENS  # char-level tokenizer: one token per character
-    prompts = [build_prompt(tok, long_problem), build_prompt(tok, "Compute 12*3.")]
+    prompts = [build_prompt(tok, long_problem, "step-by-step"), build_prompt(tok, "Compute 12*3.", "step-by-step")]
     before = rollout_from_texts(tok, prompts, ["a", "b", "c", "\\boxed{36}"], G)
     after = guided_error_correction(model, tok, before, ["2", "36"], ["s", "t"], seed=0, forced_reflection=True,
                                     reflection_tokens=4)
@@ -402,7 +405,7 @@ def test_gec_skips_long_prompts_and_forced_reflection_only_reflects(model, tok):
 
 
 def test_gec_is_reproducible(model, tok):
-    prompts = [build_prompt(tok, "What is 1+1?"), build_prompt(tok, "Compute 12*3.")]
+    prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"), build_prompt(tok, "Compute 12*3.", "step-by-step")]
     before = rollout_from_texts(tok, prompts, ["a", "b", "c", "d"], 2)
     runs = [guided_error_correction(model, tok, before, ["2", "36"], ["two", None], seed=9, reflection_tokens=5)
             for _ in range(2)]
@@ -517,9 +520,47 @@ def test_prompt_sharing_needs_whole_groups_of_equal_prompts(tok):
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_prefilling_each_prompt_once_gives_the_same_samples(model, tok, temperature):
-    prompts = [build_prompt(tok, "What is 1+1?"), build_prompt(tok, "Compute 12*3.")]
+    prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"), build_prompt(tok, "Compute 12*3.", "step-by-step")]
     enc = tok(prompts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
     ids, mask = enc.input_ids.repeat_interleave(4, 0), enc.attention_mask.repeat_interleave(4, 0)
     kwargs = dict(max_new_tokens=12, temperature=temperature, top_p=1.0, seed=5, stop_ids=[tok.eos_token_id],
                   pad_id=tok.pad_token_id)
     assert torch.equal(generate(model, ids, mask, group_size=1, **kwargs)[0], generate(model, ids, mask, group_size=4, **kwargs)[0])
+
+
+# ----------------------------------------------------------------------------- GEC on a Qwen-style tokenizer
+
+def test_gec_appends_after_the_text_not_after_an_end_of_turn_token():
+    """Qwen2.5-Math base stops at <|endoftext|>; a response may close its turn with <|im_end|> first.
+    GEC appends its cue, answer sentence or solution after the text, as the authors' decode with
+    skip_special_tokens does: never after <|im_end|>."""
+    tok = qwen_tokenizer()
+    model = tiny_qwen2(tok)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    prompts = [build_prompt(tok, "What is 2+3?", "bare")]
+    texts = [f"so it is \\boxed{{{k}}}.<|im_end|>" for k in range(6)] + ["no box<|im_end|>", "cut off"]
+    before = make_rollout(tok, model, prompts, texts, ["5"], group_size=8, truncated=[False] * 7 + [True])
+    assert (before.completion_ids[0] == im_end).any()
+    after = guided_error_correction(model, tok, before, ["5"], ["2+3=\\boxed{5}"], seed=3, reflection_tokens=4)
+    assert {"reflection", "answer", "solution"} <= set(after.actions)
+    for row, action in enumerate(after.actions):
+        ids = after.completion_ids[row, :int(after.completion_mask[row].sum())].tolist()
+        text = texts[row].replace("<|im_end|>", "")
+        if action == "answer":
+            expected = tok(text + ANSWER_SENTENCE.format(answer="5"), add_special_tokens=False).input_ids + [tok.eos_token_id]
+            assert ids == expected
+        elif action == "reflection":
+            prefix = tok(text + REFLECTION_CUE, add_special_tokens=False).input_ids
+            assert ids[:len(prefix)] == prefix
+        if action != "none":
+            assert im_end not in ids[:len(tok(text, add_special_tokens=False).input_ids) + 1]
+
+
+def test_decoding_uses_the_current_cache_api():
+    """No FutureWarning about past_key_values: it would print in every run, tearing the progress bar."""
+    tok = tiny_tokenizer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        rollout = sample(tiny_model(tok), tok, seed=0)
+        token_logprobs_and_entropy(tiny_model(tok), rollout.input_ids, rollout.attention_mask, rollout.completion_mask,
+                                   group_size=4)

@@ -1,0 +1,205 @@
+"""
+data.py: the problems a run trains and evaluates on, and where they come from.
+
+  arithmetic_problems   the built-in training set (offline, every GEC branch has what it needs)
+  load_problems         a JSON array or JSONL of {problem, answer, solution?}; bad rows named by file and line
+  fetch_paper_data      the paper's training set and five evaluation sets, downloaded once into a cache
+                        directory, checked (rows, fields, and the training file's SHA-256), then read from there
+  load_data             --data: a path, "arithmetic", or one of PAPER_DATA's names
+  next_prompts          the data order: one fixed permutation per (seed, epoch), so resume needs no RNG state
+
+Sources (../shared/PAPER.md): the training set is the authors' train_data/deepscaler_hard-1k.json,
+pinned to the commit it was published in. Their evaluate_model.py reads the five benchmarks from
+understand-r1-zero's `datasets/evaluation_suite` (a Hugging Face `save_to_disk` folder: one Arrow
+stream per benchmark); we convert each to JSONL once, which needs pyarrow (imported only then).
+
+  python data.py                      # fetch all six into the cache and print where they are
+"""
+
+import hashlib
+import json
+import os
+import random
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+
+def fail(message):
+    """A clear error instead of a traceback: exit status 1, the message on stderr prefixed by the
+    program's name (edge_grpo.py, analysis.py) as argparse prefixes its own errors."""
+    raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'edge_grpo.py'}: error: {message}")
+
+
+# -----------------------------------------------------------------------------
+# The built-in set
+
+
+def arithmetic_problems(n=500, seed=1234):
+    """The built-in training set: small sums and products with worked solutions, so every GEC branch
+    (reflection, answer, solution) has what it needs and a 135M model can get some right."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(2, 30), rng.randint(2, 30)
+        if rng.random() < 0.5:
+            op, value = "+", a + b
+        else:
+            a, b = a % 12 + 1, b % 12 + 1
+            op, value = "\\times", a * b
+        rows.append(dict(problem=f"What is ${a} {op} {b}$?", answer=str(value),
+                         solution=f"We compute ${a} {op} {b} = {value}$. The answer is $\\boxed{{{value}}}$."))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Files of problems
+
+
+def load_problems(path):
+    """Rows with problem, answer and optional solution, from a JSON array or JSONL file. Every defect
+    is reported with the file and line (JSONL) or item (JSON array)."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"--data {path}: no such file (or a dataset name: {', '.join(PAPER_DATA)})")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        fail(f"{path}: the file is empty")
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            fail(f"{path}:{e.lineno}: not valid JSON: {e.msg}")
+        located = [(f"{path}: item {i}", item) for i, item in enumerate(items)]
+    else:
+        located = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                located.append((f"{path}:{number}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                fail(f"{path}:{number}: not valid JSON: {e.msg}")
+    rows = []
+    for where, item in located:
+        if not isinstance(item, dict):
+            fail(f"{where}: expected an object with problem and answer, got {type(item).__name__}")
+        for field in ("problem", "answer"):
+            if item.get(field) in (None, "", []):
+                fail(f"{where}: missing '{field}'")
+        rows.append(dict(problem=str(item["problem"]), answer=item["answer"], solution=item.get("solution") or None))
+    if not rows:
+        fail(f"{path}: no problems in the file")
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# The paper's data, fetched once
+
+AUTHORS_COMMIT = "f82a2e429afcedf04ba9800619cf2bc00882e147"  # ZhangXJ199/EDGE-GRPO, where the training set was added
+AUTHORS_RAW = f"https://raw.githubusercontent.com/ZhangXJ199/EDGE-GRPO/{AUTHORS_COMMIT}/"
+SUITE_RAW = "https://raw.githubusercontent.com/sail-sg/understand-r1-zero/main/datasets/evaluation_suite/"
+# name -> where it comes from, its format there, the rows it must have, and (when the source is pinned)
+# the SHA-256 of the downloaded bytes. The evaluation suite's files are not pinned to a commit, so only
+# their rows and fields are checked.
+PAPER_DATA = {
+    "deepscaler_hard-1k": dict(url=AUTHORS_RAW + "train_data/deepscaler_hard-1k.json", format="json", rows=1000,
+                               sha256="623f45f2ae16ac60ffd5282406fb785c6d4e4c9844aa059c47e142fa5368aa48"),
+    "aime24": dict(url=SUITE_RAW + "aime/data-00000-of-00001.arrow", format="arrow", rows=30, sha256=None),
+    "amc": dict(url=SUITE_RAW + "amc/data-00000-of-00001.arrow", format="arrow", rows=83, sha256=None),
+    "math500": dict(url=SUITE_RAW + "math/data-00000-of-00001.arrow", format="arrow", rows=500, sha256=None),
+    "minerva": dict(url=SUITE_RAW + "minerva/data-00000-of-00001.arrow", format="arrow", rows=272, sha256=None),
+    "olympiadbench": dict(url=SUITE_RAW + "olympiad_bench/data-00000-of-00001.arrow", format="arrow", rows=675,
+                          sha256=None),
+}
+EVAL_SETS = ("aime24", "amc", "math500", "minerva", "olympiadbench")  # the paper's table, in its order
+DOWNLOAD_TIMEOUT = 60  # seconds without an answer before a download is given up
+
+
+def cache_dir():
+    """$EDGE_GRPO_CACHE, else $XDG_CACHE_HOME/edge-grpo, else ~/.cache/edge-grpo (the XDG convention
+    Hugging Face's cache follows too)."""
+    if os.environ.get("EDGE_GRPO_CACHE"):
+        return Path(os.environ["EDGE_GRPO_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-grpo"
+
+
+def fetch_paper_data(name, spec=None, cache=None):
+    """The local JSON/JSONL file of PAPER_DATA[name] (spec: another entry, for tests), downloaded and
+    checked on first use. Nothing is written to the cache unless every check passes."""
+    spec = spec or PAPER_DATA[name]
+    cache = Path(cache or cache_dir())
+    final = cache / (f"{name}.json" if spec["format"] == "json" else f"{name}.jsonl")
+    if final.is_file():
+        return final
+    cache.mkdir(parents=True, exist_ok=True)
+    print(f"downloading {name} from {spec['url']} into {cache}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(spec["url"], timeout=DOWNLOAD_TIMEOUT) as response:
+            payload = response.read()
+    except (urllib.error.URLError, OSError) as e:
+        fail(f"could not download {name} from {spec['url']} ({getattr(e, 'reason', e)}). Offline? Download it on a "
+             f"machine that is online, then pass --data PATH, or put it at {final}")
+    digest = hashlib.sha256(payload).hexdigest()
+    if spec["sha256"] and digest != spec["sha256"]:
+        fail(f"{name} from {spec['url']}: SHA-256 {digest}, expected {spec['sha256']}: not the published file")
+    tmp = final.with_suffix(final.suffix + ".tmp")
+    if spec["format"] == "json":
+        tmp.write_bytes(payload)
+    else:
+        rows = arrow_rows(payload, name)
+        tmp.write_text("".join(json.dumps(dict(problem=r["problem"], answer=r["answer"])) + "\n" for r in rows))
+    rows = load_problems(tmp)  # fields, with file and line
+    if len(rows) != spec["rows"]:
+        tmp.unlink()
+        fail(f"{name} from {spec['url']}: {len(rows)} rows, expected {spec['rows']}")
+    os.replace(tmp, final)
+    return final
+
+
+def arrow_rows(payload, name):
+    """Rows of an Arrow IPC stream (what `datasets.save_to_disk` writes) as dicts."""
+    try:
+        import pyarrow
+    except ImportError:
+        fail(f"{name} is published as an Arrow file; converting it needs pyarrow: pip install pyarrow")
+    return pyarrow.ipc.open_stream(payload).read_all().to_pylist()
+
+
+def load_data(spec):
+    """--data: "arithmetic" (the built-in set), one of PAPER_DATA's names (fetched once) or a path."""
+    if spec == "arithmetic":
+        return arithmetic_problems()
+    return load_problems(fetch_paper_data(spec) if spec in PAPER_DATA else spec)
+
+
+def data_name(spec):
+    """A short name for tables: the dataset name, or the file's stem."""
+    return spec if spec in PAPER_DATA or spec == "arithmetic" else Path(spec).stem
+
+
+# -----------------------------------------------------------------------------
+# Data order
+
+
+def prompt_order(n, epoch, seed):
+    """The data order of one epoch: a permutation fixed by (seed, epoch), so a resumed run sees the
+    same prompts as an uninterrupted one."""
+    return np.random.default_rng([seed, epoch]).permutation(n).tolist()
+
+
+def next_prompts(rows, position, count, seed):
+    """count rows starting at global position (epochs wrap around). Returns rows, new position."""
+    out = []
+    for k in range(position, position + count):
+        epoch, index = divmod(k, len(rows))
+        out.append(rows[prompt_order(len(rows), epoch, seed)[index]])
+    return out, position + count
+
+
+if __name__ == "__main__":
+    for dataset in PAPER_DATA:
+        print(f"{dataset:>20}: {fetch_paper_data(dataset)}")
