@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from data import PAPER_DATA, arithmetic_problems, fail, load_data, next_prompts
+from precision import flat_views, master_state_dict, memory_plan, format_plan, split_master_weights
 from reward import MAX_REWARD
 from rollout import (PROMPT_FORMATS, REFLECTION_NEW_TOKENS, build_prompt, default_prompt_format,
                      guided_error_correction, lean_activations, sample_rollout, token_logprobs_and_entropy)
@@ -127,7 +128,9 @@ def build_parser():
     g.add_argument("--micro-batch-size", type=int, default=8, help="rows per forward/backward; a multiple of G lets EDA reuse the training forward")
     g = p.add_argument_group("system and logging")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, mps")
-    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
+    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="compute dtype; bfloat16 keeps fp32 master weights and AdamW moments (precision.py); auto: "
+                        "bfloat16 on GPU, float32 on CPU")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
     g.add_argument("--save-steps", type=int, default=100, help="checkpoint every N steps, and at the end (0: only at the end)")
     g.add_argument("--save-total-limit", type=int, default=2, help="keep the newest N checkpoints (0: keep all)")
@@ -393,8 +396,9 @@ def response_entropy(entropy, completion_mask, authors_eda):
     return masked_mean(entropy if authors_eda else entropy.detach(), completion_mask)
 
 
-def policy_update(model, ref_model, optimizer, scheduler, rollout, args):
-    """Advantages, EDA and num_iterations optimizer updates over micro-batches. Returns metrics."""
+def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_weights=None):
+    """Advantages, EDA and num_iterations optimizer updates over micro-batches. Returns metrics.
+    master_weights (precision.py): the optimizer updates fp32 masters of a bf16 model."""
     G, B = rollout.group_size, len(rollout.texts)
     device = next(model.parameters()).device
     loss_mask = rollout.completion_mask * (rollout.sampled_mask if args.inserted_tokens == "mask" else 1)  # (B, T)
@@ -448,12 +452,17 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args):
             w = sliced["weights"].to(device)
             loss = (per_token * w).sum()
             loss.backward()
+            if master_weights is not None:
+                master_weights.accumulate_gradients()  # this micro-batch's bf16 gradients into the fp32 sums
             totals["loss"] += loss.item()
             totals["clipped"] += (clip_active.float() * sliced["loss_mask"].to(device)).sum().item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
+        trained = [p for group in optimizer.param_groups for p in group["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
         totals["grad_norm"] += float(grad_norm) / args.num_iterations
         optimizer.step()
         scheduler.step()
+        if master_weights is not None:
+            master_weights.copy_to_model()
         optimizer.zero_grad(set_to_none=False)  # the gradients are views of one buffer (flat_buffers): zero it, keep it
     tokens = float(loss_mask.sum()) * args.num_iterations
     correct = rollout.rewards == MAX_REWARD
@@ -465,7 +474,7 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args):
                 entropy_wrong=H[~correct].mean().item() if (~correct).any() else None)
 
 
-def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step, args):
+def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step, args, master_weights=None):
     """Sample, correct, update. Returns the step's metrics and the final rollout."""
     G = args.num_generations
     prompts = [build_prompt(tokenizer, row["problem"], args.prompt_format) for row in problems]
@@ -486,7 +495,7 @@ def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step
     t2 = time.perf_counter()
     model.train()
     learning_rate = scheduler.get_last_lr()[0]
-    update = policy_update(model, ref_model, optimizer, scheduler, rollout, args)
+    update = policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_weights)
     t3 = time.perf_counter()
     generated = int(first.completion_mask.sum()) + int((rollout.sampled_mask.sum() - first.sampled_mask.sum()).clamp(min=0))
     actions = {a: rollout.actions.count(a) for a in ("reflection", "answer", "solution", "skipped")}
@@ -539,30 +548,26 @@ def peak_memory_mb():
 # Checkpoints
 
 
-def make_optimizer(model, args, device):
-    """AdamW. fused: one kernel over all parameters; on CPU it steps 135M parameters in 0.09 s instead
-    of 0.54 s (the default per-tensor loop), on CUDA it is the fast path too. Its two moments and the
-    gradients live in flat buffers (flat_buffers)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(model, args, device, master_weights=None):
+    """AdamW over the model's trainable parameters, or over their fp32 masters (precision.py) when the
+    model computes in bf16. fused: one kernel over all parameters; on CPU it steps 135M parameters in
+    0.09 s instead of 0.54 s (the default per-tensor loop), on CUDA it is the fast path too. Its two
+    moments and the gradients live in flat buffers (precision.flat_views), allocated once before the
+    first step instead of a tensor per parameter allocated in the first backward and step, scattered
+    among that step's activations where they leave holes later steps cannot fill (peak memory of the
+    135M demo on CPU -100 MB). The update zeroes gradients in place."""
+    params = master_weights.masters if master_weights else [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay,
                                   fused=device.type in ("cpu", "cuda"))
     if len({(p.dtype, p.device) for p in params}) == 1:  # one buffer needs one dtype and device
         fused = optimizer.param_groups[0]["fused"]
-        for p, grad, exp_avg, exp_avg_sq in zip(params, *(flat_buffers(params) for _ in range(3))):
-            p.grad = grad
+        if master_weights is None:
+            for p, grad in zip(params, flat_views(params)[1]):
+                p.grad = grad
+        for p, exp_avg, exp_avg_sq in zip(params, flat_views(params)[1], flat_views(params)[1]):
             step = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")  # as AdamW makes it
             optimizer.state[p].update(step=step, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
     return optimizer
-
-
-def flat_buffers(params):
-    """Zero tensors shaped like params, as views into one buffer. Gradients and AdamW's moments get
-    one each, allocated once before the first step, instead of a tensor per parameter allocated
-    in the first backward and the first optimizer step (gradients: in every backward), scattered
-    among that step's activations, where they leave holes in memory that later steps cannot fill
-    (peak memory of the 135M demo on CPU -100 MB). The update zeroes gradients in place."""
-    buffer = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
-    return [view.view_as(p) for view, p in zip(buffer.split([p.numel() for p in params]), params)]
 
 
 def lr_factor(k, total, warmup_steps, kind, anchor=None):
@@ -605,14 +610,15 @@ def resumed_anchor(state, args):
     return (k0, f0)
 
 
-def save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, anchor, position, args):
+def save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, anchor, position, args, master_weights=None):
     """OUTPUT_DIR/checkpoint-STEP: the model and tokenizer in Hugging Face format (from_pretrained
     loads it), plus everything resume needs. Written to a temporary dir and renamed, so a crash never
-    leaves half a checkpoint; then all but the newest --save-total-limit checkpoints are deleted."""
+    leaves half a checkpoint; then all but the newest --save-total-limit checkpoints are deleted.
+    Under mixed precision the weights saved are the fp32 masters."""
     final = Path(output_dir) / f"checkpoint-{step}"
     tmp = Path(output_dir) / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=master_state_dict(model, master_weights))
     tokenizer.save_pretrained(tmp)
     torch.save(dict(step=step, position=position, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                     schedule=dict(total=args.max_steps * args.num_iterations, anchor=anchor),
@@ -681,6 +687,26 @@ def format_samples(rollout, problems, count=2):
     return lines
 
 
+def run_memory_plan(config, dtype, mixed, args):
+    """precision.memory_plan for this run's settings."""
+    rows = args.prompts_per_step * args.num_generations
+    return memory_plan(config, dtype=dtype, mixed=mixed, beta=args.beta, rows=rows, group_size=args.num_generations,
+                       prompt_tokens=args.max_prompt_length,
+                       completion_tokens=args.max_completion_length + (args.gec_reflection_tokens if args.gec else 0),
+                       micro_batch_rows=min(args.micro_batch_size, rows))
+
+
+def check_memory_plan(model, dtype, mixed, args, device):
+    """Prints the plan and fails now, not with an out-of-memory error an hour in, when it cannot fit."""
+    plan = run_memory_plan(model.config, dtype, mixed, args)
+    available = torch.cuda.get_device_properties(device).total_memory
+    print(f"memory plan ({'bf16 compute, fp32 masters' if mixed else dtype}):\n{format_plan(plan, available)}")
+    if plan["total"] > available:
+        fail(f"the run needs about {plan['total'] / 1e9:.0f} GB and {device} has {available / 1e9:.0f} GB: lower "
+             "--micro-batch-size, --max-completion-length or --num-generations, use --gradient-checkpointing, "
+             "or a GPU with more memory")
+
+
 def prepare_output_dir(args, start):
     """A fresh run refuses a directory that holds another run's metrics or checkpoints (Hugging Face's
     --overwrite-output-dir clears them); a resumed run keeps its metrics up to its checkpoint's step
@@ -711,9 +737,12 @@ def train(args, model=None, tokenizer=None, progress=True):
     metrics_path = prepare_output_dir(args, start)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    if model is None:
-        model, tokenizer = load_model_and_tokenizer(args.model, device, dtype, weights=args.resume)
+    if model is None:  # in fp32: the masters of a mixed-precision run are read from it (a checkpoint saved them)
+        model, tokenizer = load_model_and_tokenizer(args.model, device, torch.float32, weights=args.resume)
         keep_freed_memory()
+    master_weights = split_master_weights(model, dtype)  # and the model now computes in dtype
+    if device.type == "cuda":
+        check_memory_plan(model, dtype, master_weights is not None, args, device)
     problems = drop_long_prompts(problems, tokenizer, args)
     lean_activations(model)  # less memory held for backward, same numbers
     if args.gradient_checkpointing:  # transformers 5 calls it activation checkpointing
@@ -724,7 +753,7 @@ def train(args, model=None, tokenizer=None, progress=True):
         ref_model = load_model_and_tokenizer(args.model, device, dtype)[0] if args.resume else copy.deepcopy(model)
         ref_model.eval()
         ref_model.requires_grad_(False)
-    optimizer = make_optimizer(model, args, device)
+    optimizer = make_optimizer(model, args, device, master_weights)
     anchor = resumed_anchor(state, args) if state else None
     scheduler = make_scheduler(optimizer, args, anchor)
     if state:
@@ -738,7 +767,7 @@ def train(args, model=None, tokenizer=None, progress=True):
     bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not progress, dynamic_ncols=True)
     for step in bar:
         batch, position = next_prompts(problems, position, args.prompts_per_step, args.seed)
-        metrics, rollout = train_step(model, ref_model, tokenizer, optimizer, scheduler, batch, step, args)
+        metrics, rollout = train_step(model, ref_model, tokenizer, optimizer, scheduler, batch, step, args, master_weights)
         with metrics_path.open("a") as f:  # appended and flushed as it happens: an interrupted run keeps every line
             f.write(json.dumps(metrics) + "\n")
         history.append(metrics)
@@ -755,9 +784,11 @@ def train(args, model=None, tokenizer=None, progress=True):
         if unended_streak == COLLAPSE_WARN_STEPS:
             bar.write(f"WARNING: no completion has ended for {COLLAPSE_WARN_STEPS} steps: raise --max-completion-length.")
         if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < args.max_steps:
-            saved = save_checkpoint(output_dir, step + 1, model, tokenizer, optimizer, scheduler, anchor, position, args)
+            saved = save_checkpoint(output_dir, step + 1, model, tokenizer, optimizer, scheduler, anchor, position, args,
+                                    master_weights)
             bar.write(f"checkpoint: {saved} ({directory_mb(saved):,.0f} MB)")
-    checkpoint = save_checkpoint(output_dir, args.max_steps, model, tokenizer, optimizer, scheduler, anchor, position, args)
+    checkpoint = save_checkpoint(output_dir, args.max_steps, model, tokenizer, optimizer, scheduler, anchor, position, args,
+                                 master_weights)
     if history:
         print(summary(history, args, checkpoint))
     return history

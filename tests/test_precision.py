@@ -1,0 +1,213 @@
+"""precision.py and the bf16 path, on CPU: fp32 masters that move by lr where bf16 weights cannot, an
+update equal to fp32 AdamW on the same gradients, resume, the LM head's and the embedding's numerics
+against float64, the memory plan; and the Qwen2 architecture (biases, tied and untied heads, its
+tokenizer's two end tokens) through scoring, the lean routing and a whole bf16 training step.
+Run: python -m pytest tests/test_precision.py"""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import edge_grpo as eg
+import precision
+from rollout import (EmbeddingIntoGrad, LogprobAndEntropy, build_prompt, guided_error_correction, lean_activations,
+                     sample_rollout, token_logprobs_and_entropy)
+from tests.test_edge_grpo import PROBLEMS, args_for, mixed_rollout, write_jsonl
+from tests.tiny import qwen_tokenizer, tiny_model, tiny_qwen2, tiny_tokenizer
+
+LR = 1e-6  # the paper's learning rate
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def train_bf16(tmp_path, tok, *extra, model=None, steps="1"):
+    data = write_jsonl(tmp_path / "data.jsonl", PROBLEMS)
+    args = args_for(tmp_path / "out", "--data", str(data), "--max-steps", steps, "--dtype", "bfloat16",
+                    "--learning-rate", str(LR), "--lr-scheduler-type", "constant", *extra)
+    model = model or tiny_model(tok)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    history = eg.train(args, model=model, tokenizer=tok, progress=False)
+    return model, initial, history, args
+
+
+def test_masters_move_by_lr_where_bf16_weights_cannot(tok, tmp_path):
+    """One step at lr 1e-6 with --dtype bfloat16: the fp32 masters (saved as the checkpoint's weights)
+    move, each by about lr (Adam's first step is lr x sign(g)); the bf16 weights are the rounded
+    masters and, at |w| ~ 0.02 where bf16's spacing is ~1e-4, almost none of them moves. Fails with
+    pure-bf16 AdamW, where the checkpoint would hold those bf16 weights."""
+    model, initial, history, args = train_bf16(tmp_path, tok)
+    assert history[0]["zero_std_after_gec"] < 1  # a step with a gradient
+    saved = load_file(f"{args.output_dir}/checkpoint-1/model.safetensors")
+    layers = [k for k in saved if ".layers." in k and k.endswith("proj.weight")]  # every element gets a gradient
+    moved = [(saved[k] != initial[k]).float().mean().item() for k in layers]
+    assert all(saved[k].dtype == torch.float32 for k in saved)
+    assert min(moved) > 0.9, moved
+    step = torch.cat([(saved[k] - initial[k]).abs().flatten() for k in layers])
+    assert step[step > 0].median().item() == pytest.approx(LR, rel=0.05)
+    compute = dict(model.named_parameters())
+    assert all(torch.equal(compute[k], saved[k].to(torch.bfloat16)) for k in layers)  # bf16 = rounded masters
+    bf16_moved = sum((compute[k] != initial[k].to(torch.bfloat16)).float().sum().item() for k in layers)
+    assert bf16_moved / sum(compute[k].numel() for k in layers) < 0.05
+
+
+def test_a_mixed_update_equals_fp32_adamw_on_the_same_gradients(tok):
+    """Hand-set bf16 gradients of two micro-batches: the masters step exactly as an fp32 model with
+    torch's AdamW given the same (fp32-summed) gradients; the bf16 weights are their rounding."""
+    args = eg.parse_args(["--learning-rate", "1e-3", "--weight-decay", "0.1"])
+    reference = tiny_model(tok)
+    model = copy.deepcopy(reference)
+    master_weights = precision.split_master_weights(model, torch.bfloat16)
+    optimizer = eg.make_optimizer(model, args, torch.device("cpu"), master_weights)
+    plain = torch.optim.AdamW(reference.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        sums = [torch.zeros_like(p) for p in reference.parameters()]
+        for _ in range(2):  # micro-batches
+            for p, total in zip(model.parameters(), sums):
+                g = (torch.randn(p.shape, generator=generator) * 1e-2).to(torch.bfloat16)
+                p.grad.copy_(g)
+                total += g.float()
+            master_weights.accumulate_gradients()
+        for p, total in zip(reference.parameters(), sums):
+            p.grad = total
+        optimizer.step()
+        master_weights.copy_to_model()
+        optimizer.zero_grad(set_to_none=False)
+        plain.step()
+    for p, m, ref in zip(model.parameters(), master_weights.masters, reference.parameters()):
+        assert torch.allclose(m, ref, rtol=0, atol=1e-7)
+        assert torch.equal(p, m.to(torch.bfloat16))
+
+
+def test_mixed_precision_resume_equals_an_uninterrupted_run(tok, tmp_path):
+    data = write_jsonl(tmp_path / "data.jsonl", PROBLEMS)
+    common = ["--data", str(data), "--max-steps", "4", "--dtype", "bfloat16", "--learning-rate", "1e-3"]
+    eg.train(args_for(tmp_path / "a", *common), model=tiny_model(tok), tokenizer=tok, progress=False)
+    eg.train(args_for(tmp_path / "b", *common, "--save-steps", "2"), model=tiny_model(tok), tokenizer=tok, progress=False)
+    resume_args = eg.parse_args(["--resume", str(tmp_path / "b" / "checkpoint-2"), "--output-dir", str(tmp_path / "c")])
+    assert resume_args.dtype == "bfloat16"
+    model, tokenizer = eg.load_model_and_tokenizer("tiny", torch.device("cpu"), torch.float32, weights=resume_args.resume)
+    eg.train(resume_args, model=model, tokenizer=tokenizer, progress=False)
+    straight, resumed = (load_file(f"{tmp_path}/{d}/checkpoint-4/model.safetensors") for d in ("a", "c"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_bf16_head_log_probs_and_entropies_are_fp32_accurate():
+    """bf16 hidden states and head weight, logits large enough that bf16 rounding of them matters
+    (|z| ~ 10, T 0.1 as in evaluation): our head against float64 on the same bf16 values. bf16
+    logits would be off by up to ~0.04 in z, 0.4 after dividing by T."""
+    torch.manual_seed(0)
+    hidden = (torch.randn(64, 32) * 2).to(torch.bfloat16)
+    weight = (torch.randn(500, 32) * 0.6).to(torch.bfloat16)
+    targets = torch.randint(0, 500, (64,))
+    for T in (0.6, 0.1):
+        taken, entropy = LogprobAndEntropy.apply(hidden, weight, None, targets, T, 16)
+        z = hidden.double() @ weight.double().t() / T
+        ref = z.log_softmax(-1)
+        ref_entropy = -(ref.exp() * ref).sum(-1)
+        assert (taken.double() - ref.gather(-1, targets[:, None]).squeeze(-1)).abs().max() < 1e-4
+        assert ((entropy.double() - ref_entropy).abs() / ref_entropy.clamp(min=1e-3)).max() < 1e-4
+        bf16_logits = (hidden @ weight.t()).double() / T  # what computing the logits in bf16 gives
+        assert (bf16_logits.log_softmax(-1) - ref).abs().max() > 1e-2  # so the test can tell
+
+
+def test_bf16_embedding_gradient_sums_a_tokens_repeats_in_fp32():
+    """1000 occurrences of one token: the gradient row is their fp32 sum, rounded once to bf16 (error
+    within 2^-8 of the row's norm). A bf16 accumulator, adding one occurrence at a time as CUDA's
+    atomic index_add_ does, drifts by several percent. (CPU's index_add_ happens to sum in fp32.)"""
+    torch.manual_seed(0)
+    weight = torch.randn(10, 16).to(torch.bfloat16).requires_grad_()
+    ids = torch.full((1000,), 3)
+    upstream = torch.randn(1000, 16).to(torch.bfloat16)
+    EmbeddingIntoGrad.apply(ids, weight, None).backward(upstream)
+    exact = upstream.double().sum(0)
+    relative = lambda row: ((row.double() - exact).norm() / exact.norm()).item()
+    assert relative(weight.grad[3]) < 2 ** -8
+    assert (weight.grad.double().abs().sum(1) > 0).tolist() == [k == 3 for k in range(10)]
+    bf16_sum = torch.zeros(16, dtype=torch.bfloat16)
+    for row in upstream:
+        bf16_sum += row
+    assert relative(bf16_sum) > 0.01
+
+
+def test_memory_plan_arithmetic():
+    """Qwen2.5-Math-1.5B's shapes: 1.54 B parameters (its model card: 1.54 B); mixed precision holds
+    20 bytes per parameter of training state."""
+    from transformers import Qwen2Config
+    config = Qwen2Config(**precision.QWEN_MATH_SHAPES["qwen2.5-math-1.5b"])
+    n = precision.parameter_count(config)
+    assert n == pytest.approx(1.54e9, rel=0.005)
+    assert precision.parameter_count(Qwen2Config(**precision.QWEN_MATH_SHAPES["qwen2.5-math-7b"])) == pytest.approx(7.62e9, rel=0.005)
+    plan = precision.memory_plan(config, dtype=torch.bfloat16, mixed=True, beta=0.0, rows=8, group_size=8,
+                                 prompt_tokens=512, completion_tokens=1280, micro_batch_rows=8)
+    state = sum(plan[k] for k in ("weights", "master weights (fp32)", "gradients", "AdamW moments (fp32)"))
+    assert state == 20 * n and plan["reference model (--beta)"] == 0
+    assert plan["KV cache of one rollout"] == 8 * 1792 * 2 * 28 * 2 * 128 * 2  # rows x tokens x (K, V) x layers x kv heads x dim x 2 B
+    assert plan["total"] == sum(v for k, v in plan.items() if k != "total")
+    assert plan["activations of one micro-batch"] == (512 + 8 * 1280) * 28 * (10 * 1536 + 2 * 8960) * 2  # one prompt per group
+
+
+# ----------------------------------------------------------------------------- the Qwen2 architecture
+
+@pytest.fixture(scope="module")
+def qtok():
+    return qwen_tokenizer()
+
+
+def test_qwen_prompt_is_the_authors(qtok):
+    """Qwen2.5-Math gets the bare problem; its template's default system prompt asks for \\boxed{}."""
+    prompt = build_prompt(qtok, "2+2?", eg.prompt_format_of("qwen2.5-math-1.5b"))
+    assert prompt == ("<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
+                      "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_qwen2_scoring_and_lean_routing_equal_stock_modules(qtok, tied):
+    """q/k/v biases, tied (1.5B) and untied (7B) heads, float64: our scoring with the fused head and
+    the lean MLP/norm/embedding routing gives the plain forward's log-probs and entropies, and the
+    stock modules' gradients."""
+    stock = tiny_qwen2(qtok, tied=tied).double()
+    lean = copy.deepcopy(stock)
+    assert lean_activations(lean) == 2 * 3 + 1 + 1
+    prompts = [build_prompt(qtok, p, "bare") for p in ("What is 1+1?", "Compute 12*3.")]
+    r = sample_rollout(stock, qtok, prompts, ["2", "36"], group_size=4, max_new_tokens=10, seed=1)
+    position_ids = (r.attention_mask.cumsum(1) - 1).clamp(min=0)
+    T = r.completion_ids.shape[1]
+    with torch.no_grad():
+        logits = stock(input_ids=r.input_ids, attention_mask=r.attention_mask, position_ids=position_ids).logits
+    ref = (logits[:, -T - 1:-1] / 0.6).log_softmax(-1)
+    m = r.completion_mask.bool()
+    grads = []
+    for model in (stock, lean):
+        logp, entropy = token_logprobs_and_entropy(model, r.input_ids, r.attention_mask, r.completion_mask,
+                                                   temperature=0.6, group_size=4)
+        assert torch.allclose(logp[m].double(), ref.gather(-1, r.completion_ids[..., None]).squeeze(-1)[m], atol=1e-5)
+        assert torch.allclose(entropy[m].double(), -(ref.exp() * ref).sum(-1)[m], atol=1e-5)
+        (logp.sum() - 0.5 * entropy.sum()).backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    assert any("q_proj.bias" in name for name in grads[0]) and ("lm_head.weight" in grads[0]) == (not tied)
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6), name
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_bf16_training_step_on_qwen2_with_gec_and_eda(qtok, tmp_path, tied):
+    data = write_jsonl(tmp_path / "data.jsonl", PROBLEMS)
+    args = args_for(tmp_path / "out", "--data", str(data), "--max-steps", "2", "--dtype", "bfloat16",
+                    "--prompt-format", "bare")
+    model = tiny_qwen2(qtok, tied=tied)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    history = eg.train(args, model=model, tokenizer=qtok, progress=False)
+    assert all(math.isfinite(m["loss"]) and math.isfinite(m["entropy"]) for m in history)
+    assert any(m["zero_std_after_gec"] < 1 for m in history) and history[0]["gec_actions"]["reflection"] >= 0
+    assert next(model.parameters()).dtype == torch.bfloat16
+    saved = load_file(f"{args.output_dir}/checkpoint-2/model.safetensors")
+    assert any(not torch.equal(saved[k], before[k]) for k in saved if "bias" in k)  # the biases train too
+    assert json.loads((tmp_path / "out" / "checkpoint-2" / "run_config.json").read_text())["dtype"] == "bfloat16"
