@@ -30,7 +30,6 @@ import ctypes
 import dataclasses
 import importlib.util
 import json
-import math
 import os
 import random
 import resource
@@ -753,6 +752,7 @@ def train(args, model=None, tokenizer=None, progress=True):
         ref_model = load_model_and_tokenizer(args.model, device, dtype)[0] if args.resume else copy.deepcopy(model)
         ref_model.eval()
         ref_model.requires_grad_(False)
+        ref_model.zero_grad(set_to_none=True)  # a copy of a mixed-precision model would keep a copy of its gradient buffer
     optimizer = make_optimizer(model, args, device, master_weights)
     anchor = resumed_anchor(state, args) if state else None
     scheduler = make_scheduler(optimizer, args, anchor)

@@ -17,7 +17,6 @@ Without CUDA it says so and exits 0; `--device cpu` runs the same check on the C
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch

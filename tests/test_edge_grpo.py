@@ -12,7 +12,6 @@ import torch
 
 import data
 import edge_grpo as eg
-from reward import reward
 from rollout import build_prompt, guided_error_correction, rollout_from_texts, sample_rollout
 from tests.tiny import tiny_model, tiny_tokenizer, write_tiny_gguf
 

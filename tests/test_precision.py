@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 import edge_grpo as eg
 import precision
-from rollout import (EmbeddingIntoGrad, LogprobAndEntropy, build_prompt, guided_error_correction, lean_activations,
-                     sample_rollout, token_logprobs_and_entropy)
-from tests.test_edge_grpo import PROBLEMS, args_for, mixed_rollout, write_jsonl
+from rollout import (EmbeddingIntoGrad, LogprobAndEntropy, build_prompt, lean_activations, sample_rollout,
+                     token_logprobs_and_entropy)
+from tests.test_edge_grpo import PROBLEMS, args_for, write_jsonl
 from tests.tiny import qwen_tokenizer, tiny_model, tiny_qwen2, tiny_tokenizer
 
 LR = 1e-6  # the paper's learning rate
