@@ -164,9 +164,10 @@ def prompt_format_of(model, requested="auto"):
     model's family (its hub id, for an alias)."""
     if requested != "auto":
         return requested
-    saved = Path(model) / "run_config.json"
-    if saved.is_file() and json.loads(saved.read_text()).get("prompt_format") in PROMPT_FORMATS:
-        return json.loads(saved.read_text())["prompt_format"]
+    saved_path = Path(model) / "run_config.json"
+    saved = json.loads(saved_path.read_text()).get("prompt_format") if saved_path.is_file() else None
+    if saved in PROMPT_FORMATS:
+        return saved
     return default_prompt_format(MODEL_ALIASES.get(model, {}).get("model_id", model))
 
 
@@ -358,9 +359,8 @@ def unquantized_config(source):
     """Checkpoints written before load_embedded_gguf dropped the GGUF quantization_config still carry
     it in config.json: load them as the plain models they are (from_pretrained's config= argument)."""
     config_path = Path(source) / "config.json"
-    if not config_path.is_file() or "quantization_config" not in json.loads(config_path.read_text()):
-        return {}
-    if json.loads(config_path.read_text())["quantization_config"].get("quant_method") != "gguf":
+    saved = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if (saved.get("quantization_config") or {}).get("quant_method") != "gguf":
         return {}
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(source)
