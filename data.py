@@ -152,11 +152,13 @@ def fetch_paper_data(name, spec=None, cache=None):
     else:
         rows = arrow_rows(payload, name)
         tmp.write_text("".join(json.dumps(dict(problem=r["problem"], answer=r["answer"])) + "\n" for r in rows))
-    rows = load_problems(tmp)  # fields, with file and line
-    if len(rows) != spec["rows"]:
-        tmp.unlink()
-        fail(f"{name} from {spec['url']}: {len(rows)} rows, expected {spec['rows']}")
-    os.replace(tmp, final)
+    try:
+        rows = load_problems(tmp)  # fields, with file and line
+        if len(rows) != spec["rows"]:
+            fail(f"{name} from {spec['url']}: {len(rows)} rows, expected {spec['rows']}")
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
     return final
 
 

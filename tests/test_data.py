@@ -84,6 +84,7 @@ def test_fetch_names_the_bad_field(tmp_path):
     spec = spec_for(tmp_path, [dict(problem="1+1?")])
     with pytest.raises(SystemExit, match="item 0: missing 'answer'"):
         data.fetch_paper_data("toy", spec=spec, cache=tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("*"))
 
 
 @pytest.mark.skipif(not (SHARED / "train" / "deepscaler_hard-1k.json").is_file(), reason="the paper's data is not beside the checkout")
