@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from data import PAPER_DATA, arithmetic_problems, fail, load_data, next_prompts
-from precision import flat_views, master_state_dict, memory_plan, format_plan, split_master_weights
+from precision import attach_flat_grads, flat_views, format_plan, master_state_dict, memory_plan, split_master_weights
 from reward import MAX_REWARD
 from rollout import (PROMPT_FORMATS, REFLECTION_NEW_TOKENS, build_prompt, default_prompt_format,
                      guided_error_correction, lean_activations, sample_rollout, token_logprobs_and_entropy)
@@ -560,9 +560,8 @@ def make_optimizer(model, args, device, master_weights=None):
                                   fused=device.type in ("cpu", "cuda"))
     if len({(p.dtype, p.device) for p in params}) == 1:  # one buffer needs one dtype and device
         fused = optimizer.param_groups[0]["fused"]
-        if master_weights is None:
-            for p, grad in zip(params, flat_views(params)[1]):
-                p.grad = grad
+        if master_weights is None:  # the masters have theirs
+            attach_flat_grads(params)
         for p, exp_avg, exp_avg_sq in zip(params, flat_views(params)[1], flat_views(params)[1]):
             step = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")  # as AdamW makes it
             optimizer.state[p].update(step=step, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)

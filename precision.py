@@ -51,6 +51,14 @@ def flat_views(tensors, dtype=None):
     return buffer, [view.view_as(t) for view, t in zip(buffer.split([t.numel() for t in tensors]), tensors)]
 
 
+def attach_flat_grads(tensors):
+    """Gives each tensor a zero .grad, all views of one flat buffer; returns the buffer."""
+    buffer, grads = flat_views(tensors)
+    for t, g in zip(tensors, grads):
+        t.grad = g
+    return buffer
+
+
 @dataclass
 class MasterWeights:
     """fp32 copies of a low-precision model's trainable parameters: what the optimizer updates."""
@@ -84,14 +92,10 @@ def split_master_weights(model, dtype):
         for m, p in zip(masters, params):
             m.copy_(p)
     model.to(dtype)
-    model_grads, grads = flat_views(params)
-    for p, g in zip(params, grads):
-        p.grad = g
-    master_grads, grads = flat_views(masters)
-    for m, g in zip(masters, grads):
+    for m in masters:
         m.requires_grad_(True)
-        m.grad = g
-    return MasterWeights(params=params, masters=masters, model_grads=model_grads, master_grads=master_grads)
+    return MasterWeights(params=params, masters=masters, model_grads=attach_flat_grads(params),
+                         master_grads=attach_flat_grads(masters))
 
 
 def master_state_dict(model, master_weights):
