@@ -25,6 +25,7 @@ Departures from the authors' code (../shared/PAPER.md), each on purpose:
 """
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import dataclasses
@@ -42,7 +43,10 @@ import numpy as np
 import torch
 
 from data import PAPER_DATA, arithmetic_problems, fail, load_data, next_prompts
-from precision import attach_flat_grads, flat_views, format_plan, master_state_dict, memory_plan, split_master_weights
+from lora import (add_adapters, adapters_disabled, base_model_of, is_adapter_checkpoint, load_adapter, load_merged,
+                  merged_state_dict, save_adapter)
+from precision import (OPTIMIZERS, build_optimizer, format_plan, master_state_dict, memory_plan, split_master_weights,
+                       uses_masters)
 from reward import MAX_REWARD
 from rollout import (PROMPT_FORMATS, REFLECTION_NEW_TOKENS, build_prompt, default_prompt_format,
                      guided_error_correction, lean_activations, sample_rollout, token_logprobs_and_entropy)
@@ -131,6 +135,20 @@ def build_parser():
                    help="compute dtype; bfloat16 keeps fp32 master weights and AdamW moments (precision.py); auto: "
                         "bfloat16 on GPU, float32 on CPU")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    g = p.add_argument_group("smaller GPUs (precision.py, lora.py)")
+    g.add_argument("--optim", choices=OPTIMIZERS, default="adamw_torch_fused",
+                   help="adamw_torch_fused: fp32 moments (and fp32 masters under bf16); adamw_torch_8bit: torchao's 8-bit "
+                        "moments; adamw_torch_8bit_sr: 8-bit moments and bf16 weights updated with stochastic rounding, "
+                        "no masters (needs bf16)")
+    g.add_argument("--use-peft", action="store_true", help="train LoRA adapters only (peft); not the paper's full fine-tune")
+    g.add_argument("--lora-r", type=int, default=16, help="LoRA rank r")
+    g.add_argument("--lora-alpha", type=int, default=32, help="LoRA scale alpha (the update is alpha / r x B A)")
+    g.add_argument("--lora-dropout", type=float, default=0.0,
+                   help="dropout on the adapters' input (TRL's default is 0.05; 0 keeps the scored policy the sampled one)")
+    g.add_argument("--lora-target-modules", nargs="+", default=None,
+                   help="module names to adapt, or all-linear; none: peft's default for the family (q_proj v_proj)")
+    g.add_argument("--save-merged-model", action="store_true",
+                   help="LoRA: checkpoints also hold the merged model that from_pretrained loads (else the adapter only)")
     g.add_argument("--save-steps", type=int, default=100, help="checkpoint every N steps, and at the end (0: only at the end)")
     g.add_argument("--save-total-limit", type=int, default=2, help="keep the newest N checkpoints (0: keep all)")
     g.add_argument("--log-completions-steps", type=int, default=5, help="print sample completions every N steps (0: never)")
@@ -193,6 +211,10 @@ def validate_args(args):
         (args.gec_reflection_tokens >= 1, "--gec-reflection-tokens must be at least 1"),
         (args.save_steps >= 0 and args.save_total_limit >= 0, "--save-steps and --save-total-limit must be >= 0"),
         (args.warmup_steps >= 0, "--warmup-steps must be >= 0"),
+        (args.optim != "adamw_torch_8bit_sr" or args.dtype != "float32",
+         "--optim adamw_torch_8bit_sr rounds bf16 weights stochastically: it needs --dtype bfloat16 (or auto)"),
+        (args.lora_r >= 1 and 0 <= args.lora_dropout < 1, "--lora-r must be >= 1 and --lora-dropout in [0, 1)"),
+        (args.use_peft or not args.save_merged_model, "--save-merged-model merges LoRA adapters: it needs --use-peft"),
     ]
     for ok, message in checks:
         if not ok:
@@ -304,15 +326,19 @@ def resolve_device(name):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def resolve_dtype(name, device):
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+def resolve_dtype(name, device, optim="adamw_torch_fused"):
+    if name == "auto":  # stochastic rounding is a bf16 method: it sets the dtype on CPU too
+        return torch.bfloat16 if device.type == "cuda" or optim == "adamw_torch_8bit_sr" else torch.float32
     return getattr(torch, name)
 
 
 def load_model_and_tokenizer(name, device, dtype, weights=None):
-    """name: alias, hub id or path. weights: a checkpoint dir to load instead (resume)."""
+    """name: alias, hub id or path. weights: a checkpoint dir to load instead (resume). A LoRA
+    checkpoint saved without its merged model loads as its base model with the adapter merged in."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    if is_adapter_checkpoint(weights or name):
+        model, tokenizer = load_model_and_tokenizer(base_model_of(weights or name), torch.device("cpu"), torch.float32)
+        return load_merged(weights or name, model).to(device=device, dtype=dtype), tokenizer
     alias = MODEL_ALIASES.get(name, {})
     source = weights or alias.get("model_id") or name
     if "gguf" in alias and weights is None:
@@ -395,6 +421,12 @@ def response_entropy(entropy, completion_mask, authors_eda):
     return masked_mean(entropy if authors_eda else entropy.detach(), completion_mask)
 
 
+def reference_policy(model, ref_model):
+    """The block in which ref_model computes pi_ref: a frozen copy as it is, or, under LoRA, the
+    model itself with its adapters off."""
+    return adapters_disabled(model) if ref_model is model else contextlib.nullcontext()
+
+
 def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_weights=None):
     """Advantages, EDA and num_iterations optimizer updates over micro-batches. Returns metrics.
     master_weights (precision.py): the optimizer updates fp32 masters of a bf16 model."""
@@ -442,7 +474,7 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_
             reference = sliced["old_logp"].to(device) if old_logp is not None else logp.detach()
             per_token, clip_active = clipped_policy_loss(logp, reference, A, args.epsilon, eps_high)
             if ref_model is not None:
-                with torch.no_grad():
+                with torch.no_grad(), reference_policy(model, ref_model):
                     ref_logp, _ = token_logprobs_and_entropy(ref_model, ids, mask, cmask, temperature=args.temperature,
                                                              group_size=G)
                 kl = kl_k3(logp, ref_logp)
@@ -493,7 +525,7 @@ def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step
         first = dataclasses.replace(first, kv=None)  # the sampling cache has served GEC: free it before the update
     t2 = time.perf_counter()
     model.train()
-    learning_rate = scheduler.get_last_lr()[0]
+    learning_rate = float(scheduler.get_last_lr()[0])  # a tensor under torchao
     update = policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_weights)
     t3 = time.perf_counter()
     generated = int(first.completion_mask.sum()) + int((rollout.sampled_mask.sum() - first.sampled_mask.sum()).clamp(min=0))
@@ -548,24 +580,10 @@ def peak_memory_mb():
 
 
 def make_optimizer(model, args, device, master_weights=None):
-    """AdamW over the model's trainable parameters, or over their fp32 masters (precision.py) when the
-    model computes in bf16. fused: one kernel over all parameters; on CPU it steps 135M parameters in
-    0.09 s instead of 0.54 s (the default per-tensor loop), on CUDA it is the fast path too. Its two
-    moments and the gradients live in flat buffers (precision.flat_views), allocated once before the
-    first step instead of a tensor per parameter allocated in the first backward and step, scattered
-    among that step's activations where they leave holes later steps cannot fill (peak memory of the
-    135M demo on CPU -100 MB). The update zeroes gradients in place."""
+    """--optim (precision.build_optimizer) over the model's trainable parameters, or over their fp32
+    masters when the model computes in bf16."""
     params = master_weights.masters if master_weights else [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay,
-                                  fused=device.type in ("cpu", "cuda"))
-    if len({(p.dtype, p.device) for p in params}) == 1:  # one buffer needs one dtype and device
-        fused = optimizer.param_groups[0]["fused"]
-        if master_weights is None:  # the masters have theirs
-            attach_flat_grads(params)
-        for p, exp_avg, exp_avg_sq in zip(params, flat_views(params)[1], flat_views(params)[1]):
-            step = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")  # as AdamW makes it
-            optimizer.state[p].update(step=step, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
-    return optimizer
+    return build_optimizer(params, args.optim, args.learning_rate, args.weight_decay, device)
 
 
 def lr_factor(k, total, warmup_steps, kind, anchor=None):
@@ -612,11 +630,17 @@ def save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, an
     """OUTPUT_DIR/checkpoint-STEP: the model and tokenizer in Hugging Face format (from_pretrained
     loads it), plus everything resume needs. Written to a temporary dir and renamed, so a crash never
     leaves half a checkpoint; then all but the newest --save-total-limit checkpoints are deleted.
-    Under mixed precision the weights saved are the fp32 masters."""
+    Under mixed precision the weights saved are the fp32 masters; under LoRA the adapter
+    (checkpoint-N/adapter) and, with --save-merged-model, the merged model."""
     final = Path(output_dir) / f"checkpoint-{step}"
     tmp = Path(output_dir) / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=master_state_dict(model, master_weights))
+    if args.use_peft:  # the adapter; the merged model on request
+        save_adapter(model, tmp, master_weights)
+        if args.save_merged_model:
+            model.save_pretrained(tmp, state_dict=merged_state_dict(model, master_weights))
+    else:
+        model.save_pretrained(tmp, state_dict=master_state_dict(model, master_weights))
     tokenizer.save_pretrained(tmp)
     torch.save(dict(step=step, position=position, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                     schedule=dict(total=args.max_steps * args.num_iterations, anchor=anchor),
@@ -685,24 +709,26 @@ def format_samples(rollout, problems, count=2):
     return lines
 
 
-def run_memory_plan(config, dtype, mixed, args):
+def run_memory_plan(config, dtype, args):
     """precision.memory_plan for this run's settings."""
     rows = args.prompts_per_step * args.num_generations
-    return memory_plan(config, dtype=dtype, mixed=mixed, beta=args.beta, rows=rows, group_size=args.num_generations,
+    return memory_plan(config, dtype=dtype, beta=args.beta, rows=rows, group_size=args.num_generations,
                        prompt_tokens=args.max_prompt_length,
                        completion_tokens=args.max_completion_length + (args.gec_reflection_tokens if args.gec else 0),
-                       micro_batch_rows=min(args.micro_batch_size, rows))
+                       micro_batch_rows=min(args.micro_batch_size, rows), optim=args.optim,
+                       lora_rank=args.lora_r if args.use_peft else 0, lora_targets=args.lora_target_modules)
 
 
-def check_memory_plan(model, dtype, mixed, args, device):
+def check_memory_plan(model, dtype, args, device):
     """Prints the plan and fails now, not with an out-of-memory error an hour in, when it cannot fit."""
-    plan = run_memory_plan(model.config, dtype, mixed, args)
+    plan = run_memory_plan(model.config, dtype, args)
     available = torch.cuda.get_device_properties(device).total_memory
-    print(f"memory plan ({'bf16 compute, fp32 masters' if mixed else dtype}):\n{format_plan(plan, available)}")
+    masters = ", fp32 masters" if uses_masters(args.optim, dtype) else ""
+    print(f"memory plan ({dtype}{masters}, {args.optim}{', LoRA' if args.use_peft else ''}):\n{format_plan(plan, available)}")
     if plan["total"] > available:
         fail(f"the run needs about {plan['total'] / 1e9:.0f} GB and {device} has {available / 1e9:.0f} GB: lower "
              "--micro-batch-size, --max-completion-length or --num-generations, use --gradient-checkpointing, "
-             "or a GPU with more memory")
+             "--optim adamw_torch_8bit_sr, --use-peft, or a GPU with more memory")
 
 
 def prepare_output_dir(args, start):
@@ -734,19 +760,27 @@ def train(args, model=None, tokenizer=None, progress=True):
     start, position = (state["step"], state["position"]) if state else (0, 0)
     metrics_path = prepare_output_dir(args, start)
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    if model is None:  # in fp32: the masters of a mixed-precision run are read from it (a checkpoint saved them)
-        model, tokenizer = load_model_and_tokenizer(args.model, device, torch.float32, weights=args.resume)
+    dtype = resolve_dtype(args.dtype, device, args.optim)
+    if model is None:  # fp32 on the CPU: the masters of a mixed-precision run are read from it (a checkpoint saved them)
+        weights = None if args.use_peft else args.resume  # LoRA resumes from the base model and the saved adapter
+        model, tokenizer = load_model_and_tokenizer(args.model, torch.device("cpu"), torch.float32, weights=weights)
         keep_freed_memory()
-    master_weights = split_master_weights(model, dtype)  # and the model now computes in dtype
+    if args.use_peft:
+        trained = add_adapters(model, args)
+        if args.resume:
+            load_adapter(model, args.resume)
+        print(f"LoRA r={args.lora_r}: {trained:,} of {sum(p.numel() for p in model.parameters()):,} parameters train")
+    master_weights = split_master_weights(model, dtype, device, masters=uses_masters(args.optim, dtype))
     if device.type == "cuda":
-        check_memory_plan(model, dtype, master_weights is not None, args, device)
+        check_memory_plan(model, dtype, args, device)
     problems = drop_long_prompts(problems, tokenizer, args)
     lean_activations(model)  # less memory held for backward, same numbers
     if args.gradient_checkpointing:  # transformers 5 calls it activation checkpointing
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     ref_model = None
-    if args.beta > 0:
+    if args.beta > 0 and args.use_peft:
+        ref_model = model  # the same weights with the adapters off (reference_policy): no second copy
+    elif args.beta > 0:
         # the reference is the initial policy: on resume, reload it rather than copy the trained one
         ref_model = load_model_and_tokenizer(args.model, device, dtype)[0] if args.resume else copy.deepcopy(model)
         ref_model.eval()

@@ -20,9 +20,21 @@ that is 31 GB before activations, for the 7B (7.6 B) 152 GB: memory_plan prints 
 
 --dtype bfloat16 runs the same code on CPU, which is how the tests check it.
 
+Smaller GPUs (--optim, --use-peft): the same loop with less state per parameter (bytes):
+  adamw_torch_fused   (default)  bf16 weights 2 + gradients 2 + fp32 masters 4 + their gradients 4 + moments 8 = 20
+  adamw_torch_8bit    torchao    the same with 8-bit block-quantized moments (2)                         = 14
+  adamw_torch_8bit_sr torchao    bf16 weights updated in place with stochastic rounding, no masters:
+                                 weights 2 + gradients 2 + 8-bit moments 2                               =  6
+  --use-peft (lora.py)           frozen bf16 weights 2; the above only for the adapters (~1 % of them)
+Stochastic rounding rounds w + update up or down at random with the odds that keep its mean exact,
+so updates far below bf16's spacing still move a weight by lr on average; round-to-nearest drops them.
+
   python precision.py            # the memory plan of the paper's run for Qwen2.5-Math-1.5B and -7B
+  python precision.py --table    # README's table: model x method x GPU memory
 """
 
+import importlib
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -43,11 +55,12 @@ QWEN_MATH_SHAPES = {
 # Master weights
 
 
-def flat_views(tensors, dtype=None):
+def flat_views(tensors, dtype=None, device=None):
     """Zero tensors shaped like tensors, as views into one flat buffer (one dtype and device).
     Gradients and AdamW's moments live in such buffers: allocated once, zeroed in place, one kernel
     to add or copy them all."""
-    buffer = torch.zeros(sum(t.numel() for t in tensors), dtype=dtype or tensors[0].dtype, device=tensors[0].device)
+    buffer = torch.zeros(sum(t.numel() for t in tensors), dtype=dtype or tensors[0].dtype,
+                         device=device or tensors[0].device)
     return buffer, [view.view_as(t) for view, t in zip(buffer.split([t.numel() for t in tensors]), tensors)]
 
 
@@ -80,22 +93,25 @@ class MasterWeights:
             p.copy_(m)
 
 
-def split_master_weights(model, dtype):
-    """Keeps fp32 masters of the model's trainable parameters (read from the model as it is: load it
-    in fp32, so that checkpointed masters come back exactly), then casts the model to dtype. None
-    when dtype is fp32: the parameters are their own masters."""
-    if dtype == torch.float32:
+def split_master_weights(model, dtype, device=None, masters=True):
+    """Moves the model to device and casts it to dtype, keeping fp32 masters (on device) of its
+    trainable parameters, read from the model as it is: load it in fp32, so that checkpointed
+    masters come back exactly. None when dtype is fp32 (the parameters are their own masters) or
+    masters is False (stochastic rounding updates the bf16 weights themselves)."""
+    device = device or next(model.parameters()).device
+    if dtype == torch.float32 or not masters:
+        model.to(device=device, dtype=dtype)
         return None
     params = [p for p in model.parameters() if p.requires_grad]
-    _, masters = flat_views(params, torch.float32)
+    _, fp32 = flat_views(params, torch.float32, device)
     with torch.no_grad():
-        for m, p in zip(masters, params):
+        for m, p in zip(fp32, params):
             m.copy_(p)
-    model.to(dtype)
-    for m in masters:
+    model.to(device=device, dtype=dtype)  # the Parameter objects stay, their data changes
+    for m in fp32:
         m.requires_grad_(True)
-    return MasterWeights(params=params, masters=masters, model_grads=attach_flat_grads(params),
-                         master_grads=attach_flat_grads(masters))
+    return MasterWeights(params=params, masters=fp32, model_grads=attach_flat_grads(params),
+                         master_grads=attach_flat_grads(fp32))
 
 
 def master_state_dict(model, master_weights):
@@ -104,6 +120,58 @@ def master_state_dict(model, master_weights):
     state = model.state_dict(keep_vars=True)  # the parameters themselves, tied ones under each name
     by_id = {id(p): m for p, m in zip(master_weights.params, master_weights.masters)} if master_weights else {}
     return {name: by_id.get(id(t), t).detach() for name, t in state.items()}
+
+
+# -----------------------------------------------------------------------------
+# The optimizer: where its state lives and in how many bits
+
+OPTIMIZERS = ("adamw_torch_fused", "adamw_torch_8bit", "adamw_torch_8bit_sr")  # Hugging Face's names, + _sr
+MOMENT_BYTES = {"adamw_torch_fused": 8, "adamw_torch_8bit": 2, "adamw_torch_8bit_sr": 2}  # both moments, per parameter
+
+
+def uses_masters(optim, dtype):
+    """Whether the optimizer updates fp32 master weights: whenever the model computes below fp32,
+    except under stochastic rounding, which updates the bf16 weights themselves."""
+    return dtype != torch.float32 and optim != "adamw_torch_8bit_sr"
+
+
+def require(module, flag):
+    """Imports an optional library, or exits naming the flag that needs it and the pip command."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        from data import fail
+        package = module.split(".")[0]
+        fail(f"{flag} needs {package}: pip install {package}")
+
+
+def build_optimizer(params, optim, learning_rate, weight_decay, device):
+    """AdamW over params (the trainable parameters, or their fp32 masters), by --optim:
+    adamw_torch_fused: torch's fused AdamW, one kernel over all parameters; on CPU it steps 135M
+      parameters in 0.09 s instead of 0.54 s (the per-tensor loop). Its two moments and the gradients
+      live in flat buffers (flat_views), allocated once before the first step instead of a tensor
+      per parameter scattered among the first step's activations, where they leave holes later
+      steps cannot fill (peak memory of the 135M demo on CPU -100 MB).
+    adamw_torch_8bit: torchao's AdamW8bit: each moment in 8 bits with a scale per block of 256 values
+      (tensors under 4096 values stay fp32); the arithmetic is fp32, compiled once per shape.
+    adamw_torch_8bit_sr: the same on bf16 weights, the result rounded stochastically.
+    The gradients of params without masters are views of one flat buffer, zeroed in place."""
+    if optim == "adamw_torch_fused":
+        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay,
+                                      fused=device.type in ("cpu", "cuda"))
+    else:
+        ao = require("torchao.optim", f"--optim {optim}")
+        optimizer = ao.AdamW8bit(params, lr=learning_rate, weight_decay=weight_decay,
+                                 bf16_stochastic_round=optim == "adamw_torch_8bit_sr")
+    if len({(p.dtype, p.device) for p in params}) == 1:  # one buffer needs one dtype and device
+        if params[0].grad is None:  # masters come with theirs (split_master_weights)
+            attach_flat_grads(params)
+        if optim == "adamw_torch_fused":
+            fused = optimizer.param_groups[0]["fused"]
+            for p, exp_avg, exp_avg_sq in zip(params, flat_views(params)[1], flat_views(params)[1]):
+                step = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")  # as AdamW makes it
+                optimizer.state[p].update(step=step, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    return optimizer
 
 
 # -----------------------------------------------------------------------------
@@ -120,28 +188,47 @@ def parameter_count(config):
     return V * D * (1 if config.tie_word_embeddings else 2) + L * layer + D
 
 
-def memory_plan(config, *, dtype, mixed, beta, rows, group_size, prompt_tokens, completion_tokens, micro_batch_rows,
-                optimizer="adamw"):
+LORA_SHAPES = dict(q_proj=("D", "q"), k_proj=("D", "kv"), v_proj=("D", "kv"), o_proj=("q", "D"),
+                   gate_proj=("D", "I"), up_proj=("D", "I"), down_proj=("I", "D"))  # (in, out) per layer
+LORA_DEFAULT_TARGETS = ("q_proj", "v_proj")  # peft's default for Llama and Qwen2
+
+
+def lora_parameter_count(config, r, targets=None):
+    """Parameters of rank-r adapters A (r, in) and B (out, r) on the target modules of every layer."""
+    D, I = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or D // config.num_attention_heads
+    size = dict(D=D, I=I, q=config.num_attention_heads * head_dim, kv=config.num_key_value_heads * head_dim)
+    targets = LORA_SHAPES if targets in (["all-linear"], "all-linear") else (targets or LORA_DEFAULT_TARGETS)
+    return config.num_hidden_layers * sum(r * (size[LORA_SHAPES[t][0]] + size[LORA_SHAPES[t][1]]) for t in targets)
+
+
+def memory_plan(config, *, dtype, beta, rows, group_size, prompt_tokens, completion_tokens, micro_batch_rows,
+                optim="adamw_torch_fused", lora_rank=0, lora_targets=None):
     """Bytes of the training state and of the largest transient blocks, by part, for a model config.
     rows = P x G sequences of prompt_tokens + completion_tokens (GEC's continuation included) in the
-    KV cache; a micro-batch of micro_batch_rows runs each group's prompt once. Activations are
-    estimated from what a decoder layer keeps for backward with our lean MLP and norms (about
-    10 D + 2 I values per token per layer), so treat the total as an estimate, not a promise."""
+    KV cache; a micro-batch of micro_batch_rows runs each group's prompt once. optim and lora_rank
+    (0: full fine-tune) as --optim and --lora-r. Activations are estimated from what a decoder layer
+    keeps for backward with our lean MLP and norms (about 10 D + 2 I values per token per layer), so
+    treat the total as an estimate, not a promise."""
     n = parameter_count(config)
+    trained = lora_parameter_count(config, lora_rank, lora_targets) if lora_rank else n
     width = torch.finfo(dtype).bits // 8
+    mixed = uses_masters(optim, dtype)
     D, I, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
     head_dim = getattr(config, "head_dim", None) or D // config.num_attention_heads
     kv_per_token = 2 * L * config.num_key_value_heads * head_dim * width
     tokens = micro_batch_rows * completion_tokens + max(1, micro_batch_rows // group_size) * prompt_tokens
+    head_copy = V * D * 4 if width < 4 else 0  # the fused LM head reads a bf16 weight as an fp32 copy ...
+    head_grad = head_copy if not lora_rank else 0  # ... and sums its gradient in fp32
     plan = {
-        "weights": n * width,
-        "master weights (fp32)": n * 4 if mixed else 0,
-        "gradients": n * width + (n * 4 if mixed else 0),
-        "AdamW moments (fp32)": n * 8 if optimizer == "adamw" else 0,
-        "reference model (--beta)": n * width if beta > 0 else 0,
+        "weights": (n + (trained if lora_rank else 0)) * width,
+        "master weights (fp32)": trained * 4 if mixed else 0,
+        "gradients": trained * width + (trained * 4 if mixed else 0),
+        "AdamW moments": trained * MOMENT_BYTES[optim],
+        "reference model (--beta)": n * width if beta > 0 and not lora_rank else 0,  # LoRA: adapters off
         "KV cache of one rollout": rows * (prompt_tokens + completion_tokens) * kv_per_token,
         "activations of one micro-batch": tokens * L * (10 * D + 2 * I) * width,
-        "LM head chunk (fp32 logits, weight and its gradient)": 2 * LOGIT_CHUNK_ROWS * V * 4 + (2 * V * D * 4 if mixed else 0),
+        "LM head chunk (fp32 logits, weight and its gradient)": 2 * LOGIT_CHUNK_ROWS * V * 4 + head_copy + head_grad,
     }
     plan["total"] = sum(plan.values())
     return plan
@@ -154,13 +241,51 @@ def format_plan(plan, available=None):
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+# The authors' settings: 1 prompt x G = 8, prompt 512 + completion 1024 + reflection 256 tokens.
+PAPER_RUN = dict(beta=0.0, rows=8, group_size=8, prompt_tokens=512, completion_tokens=1024 + 256)
+METHODS = {  # README's table: label -> memory_plan's arguments
+    "fp32 masters (default)": dict(optim="adamw_torch_fused"),
+    "8-bit AdamW + stochastic rounding": dict(optim="adamw_torch_8bit_sr"),
+    "LoRA r=16 (q, v)": dict(optim="adamw_torch_fused", lora_rank=16),
+}
+GPU_SIZES_GB = (16, 24, 40, 80)
+CUDA_RESERVE = 1.5 * GB  # a card of N GB holds N GiB; the CUDA context and allocator slack take about this
+
+
+def largest_fitting_micro_batch(config, gpu_gb, **method):
+    """The largest --micro-batch-size of 8, 4, 2, 1 whose plan fits a GPU of gpu_gb, or None."""
+    for micro_batch_rows in (8, 4, 2, 1):
+        plan = memory_plan(config, dtype=torch.bfloat16, micro_batch_rows=micro_batch_rows, **PAPER_RUN, **method)
+        if plan["total"] <= gpu_gb * 2**30 - CUDA_RESERVE:
+            return micro_batch_rows
+    return None
+
+
+def fit_table():
+    """Markdown: model x method x GPU memory, each cell the largest micro-batch that fits the paper's run."""
     from transformers import Qwen2Config
-    # The authors' settings: 1 prompt x G = 8, prompt 512 + completion 1024 + reflection 256 tokens, one micro-batch.
+    lines = ["| model | method | state (GB) | total at micro-batch 8 (GB) | "
+             + " | ".join(f"{g} GB" for g in GPU_SIZES_GB) + " |", "|---" * (4 + len(GPU_SIZES_GB)) + "|"]
     for name, shape in QWEN_MATH_SHAPES.items():
         config = Qwen2Config(**shape)
-        for label, dtype, mixed in (("bf16 compute, fp32 masters (default on GPU)", torch.bfloat16, True),
-                                    ("fp32", torch.float32, False)):
-            plan = memory_plan(config, dtype=dtype, mixed=mixed, beta=0.0, rows=8, group_size=8, prompt_tokens=512,
-                               completion_tokens=1024 + 256, micro_batch_rows=8)
+        for label, method in METHODS.items():
+            plan = memory_plan(config, dtype=torch.bfloat16, micro_batch_rows=8, **PAPER_RUN, **method)
+            state = sum(plan[k] for k in ("weights", "master weights (fp32)", "gradients", "AdamW moments"))
+            cells = [largest_fitting_micro_batch(config, g, **method) for g in GPU_SIZES_GB]
+            lines.append(f"| {name} | {label} | {state / GB:.1f} | {plan['total'] / GB:.1f} | "
+                         + " | ".join(f"micro-batch {c}" if c else "no" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    from transformers import Qwen2Config
+    if "--table" in sys.argv[1:]:
+        print(fit_table())
+        sys.exit(0)
+    for name, shape in QWEN_MATH_SHAPES.items():
+        config = Qwen2Config(**shape)
+        for label, dtype, optim in (("bf16 compute, fp32 masters (default on GPU)", torch.bfloat16, "adamw_torch_fused"),
+                                    ("bf16, 8-bit AdamW, stochastic rounding", torch.bfloat16, "adamw_torch_8bit_sr"),
+                                    ("fp32", torch.float32, "adamw_torch_fused")):
+            plan = memory_plan(config, dtype=dtype, optim=optim, micro_batch_rows=8, **PAPER_RUN)
             print(f"{name} ({parameter_count(config) / 1e9:.2f} B parameters), {label}:\n{format_plan(plan)}")

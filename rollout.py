@@ -188,9 +188,12 @@ def backward_separately(hidden, cache):
     suits loss.backward(), not torch.autograd.grad.)"""
     slots = [(layer, name) for layer in cache.layers for name in ("keys", "values")]
     outputs = [hidden] + [getattr(layer, name) for layer, name in slots]
-    leaves = [t.detach().requires_grad_() for t in outputs]
+    # A tensor that needs no gradient (keys of a layer below every LoRA adapter) stays a plain leaf.
+    leaves = [t.detach().requires_grad_(t.requires_grad) for t in outputs]
     for (layer, name), leaf in zip(slots, leaves[1:]):
         setattr(layer, name, leaf)
+    outputs, graded = zip(*[(out, leaf) for out, leaf in zip(outputs, leaves) if out.requires_grad]) or ((), ())
+    outputs = list(outputs)
 
     def backward_through_prompts(grads):
         used = [(out, grad) for out, grad in zip(outputs, grads) if grad is not None]
@@ -199,7 +202,8 @@ def backward_separately(hidden, cache):
         if used:
             torch.autograd.backward([out for out, _ in used], [grad for _, grad in used])
 
-    handle = torch.autograd.graph.register_multi_grad_hook(leaves, backward_through_prompts, mode="all")
+    if graded:
+        handle = torch.autograd.graph.register_multi_grad_hook(graded, backward_through_prompts, mode="all")
     return leaves[0]
 
 
@@ -421,7 +425,7 @@ class SwiGLUDown(torch.autograd.Function):
         g, u, weight = ctx.saved_tensors
         sigmoid = torch.sigmoid(g)
         act = g * sigmoid  # silu(g)
-        grad_weight = grad_out.flatten(0, -2).t() @ (act * u).flatten(0, -2)  # (D, I)
+        grad_weight = grad_out.flatten(0, -2).t() @ (act * u).flatten(0, -2) if ctx.needs_input_grad[2] else None  # (D, I)
         grad_product = grad_out @ weight  # (..., I)
         grad_u = grad_product * act
         grad_g = grad_product.mul_(u).mul_(sigmoid * (1 + g * (1 - sigmoid)))  # silu' = s (1 + g (1 - s))
@@ -442,7 +446,7 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, inv_rms = ctx.saved_tensors
         normed = x.float() * inv_rms
-        grad_weight = (grad_y.float() * normed).flatten(0, -2).sum(0).to(weight.dtype)
+        grad_weight = (grad_y.float() * normed).flatten(0, -2).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
         grad_normed = (grad_y * weight).float()
         grad_x = inv_rms * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
         return grad_x.to(x.dtype), grad_weight, None
@@ -479,7 +483,8 @@ def lean_activations(model):
     """Routes every SwiGLU MLP, RMSNorm and embedding of a Llama / Qwen2 / Mistral-style model through
     the three functions above: the same numbers, a third less memory held for backward (the 135M
     demo model: 463 -> 310 MiB for a micro-batch of 4 x 64 completion tokens) and no dense (V, D)
-    embedding gradient. Other modules are left alone. Returns how many modules were routed.
+    embedding gradient. Other modules are left alone, among them an MLP whose down_proj carries a
+    LoRA adapter (SwiGLUDown reads down_proj's weight directly). Returns how many modules were routed.
     On CPU it also has transformers' SDPA attention pass grouped-query keys/values to the kernel as
     they are (enable_gqa) rather than copied for every query head (3x for SmolLM2): 310 -> 266 MiB
     held for backward in the same micro-batch, and faster decoding. (CUDA's fast kernels refuse a
@@ -490,7 +495,7 @@ def lean_activations(model):
     for module in model.modules():
         kind = type(module).__name__
         if kind.endswith("MLP") and all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj")) \
-                and module.down_proj.bias is None and type(module.act_fn).__name__ in ("SiLU", "SiLUActivation"):
+                and type(module.down_proj) is torch.nn.Linear and module.down_proj.bias is None and type(module.act_fn).__name__ in ("SiLU", "SiLUActivation"):
             module.forward = types.MethodType(_swiglu_mlp_forward, module)  # a method: deepcopy rebinds it
         elif kind.endswith("RMSNorm") and hasattr(module, "variance_epsilon") and getattr(module, "weight", None) is not None:
             module.forward = types.MethodType(_rms_norm_forward, module)

@@ -55,7 +55,7 @@ def check(name, model, tokenizer, args, device):
     master_weights = split_master_weights(model, torch.bfloat16)
     initial = [m.detach().clone() for m in master_weights.masters]
     lean_activations(model)
-    plan = eg.run_memory_plan(model.config, torch.bfloat16, True, run_args)
+    plan = eg.run_memory_plan(model.config, torch.bfloat16, run_args)
     optimizer = eg.make_optimizer(model, run_args, device, master_weights)
     scheduler = eg.make_scheduler(optimizer, run_args)
     problems, position, rows = arithmetic_problems(), 0, []

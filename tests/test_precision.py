@@ -7,6 +7,7 @@ Run: python -m pytest tests/test_precision.py"""
 import copy
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -145,9 +146,9 @@ def test_memory_plan_arithmetic():
     n = precision.parameter_count(config)
     assert n == pytest.approx(1.54e9, rel=0.005)
     assert precision.parameter_count(Qwen2Config(**precision.QWEN_MATH_SHAPES["qwen2.5-math-7b"])) == pytest.approx(7.62e9, rel=0.005)
-    plan = precision.memory_plan(config, dtype=torch.bfloat16, mixed=True, beta=0.0, rows=8, group_size=8,
+    plan = precision.memory_plan(config, dtype=torch.bfloat16, beta=0.0, rows=8, group_size=8,
                                  prompt_tokens=512, completion_tokens=1280, micro_batch_rows=8)
-    state = sum(plan[k] for k in ("weights", "master weights (fp32)", "gradients", "AdamW moments (fp32)"))
+    state = sum(plan[k] for k in ("weights", "master weights (fp32)", "gradients", "AdamW moments"))
     assert state == 20 * n and plan["reference model (--beta)"] == 0
     assert plan["KV cache of one rollout"] == 8 * 1792 * 2 * 28 * 2 * 128 * 2  # rows x tokens x (K, V) x layers x kv heads x dim x 2 B
     assert plan["total"] == sum(v for k, v in plan.items() if k != "total")
@@ -211,3 +212,114 @@ def test_a_bf16_training_step_on_qwen2_with_gec_and_eda(qtok, tmp_path, tied):
     saved = load_file(f"{args.output_dir}/checkpoint-2/model.safetensors")
     assert any(not torch.equal(saved[k], before[k]) for k in saved if "bias" in k)  # the biases train too
     assert json.loads((tmp_path / "out" / "checkpoint-2" / "run_config.json").read_text())["dtype"] == "bfloat16"
+
+
+# -----------------------------------------------------------------------------
+# --optim: torchao's 8-bit AdamW, with and without stochastic rounding (skipped without torchao)
+
+
+def regression(optim, dtype, steps=150, lr=1e-2):
+    """A least-squares toy: W (128, 64), 8192 values, so torchao quantizes its moments (>= 4096).
+    Returns the trained W in fp32."""
+    torch.manual_seed(0)
+    X, target = torch.randn(256, 64), torch.randn(128, 64) * 0.1
+    w = torch.nn.Parameter((torch.randn(128, 64) * 0.02).to(dtype))
+    optimizer = precision.build_optimizer([w], optim, lr, 0.0, torch.device("cpu"))
+    for _ in range(steps):
+        ((X.to(dtype) @ w.t()).float() - X @ target.t()).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+    return w.detach().float()
+
+
+def test_8bit_optimizers_train_a_toy_objective_to_the_fp32_adamw_result():
+    """150 steps of each --optim on the same objective, against torch's fp32 AdamW: 8-bit moments
+    land within 1e-3 (relative, measured 1.6e-4), bf16 weights with stochastic rounding within 1e-2
+    (measured 4.7e-3: bf16 keeps 8 bits, 2^-8 = 3.9e-3)."""
+    pytest.importorskip("torchao")
+    reference = regression("adamw_torch_fused", torch.float32)
+    for optim, dtype, tolerance in (("adamw_torch_8bit", torch.float32, 1e-3), ("adamw_torch_8bit_sr", torch.bfloat16, 1e-2)):
+        w = regression(optim, dtype)
+        assert ((w - reference).norm() / reference.norm()).item() < tolerance, optim
+
+
+def test_stochastic_rounding_moves_bf16_weights_by_lr_on_average():
+    """8192 weights at 0.02 (bf16's spacing there: 1.2e-4), a gradient of constant sign, lr 1e-6: each
+    Adam step asks for a move of ~lr, 1 % of the spacing. 200 steps of torchao's 8-bit AdamW on fp32
+    weights move them by 0.905 x 200 x lr (its 8-bit moments' own error on this toy: within 15 % of
+    200 lr); on bf16 weights with stochastic rounding by the same amount on average (within 2 %; the
+    rounding noise of the mean is ~0.4 %). Rounded to nearest, torch's bf16 AdamW and torchao's
+    without stochastic rounding leave every weight where it was."""
+    pytest.importorskip("torchao")
+    steps = 200
+
+    def mean_move(optim, dtype):
+        w = torch.nn.Parameter(torch.full((128, 64), 0.02, dtype=dtype))
+        if optim == "torch":
+            optimizer = torch.optim.AdamW([w], lr=LR, weight_decay=0.0)
+        else:
+            optimizer = precision.build_optimizer([w], optim, LR, 0.0, torch.device("cpu"))
+        for _ in range(steps):
+            w.grad = torch.ones_like(w)
+            optimizer.step()
+        return (torch.tensor(0.02, dtype=dtype).double() - w.detach().double()).mean().item()
+
+    exact = mean_move("adamw_torch_8bit", torch.float32)
+    assert exact == pytest.approx(steps * LR, rel=0.15)
+    assert mean_move("adamw_torch_8bit_sr", torch.bfloat16) == pytest.approx(exact, rel=0.02)
+    assert mean_move("torch", torch.bfloat16) == 0
+    assert mean_move("adamw_torch_8bit", torch.bfloat16) == 0
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch_8bit", "adamw_torch_8bit_sr"])
+def test_8bit_resume_equals_an_uninterrupted_run(tok, tmp_path, optim):
+    """4 steps straight, or 2, a checkpoint (8-bit moments, RNG state for the stochastic rounding)
+    and 2 more: the same weights, bit for bit. hidden 64: the embedding and MLP weights have
+    >= 4096 values, so their moments are 8-bit."""
+    pytest.importorskip("torchao")
+    data = write_jsonl(tmp_path / "data.jsonl", PROBLEMS)
+    common = ["--data", str(data), "--max-steps", "4", "--optim", optim]
+    eg.train(args_for(tmp_path / "a", *common), model=tiny_model(tok, hidden=64), tokenizer=tok, progress=False)
+    eg.train(args_for(tmp_path / "b", *common, "--save-steps", "2"), model=tiny_model(tok, hidden=64), tokenizer=tok,
+             progress=False)
+    resume_args = eg.parse_args(["--resume", str(tmp_path / "b" / "checkpoint-2"), "--output-dir", str(tmp_path / "c")])
+    assert resume_args.optim == optim
+    model, tokenizer = eg.load_model_and_tokenizer("tiny", torch.device("cpu"), torch.float32, weights=resume_args.resume)
+    eg.train(resume_args, model=model, tokenizer=tokenizer, progress=False)
+    straight, resumed, start = (load_file(f"{tmp_path}/{d}/model.safetensors")
+                                for d in ("a/checkpoint-4", "c/checkpoint-4", "b/checkpoint-2"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert any(not torch.equal(straight[k], start[k]) for k in straight)  # the last two steps did move the weights
+    if optim == "adamw_torch_8bit_sr":
+        assert all(v.dtype == torch.bfloat16 for v in straight.values())  # no masters: bf16 weights are the state
+
+
+def test_an_optional_library_missing_is_named_with_its_pip_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao now raises ImportError
+    monkeypatch.setitem(sys.modules, "torchao.optim", None)
+    with pytest.raises(SystemExit, match="--optim adamw_torch_8bit needs torchao: pip install torchao"):
+        precision.build_optimizer([torch.nn.Parameter(torch.zeros(3))], "adamw_torch_8bit", 1e-3, 0.0, torch.device("cpu"))
+
+
+def test_stochastic_rounding_refuses_fp32():
+    with pytest.raises(SystemExit, match="bfloat16"):
+        eg.parse_args(["--optim", "adamw_torch_8bit_sr", "--dtype", "float32"])
+    assert eg.resolve_dtype("auto", torch.device("cpu"), "adamw_torch_8bit_sr") == torch.bfloat16
+
+
+def test_the_memory_table_fits_the_7b_on_one_80gb_gpu_only_with_the_lean_optimizer():
+    """The plan behind README's table: Qwen2.5-Math-7B at the paper's settings needs ~200 GB with fp32
+    masters (no single GPU) and fits 80 GB with 8-bit moments and stochastic rounding; the 1.5B fits a
+    16 GB card with LoRA. State bytes per parameter: 20, 6 (hand arithmetic in precision.py)."""
+    from transformers import Qwen2Config
+    config = Qwen2Config(**precision.QWEN_MATH_SHAPES["qwen2.5-math-7b"])
+    n = precision.parameter_count(config)
+    fits = lambda gb, **method: precision.largest_fitting_micro_batch(config, gb, **method)
+    assert fits(80, optim="adamw_torch_fused") is None
+    assert fits(80, optim="adamw_torch_8bit_sr") is not None
+    plan = precision.memory_plan(config, dtype=torch.bfloat16, micro_batch_rows=1, optim="adamw_torch_8bit_sr",
+                                 **precision.PAPER_RUN)
+    assert plan["weights"] + plan["gradients"] + plan["AdamW moments"] == 6 * n and plan["master weights (fp32)"] == 0
+    small = Qwen2Config(**precision.QWEN_MATH_SHAPES["qwen2.5-math-1.5b"])
+    assert precision.largest_fitting_micro_batch(small, 16, optim="adamw_torch_fused", lora_rank=16) is not None
+    assert precision.lora_parameter_count(small, 16) == 28 * 16 * ((1536 + 1536) + (1536 + 256))  # q (D->D), v (D->kv)
