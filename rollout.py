@@ -6,11 +6,12 @@ rollout.py: from problems to a scored group of responses, the input of every GRP
                              loop for all P x G rows; masks from the first EOS, rewards from reward.py
   3. token_logprobs_and_entropy
                              per-token log p(o_t) and entropy H_t of the full next-token distribution,
-                             completion positions only, the vocabulary in chunks, each group's prompt once
-                             (with a backward of its own); lean_activations: less kept for backward
+                             completion positions only, through ordinary autograd (the plain path;
+                             fast.py computes the same faster and leaner, --fast)
   4. guided_error_correction GEC (paper section 3.2): every response below the maximum reward is
                              continued after a reflection cue (1/2), gets the correct answer appended
-                             (1/4) or is replaced by the reference solution (1/4); then re-scored
+                             (1/4) or is replaced by the reference solution (1/4); then re-scored:
+                             choose_gec_actions -> rewrite_rows -> continue_rows -> rescore
 
 Dimensions: P prompts, G responses per prompt, B = P x G rows (group i is rows i*G .. i*G+G-1),
 Tp prompt tokens, T completion tokens, V vocabulary, D hidden size.
@@ -24,13 +25,10 @@ Departures from the authors' code (../shared/PAPER.md, "Guided Error Correction"
 - a per-token sampled_mask marks the text GEC inserted; the loss decides what to do with it.
 """
 
-import os
-import types
 import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 
 from reward import MAX_REWARD, reference_answer_text, reward
@@ -55,8 +53,8 @@ GEC_ACTIONS = ("none", "reflection", "answer", "solution", "skipped")  # skipped
 
 @dataclass
 class Rollout:
-    """One scored batch of B = P x G responses. Built by sample_rollout, rebuilt (never mutated) by
-    guided_error_correction."""
+    """One scored batch of B = P x G responses: what a GRPO step learns from. Built by sample_rollout,
+    rebuilt (never mutated) by guided_error_correction."""
     prompt_ids: torch.Tensor       # (B, Tp) left-padded
     prompt_mask: torch.Tensor      # (B, Tp) 1 on prompt tokens
     completion_ids: torch.Tensor   # (B, T) right-padded
@@ -67,7 +65,6 @@ class Rollout:
     rewards: torch.Tensor          # (B,) r_i in {0, 1, 2}, see reward.py
     actions: list                  # (B,) GEC action per row, one of GEC_ACTIONS
     group_size: int                # G
-    kv: tuple = None               # (KV cache, its mask) of the sampling pass, for GEC to continue rows from
 
     @property
     def input_ids(self):
@@ -157,64 +154,26 @@ def shares_prompts(input_ids, prompt_width, group_size):
     return bool((prompts == prompts[:, :1]).all())
 
 
-def run_prompts_once(model, input_ids, attention_mask, G):
-    """input_ids, attention_mask (B, t): rows in groups of G identical rows. Each group's row runs
-    through the transformer once and its keys/values are repeated for the G rows. Returns the hidden
-    states (B / G, t, D) and the cache (B rows). Used by sampling (prefill) and by training
-    (completion_hidden_states), where the G paths through the repeat add up in backward, and where
-    the prompts' graph gets a backward of its own (backward_separately)."""
-    ids, mask = input_ids[::G], attention_mask[::G]  # (B / G, t)
-    cache = DynamicCache(config=model.config)
-    # Left padding: positions count real tokens only. (RoPE models are invariant to a constant shift
-    # anyway; absolute-position models such as GPT-2 are not.)
-    hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                              cache=cache, use_cache=True).last_hidden_state  # (B / G, t, D)
-    if torch.is_grad_enabled():
-        hidden = backward_separately(hidden, cache)
-    cache.batch_repeat_interleave(G)
-    return hidden, cache
-
-
-def backward_separately(hidden, cache):
-    """Cuts the prompts' graph off the completions' one: the completions see the prompts' hidden
-    states and keys/values as leaves, and once backward has filled all their gradients (summed over
-    the G completions) a hook runs backward through the prompts. Same gradients; the reason is
-    memory. In one graph every weight is used twice, by the prompts and by the completions, and
-    autograd adds a weight's two gradients before accumulating them; the prompts' part comes last,
-    so the completions' gradient of every layer waits in a buffer until the end of their backward:
-    with gradient accumulation (a .grad already there) a second copy of the gradient (430 MB for
-    the 135M demo model in fp32). Cut, each part goes into .grad as soon as it exists. Returns the
-    hidden leaf; the cache's tensors are swapped for theirs. (Like reentrant checkpointing, this
-    suits loss.backward(), not torch.autograd.grad.)"""
-    slots = [(layer, name) for layer in cache.layers for name in ("keys", "values")]
-    outputs = [hidden] + [getattr(layer, name) for layer, name in slots]
-    # A tensor that needs no gradient (keys of a layer below every LoRA adapter) stays a plain leaf.
-    leaves = [t.detach().requires_grad_(t.requires_grad) for t in outputs]
-    for (layer, name), leaf in zip(slots, leaves[1:]):
-        setattr(layer, name, leaf)
-    outputs, graded = zip(*[(out, leaf) for out, leaf in zip(outputs, leaves) if out.requires_grad]) or ((), ())
-    outputs = list(outputs)
-
-    def backward_through_prompts(grads):
-        used = [(out, grad) for out, grad in zip(outputs, grads) if grad is not None]
-        outputs.clear()  # keep nothing of the prompts' graph alive after this
-        handle.remove()
-        if used:
-            torch.autograd.backward([out for out, _ in used], [grad for _, grad in used])
-
-    if graded:
-        handle = torch.autograd.graph.register_multi_grad_hook(graded, backward_through_prompts, mode="all")
-    return leaves[0]
+def real_positions(attention_mask):
+    """(B, L) -> (B, L): position ids that count real tokens only, so left padding (and the holes GEC
+    leaves in a continued cache) shift nothing. (RoPE models are invariant to a constant shift anyway;
+    absolute-position models such as GPT-2 are not.)"""
+    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
 @torch.no_grad()
 def prefill(model, input_ids, attention_mask, group_size):
     """KV cache of the prompts (B, Tp) but their last token, which the first decoding step feeds.
-    When the rows come in groups of G identical prompts (rollout order), each prompt runs once."""
+    When the rows come in groups of G identical prompts (rollout order), each prompt runs once and
+    its keys/values are repeated for the group."""
+    cache = DynamicCache(config=model.config)
     if input_ids.shape[1] < 2:
-        return DynamicCache(config=model.config)
+        return cache
     G = group_size if shares_prompts(input_ids, input_ids.shape[1], group_size) else 1
-    return run_prompts_once(model, input_ids[:, :-1], attention_mask[:, :-1], G)[1]
+    ids, mask = input_ids[::G, :-1], attention_mask[::G, :-1]  # (B / G, Tp - 1)
+    model.base_model(input_ids=ids, attention_mask=mask, position_ids=real_positions(mask), cache=cache, use_cache=True)
+    cache.batch_repeat_interleave(G)
+    return cache
 
 
 def sample_next_token(logits, temperature, top_p, generator):
@@ -247,7 +206,7 @@ def decode(model, cache, mask, step_ids, *, max_new_tokens, temperature, top_p, 
     new = []
     for _ in range(max_new_tokens):
         # Positions count real tokens only (left padding, and holes GEC leaves in a continued cache).
-        position = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]  # (B, S)
+        position = real_positions(mask)[:, -step_ids.shape[1]:]  # (B, S)
         logits = model(input_ids=step_ids, attention_mask=mask, position_ids=position, cache=cache,
                        use_cache=True, logits_to_keep=1).logits[:, -1]  # (B, V)
         token = sample_next_token(logits, temperature, top_p, generator).masked_fill(done, pad_id)  # (B,)
@@ -284,9 +243,16 @@ def pad_id_of(tokenizer):
 
 
 def sample_rollout(model, tokenizer, prompts, answers, *, group_size, max_new_tokens, temperature=1.0,
-                   top_p=1.0, seed=0, keep_kv=False):
-    """G = group_size completions for each prompt, sampled together, scored by reward.py.
-    keep_kv: keep the sampling pass's KV cache in the rollout, for guided_error_correction."""
+                   top_p=1.0, seed=0):
+    """G = group_size completions for each prompt, sampled together, scored by reward.py."""
+    return sample_with_cache(model, tokenizer, prompts, answers, group_size=group_size, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_p=top_p, seed=seed)[0]
+
+
+def sample_with_cache(model, tokenizer, prompts, answers, *, group_size, max_new_tokens, temperature=1.0,
+                      top_p=1.0, seed=0):
+    """sample_rollout, and the sampling pass's KV cache with its mask, from which guided_error_correction
+    continues rows without running prompt and response through the model again."""
     encoded = tokenizer(prompts, padding=True, padding_side="left", add_special_tokens=False,
                         return_tensors="pt")
     prompt_ids = encoded.input_ids.repeat_interleave(group_size, dim=0)  # (B, Tp)
@@ -299,10 +265,11 @@ def sample_rollout(model, tokenizer, prompts, answers, *, group_size, max_new_to
     texts = tokenizer.batch_decode(completion_ids * completion_mask + pad_id_of(tokenizer) * (1 - completion_mask),
                                    skip_special_tokens=True)
     row_answers = [answers[row // group_size] for row in range(len(texts))]
-    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                   completion_mask=completion_mask, sampled_mask=completion_mask.clone(), truncated=truncated,
-                   texts=texts, rewards=torch.tensor([reward(t, a) for t, a in zip(texts, row_answers)]),
-                   actions=["none"] * len(texts), group_size=group_size, kv=kv if keep_kv else None)
+    rollout = Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                      completion_mask=completion_mask, sampled_mask=completion_mask.clone(), truncated=truncated,
+                      texts=texts, rewards=torch.tensor([reward(t, a) for t, a in zip(texts, row_answers)]),
+                      actions=["none"] * len(texts), group_size=group_size)
+    return rollout, kv
 
 
 def rollout_from_texts(tokenizer, model, prompts, texts, answers, group_size, truncated=None):
@@ -324,247 +291,48 @@ def rollout_from_texts(tokenizer, model, prompts, texts, answers, group_size, tr
 
 # -----------------------------------------------------------------------------
 # 3. Scoring: log-probs of the taken tokens and entropy of the full distribution
+#    The plain path, one screen; --fast (fast.py) computes the same numbers with less time and memory.
 
 
-class LogprobAndEntropy(torch.autograd.Function):
-    """log p(y) (n,) and entropy H (n,) of p = softmax(z), z = (hidden W^T + b) / temperature, for n
-    rows of hidden (n, D), chunk_rows rows at a time, so at most two (chunk_rows, V) blocks exist, in
-    forward and in backward. Autograd through log_softmax would keep (or, checkpointed,
-    rebuild) several such blocks per chunk and sweep them about ten times; here backward recomputes
-    the chunk's logits with one matmul and applies the closed forms in place:
-        d log p_y / dz = onehot(y) - p          d H / dz = -p * (log p + H)
-    Only hidden, the per-row log-normalizer and H are kept between forward and backward.
-    If weight.grad exists, backward adds the weight's gradient into it rather than returning it.
-    Precision: logits, the division by T and everything after are fp32 whatever the model's dtype
-    (a bf16 weight is read as an fp32 copy per call): from bf16 logits the entropy at T 0.1 is off by
-    ~10 % and a log-prob by up to 0.4 nats; the weight's gradient is summed in fp32 and rounded once."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_rows):
-        ctx.set_materialize_grads(False)
-        scaled = hidden.float() / temperature  # (n, D): the temperature on h, not on n x V logits
-        bias = None if bias is None else bias.float() / temperature
-        weight32 = weight.float()  # (V, D), the weight itself when it is fp32
-        n = hidden.shape[0]
-        taken, entropy, lse = (torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3))
-        for rows in _chunks(n, chunk_rows):
-            z = F.linear(scaled[rows], weight32, bias)  # (c, V) fp32
-            logp = z.log_softmax(dim=-1)  # (c, V)
-            y = targets[rows, None]  # (c, 1)
-            taken[rows] = logp.gather(-1, y).squeeze(-1)
-            lse[rows] = z.gather(-1, y).squeeze(-1) - taken[rows]  # logsumexp(z), for free
-            del z  # at most two (c, V) blocks at a time
-            entropy[rows] = -logp.exp().mul_(logp).sum(dim=-1)
-        ctx.save_for_backward(scaled, weight, bias, targets, lse, entropy)
-        ctx.temperature, ctx.chunk_rows, ctx.hidden_dtype = temperature, chunk_rows, hidden.dtype
-        return taken, entropy
-
-    @staticmethod
-    def backward(ctx, grad_taken, grad_entropy):  # (n,) each, None when unused
-        scaled, weight, bias, targets, lse, entropy = ctx.saved_tensors
-        T = ctx.temperature
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        if grad_taken is None:
-            grad_taken = torch.zeros_like(entropy)
-        weight32 = weight.float()
-        grad_hidden = torch.empty_like(scaled) if need_hidden else None
-        grad_weight, into_grad = weight_grad_buffer(weight) if need_weight else (None, False)
-        sum_weight = grad_weight if grad_weight is None or grad_weight.dtype == torch.float32 else torch.zeros_like(weight32)
-        grad_bias = torch.zeros_like(bias) if need_bias else None
-        for rows in _chunks(scaled.shape[0], ctx.chunk_rows):
-            logp = F.linear(scaled[rows], weight32, bias).sub_(lse[rows, None])  # (c, V) fp32
-            g = grad_taken[rows, None]  # (c, 1)
-            if grad_entropy is None:  # dz = -g p + g onehot(y)
-                dz = logp.exp_().mul_(-g)
-            else:  # dz = -p (g + g_H (log p + H)) + g onehot(y)
-                p = logp.exp()
-                dz = logp.add_(entropy[rows, None]).mul_(grad_entropy[rows, None]).add_(g).mul_(p).neg_()
-            dz.scatter_add_(-1, targets[rows, None], g)  # (c, V)
-            if need_hidden:
-                grad_hidden[rows] = dz @ weight32 / T  # z = (h / T) W^T: dh = dz W / T
-            if need_weight:
-                sum_weight.addmm_(dz.t(), scaled[rows])  # dW = dz^T (h / T)
-            if need_bias:
-                grad_bias += dz.sum(dim=0) / T
-        if need_weight and sum_weight is not grad_weight:
-            grad_weight.add_(sum_weight)  # the fp32 sum, rounded once to the weight's dtype
-        grad_hidden = None if grad_hidden is None else grad_hidden.to(ctx.hidden_dtype)
-        grad_bias = None if grad_bias is None else grad_bias.to(weight.dtype)
-        return grad_hidden, None if into_grad else grad_weight, grad_bias, None, None, None
+def token_logprob(logp, targets):
+    """(c, V), (c,) -> (c,): log p(o_t), the log-probability of the token that was taken."""
+    return logp.gather(-1, targets[:, None]).squeeze(-1)
 
 
-def weight_grad_buffer(weight):
-    """Where a backward should put the gradient of a (V, D) weight: weight.grad itself when it already
-    holds one (accumulation over micro-batches; the gradient is added in place and not returned),
-    else a zero tensor to fill and return. Returned, it would be one more (V, D) tensor that autograd
-    then adds into weight.grad; for the tied LM head and input embedding it is held to the end of
-    backward, since autograd sums both parts first: 113 MB for SmolLM2-135M, 0.9 GB for Qwen2.5-1.5B
-    in fp32. Returns (buffer, whether it is weight.grad)."""
-    if weight.grad is not None:
-        return weight.grad, True
-    return torch.zeros_like(weight), False
+def token_entropy(logp, targets):
+    """(c, V) -> (c,): H_t = -sum_v p(v) log p(v), the entropy of the whole next-token distribution."""
+    return -(logp.exp() * logp).sum(dim=-1)
 
 
-def _chunks(n, size):
-    return [slice(start, start + size) for start in range(0, n, size)]
-
-
-class SwiGLUDown(torch.autograd.Function):
-    """The Llama / Qwen2 MLP after its two input projections: (silu(g) * u) W_down^T for g, u (..., I).
-    Autograd through the three operations keeps g, silu(g), u and their product, four (tokens, I)
-    tensors per layer, the largest part of what training holds for backward; this keeps g and u and
-    recomputes the other two in backward (elementwise, no matmul)."""
-
-    @staticmethod
-    def forward(ctx, g, u, weight):
-        ctx.save_for_backward(g, u, weight)
-        return F.linear(F.silu(g) * u, weight)
-
-    @staticmethod
-    def backward(ctx, grad_out):  # (..., D)
-        g, u, weight = ctx.saved_tensors
-        sigmoid = torch.sigmoid(g)
-        act = g * sigmoid  # silu(g)
-        grad_weight = grad_out.flatten(0, -2).t() @ (act * u).flatten(0, -2) if ctx.needs_input_grad[2] else None  # (D, I)
-        grad_product = grad_out @ weight  # (..., I)
-        grad_u = grad_product * act
-        grad_g = grad_product.mul_(u).mul_(sigmoid * (1 + g * (1 - sigmoid)))  # silu' = s (1 + g (1 - s))
-        return grad_g, grad_u, grad_weight
-
-
-class RMSNormFunction(torch.autograd.Function):
-    """weight * x / rms(x), in fp32 as transformers' LlamaRMSNorm and Qwen2RMSNorm compute it.
-    Autograd keeps x and x / rms(x); this keeps x and 1 / rms(x), one number per token."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        inv_rms = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-        ctx.save_for_backward(x, weight, inv_rms)
-        return weight * (x.float() * inv_rms).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, inv_rms = ctx.saved_tensors
-        normed = x.float() * inv_rms
-        grad_weight = (grad_y.float() * normed).flatten(0, -2).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        grad_normed = (grad_y * weight).float()
-        grad_x = inv_rms * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
-        return grad_x.to(x.dtype), grad_weight, None
-
-
-class EmbeddingIntoGrad(torch.autograd.Function):
-    """weight[ids], as nn.Embedding (with its padding_idx, whose row gets no gradient). Autograd's
-    backward builds the (V, D) gradient as a dense tensor, per backward, per stage; this adds the
-    rows straight into weight.grad when it exists (weight_grad_buffer)."""
-
-    @staticmethod
-    def forward(ctx, ids, weight, padding_idx):
-        ctx.save_for_backward(ids, weight)
-        ctx.padding_idx = padding_idx
-        return F.embedding(ids, weight, padding_idx)
-
-    @staticmethod
-    def backward(ctx, grad_out):  # (..., D)
-        ids, weight = ctx.saved_tensors
-        ids, rows = ids.reshape(-1), grad_out.reshape(-1, grad_out.shape[-1])  # (n,), (n, D)
-        if ctx.padding_idx is not None:
-            rows = rows.masked_fill((ids == ctx.padding_idx)[:, None], 0)
-        grad_weight, into_grad = weight_grad_buffer(weight)
-        if grad_weight.dtype == torch.float32:
-            grad_weight.index_add_(0, ids, rows.float())
-        else:  # bf16: sum a token's repeats in fp32 (index_add_ into bf16 loses ~3 % at 1000 repeats), round once
-            used, slot = ids.unique(return_inverse=True)  # (u,), (n,)
-            sums = torch.zeros(len(used), rows.shape[-1], dtype=torch.float32, device=rows.device).index_add_(0, slot, rows.float())
-            grad_weight.index_add_(0, used, sums.to(grad_weight.dtype))
-        return None, None if into_grad else grad_weight, None
-
-
-def lean_activations(model):
-    """Routes every SwiGLU MLP, RMSNorm and embedding of a Llama / Qwen2 / Mistral-style model through
-    the three functions above: the same numbers, a third less memory held for backward (the 135M
-    demo model: 463 -> 310 MiB for a micro-batch of 4 x 64 completion tokens) and no dense (V, D)
-    embedding gradient. Other modules are left alone, among them an MLP whose down_proj carries a
-    LoRA adapter (SwiGLUDown reads down_proj's weight directly). Returns how many modules were routed.
-    On CPU it also has transformers' SDPA attention pass grouped-query keys/values to the kernel as
-    they are (enable_gqa) rather than copied for every query head (3x for SmolLM2): 310 -> 266 MiB
-    held for backward in the same micro-batch, and faster decoding. (CUDA's fast kernels refuse a
-    mask with enable_gqa, so there transformers' choice stands.)"""
-    if next(model.parameters()).device.type == "cpu":
-        os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"  # read by transformers at every attention call
-    routed = 0
-    for module in model.modules():
-        kind = type(module).__name__
-        if kind.endswith("MLP") and all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj")) \
-                and type(module.down_proj) is torch.nn.Linear and module.down_proj.bias is None and type(module.act_fn).__name__ in ("SiLU", "SiLUActivation"):
-            module.forward = types.MethodType(_swiglu_mlp_forward, module)  # a method: deepcopy rebinds it
-        elif kind.endswith("RMSNorm") and hasattr(module, "variance_epsilon") and getattr(module, "weight", None) is not None:
-            module.forward = types.MethodType(_rms_norm_forward, module)
-        elif isinstance(module, torch.nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq \
-                and not module.sparse:
-            module.forward = types.MethodType(_embedding_forward, module)
-        else:
-            continue
-        routed += 1
-    return routed
-
-
-def _swiglu_mlp_forward(mlp, x):
-    return SwiGLUDown.apply(mlp.gate_proj(x), mlp.up_proj(x), mlp.down_proj.weight)
-
-
-def _rms_norm_forward(norm, x):
-    return RMSNormFunction.apply(x, norm.weight, norm.variance_epsilon)
-
-
-def _embedding_forward(embedding, ids):
-    return EmbeddingIntoGrad.apply(ids, embedding.weight, embedding.padding_idx)
-
-
-def _activation_checkpointing(model):
-    """transformers 5 renamed is_gradient_checkpointing to is_activation_checkpointing."""
-    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
-    return bool(getattr(model, name, False))
-
-
-def completion_hidden_states(model, input_ids, attention_mask, T, group_size=1):
-    """(b, T, D): the hidden states that predict the last T tokens of input_ids (b, Tp + T).
-    When rows come in groups sharing a prompt, each prompt runs through the transformer once and its
-    keys/values are repeated for the group's G completions: the same numbers and, through the
-    repeat, the same gradient (the G paths through the shared prompt add up), for about 1/G of the
-    prompt's cost. Not under gradient checkpointing, which forbids the cache in training."""
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding: real tokens only
-    Tp = input_ids.shape[1] - T
-    if _activation_checkpointing(model) or not shares_prompts(input_ids, Tp, group_size):
-        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=position_ids).last_hidden_state  # (b, Tp + T, D)
-        return hidden[:, -T - 1:-1]  # the state before token t predicts token t
-    G = group_size
-    prompt, cache = run_prompts_once(model, input_ids[:, :Tp], attention_mask[:, :Tp], G)  # (b / G, Tp, D)
-    rest = model.base_model(input_ids=input_ids[:, Tp:], attention_mask=attention_mask,
-                            position_ids=position_ids[:, Tp:], cache=cache,
-                            use_cache=True).last_hidden_state  # (b, T, D)
-    return torch.cat([prompt[:, -1:].repeat_interleave(G, dim=0), rest[:, :-1]], dim=1)
-
-
-def token_logprobs_and_entropy(model, input_ids, attention_mask, completion_mask, temperature=1.0,
-                               chunk_rows=LOGIT_CHUNK_ROWS, group_size=1):
+def per_token_quantities(model, input_ids, attention_mask, completion_mask, quantities, temperature=1.0,
+                         chunk_rows=LOGIT_CHUNK_ROWS):
     """input_ids, attention_mask (B, Tp + T) with the completion in the last T columns; completion_mask
-    (B, T) picks the positions to score. Returns log-probs (B, T) and entropies (B, T), 0 off the mask.
-
-    group_size: rows come in groups of G sharing a prompt (rollout order): each prompt is run once.
-    Memory: the transformer runs once over (B, Tp + T); only the N = completion_mask.sum() scored
-    positions go through the LM head, chunk_rows at a time (LogprobAndEntropy), so at most two
-    (chunk_rows, V) blocks exist, in training too."""
+    (B, T) picks the positions to score. Each of `quantities` maps the log-probs of a chunk of scored
+    positions (c, V), fp32 at the sampling temperature, and their tokens (c,) to one number per
+    position (c,); returns one (B, T) tensor per quantity, 0 off the mask, with gradients through
+    ordinary autograd. A new per-token quantity (varentropy, top-k mass, ...) is one such function."""
     T = completion_mask.shape[1]
-    hidden = completion_hidden_states(model, input_ids, attention_mask, T, group_size)  # (B, T, D)
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=real_positions(attention_mask)).last_hidden_state  # (B, Tp + T, D)
     keep = completion_mask.bool()  # (B, T)
-    hidden, targets = hidden[keep], input_ids[:, -T:][keep]  # (N, D), (N,)
-    head = model.get_output_embeddings()
+    hidden, targets = hidden[:, -T - 1:-1][keep], input_ids[:, -T:][keep]  # the state before token t predicts it: (N, D), (N,)
     temperature = temperature if temperature > 0 else 1.0  # greedy sampling: score the plain distribution
-    taken, entropy = LogprobAndEntropy.apply(hidden, head.weight, getattr(head, "bias", None), targets, temperature,
-                                             chunk_rows)  # (N,) each
+    head = model.get_output_embeddings()
+    columns = [[] for _ in quantities]
+    for start in range(0, hidden.shape[0], chunk_rows):  # (c, V) logits at a time, not (N, V)
+        rows = slice(start, start + chunk_rows)
+        logp = (head(hidden[rows]).float() / temperature).log_softmax(dim=-1)  # (c, V)
+        for column, quantity in zip(columns, quantities):
+            column.append(quantity(logp, targets[rows]))
     zeros = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device)  # (B, T)
-    return zeros.masked_scatter(keep, taken), zeros.masked_scatter(keep, entropy)
+    return [zeros.masked_scatter(keep, torch.cat(column)) if column else zeros for column in columns]
+
+
+def token_logprobs_and_entropy(model, input_ids, attention_mask, completion_mask, temperature=1.0):
+    """Log-probs log p(o_t) and entropies H_t (B, T) of the completion tokens: what the loss and EDA use."""
+    taken, entropy = per_token_quantities(model, input_ids, attention_mask, completion_mask,
+                                          (token_logprob, token_entropy), temperature)
+    return taken, entropy
 
 
 # -----------------------------------------------------------------------------
@@ -610,15 +378,45 @@ def trailing_special_start(ids, special_ids):
     return end
 
 
-def cached_contexts(model, rollout, ids, rows, kept_lengths, pad_id):
+def rewrite_rows(tokenizer, rollout, actions, answers, solutions, stop_ids):
+    """Each row as token-id lists after GEC's rewrite, before any continuation: ids, and per token 1 if
+    the policy sampled it, 0 if GEC inserted it; kept: for each rewritten row, how many of its
+    tokens are the original response (without its trailing special tokens)."""
+    G = rollout.group_size
+    eos = stop_ids[0]
+    special_ids = set(stop_ids) | special_token_ids(tokenizer)
+    ids, sampled, kept = [], [], {}
+    for row, action in enumerate(actions):
+        length = int(rollout.completion_mask[row].sum())
+        response = rollout.completion_ids[row, :length].tolist()
+        flags = rollout.sampled_mask[row, :length].tolist()
+        if action in ("none", "skipped"):
+            ids.append(response)
+            sampled.append(flags)
+            continue
+        kept[row] = trailing_special_start(response, special_ids)  # the response goes on: drop its end tokens
+        response, flags = response[:kept[row]], flags[:kept[row]]
+        if action == "reflection":  # the policy continues after the cue (continue_rows)
+            inserted = _encode(tokenizer, REFLECTION_CUE)
+        elif action == "answer":
+            inserted = _encode(tokenizer, ANSWER_SENTENCE.format(answer=reference_answer_text(answers[row // G]))) + [eos]
+        else:  # "solution": the reference solution replaces the response
+            response, flags = [], []
+            inserted = _encode(tokenizer, solutions[row // G]) + [eos]
+        ids.append(response + inserted)
+        sampled.append(flags + [0] * len(inserted))
+    return ids, sampled, kept
+
+
+def cached_contexts(model, rollout, kv, ids, rows, kept_lengths, pad_id):
     """Continue rows from the sampling pass's KV cache instead of running prompt + response through
     the model again. The cache holds the prompt and every fed sampled token; a row's kept response
     (without its EOS) is a prefix of those, except a truncated response's last token, which was
     sampled but never fed. What follows the kept response in the cache (the EOS, the padding) stays
     as a hole, masked out. Fed now: that last token if any, then the cue, left-padded.
-    ids: each row's tokens after GEC's rewrite (response + cue); kept_lengths: how many of them are the
-    response. Returns cache, mask, step_ids."""
-    cache, cache_mask = rollout.kv
+    kv: (cache, its mask) from sample_with_cache; ids: each row's tokens after GEC's rewrite
+    (response + cue); kept_lengths: how many of them are the response. Returns cache, mask, step_ids."""
+    cache, cache_mask = kv
     Tp = rollout.prompt_ids.shape[1]
     cached = cache_mask.shape[1] - Tp  # sampled tokens whose keys/values are in the cache
     index = torch.tensor(rows, device=cache_mask.device)
@@ -632,73 +430,60 @@ def cached_contexts(model, rollout, ids, rows, kept_lengths, pad_id):
     return selected, torch.cat([mask, step_mask.to(mask.device)], dim=1), step_ids.to(mask.device)
 
 
-def guided_error_correction(model, tokenizer, rollout, answers, solutions, *, seed, forced_reflection=False,
-                            reflection_tokens=REFLECTION_NEW_TOKENS, temperature=1.0, top_p=1.0):
-    """Rewrite every response with r_i < MAX_REWARD, then re-score; returns a new Rollout.
-    answers, solutions: one per prompt (a solution may be None or ''). Tokens GEC inserts (the cue,
-    the answer sentence, the solution, their EOS) get sampled_mask 0; tokens the policy generates
-    after the cue get 1."""
+def continue_rows(model, rollout, kv, ids, sampled, kept, rows, *, seed, reflection_tokens, temperature, top_p,
+                  stop_ids, pad_id):
+    """The policy goes on after the reflection cue, for `rows` only, in one decoding loop: from the
+    sampling cache when there is one (kv), else from a fresh prefill of prompt + response + cue.
+    The new tokens are appended to ids (sampled flag 1), in place."""
+    if kv is not None:
+        cache, mask, step_ids = cached_contexts(model, rollout, kv, ids, rows, [kept[row] for row in rows], pad_id)
+    else:  # a rollout that was not sampled here (saved texts)
+        contexts = [rollout.prompt_ids[row][rollout.prompt_mask[row].bool()].tolist() + ids[row] for row in rows]
+        context_ids, mask = (t.to(model.device) for t in left_pad(contexts, pad_id))
+        cache, step_ids = prefill(model, context_ids, mask, group_size=1), context_ids[:, -1:]
+    continuation, _ = decode(model, cache, mask, step_ids, max_new_tokens=reflection_tokens, temperature=temperature,
+                             top_p=top_p, generator=torch.Generator(device=model.device).manual_seed(seed),
+                             stop_ids=stop_ids, pad_id=pad_id)  # (len(rows), T')
+    continuation_mask, _ = completion_mask_from_eos(continuation, stop_ids)
+    for k, row in enumerate(rows):
+        new = continuation[k, :int(continuation_mask[k].sum())].tolist()
+        ids[row] = ids[row] + new
+        sampled[row] = sampled[row] + [1] * len(new)
+
+
+def rescore(tokenizer, rollout, actions, ids, sampled, answers, stop_ids, pad_id):
+    """The rewritten rows as a new Rollout: padded tensors, texts, and rewards (rows GEC left alone
+    keep theirs)."""
     G = rollout.group_size
-    B = len(rollout.texts)
-    stop_ids, pad_id = stop_token_ids(tokenizer, model), pad_id_of(tokenizer)
-    eos = stop_ids[0]
-    generator = torch.Generator().manual_seed(seed)
-    prompt_lengths = rollout.prompt_mask.sum(dim=1)  # (B,)
-    actions = choose_gec_actions(
-        needs_fix=(rollout.rewards < MAX_REWARD).tolist(),
-        has_solution=[bool(solutions[row // G]) for row in range(B)],
-        prompt_too_long=(prompt_lengths >= GEC_MAX_PROMPT_TOKENS).tolist(),
-        generator=generator, forced_reflection=forced_reflection)
-
-    # Each row as lists: its token ids and, per token, 1 if sampled by the policy, 0 if inserted.
-    special_ids = set(stop_ids) | special_token_ids(tokenizer)
-    ids, sampled, kept = [], [], {}
-    for row in range(B):
-        length = int(rollout.completion_mask[row].sum())
-        response = rollout.completion_ids[row, :length].tolist()
-        flags = rollout.sampled_mask[row, :length].tolist()
-        if actions[row] in ("none", "skipped"):
-            ids.append(response)
-            sampled.append(flags)
-            continue
-        kept[row] = trailing_special_start(response, special_ids)  # the response goes on: drop its end tokens
-        response, flags = response[:kept[row]], flags[:kept[row]]
-        if actions[row] == "reflection":
-            inserted = _encode(tokenizer, REFLECTION_CUE)
-        elif actions[row] == "answer":
-            inserted = _encode(tokenizer, ANSWER_SENTENCE.format(answer=reference_answer_text(answers[row // G]))) + [eos]
-        else:
-            response, flags = [], []
-            inserted = _encode(tokenizer, solutions[row // G]) + [eos]
-        ids.append(response + inserted)
-        sampled.append(flags + [0] * len(inserted))
-
-    # Continue the reflection rows, and only them, in one decoding loop.
-    continued = [row for row in range(B) if actions[row] == "reflection"]
-    if continued:
-        if rollout.kv is not None:
-            cache, mask, step_ids = cached_contexts(model, rollout, ids, continued, [kept[row] for row in continued],
-                                                    pad_id)
-        else:  # a rollout that was not sampled here (saved texts): prefill prompt + response + cue
-            contexts = [rollout.prompt_ids[row][rollout.prompt_mask[row].bool()].tolist() + ids[row] for row in continued]
-            context_ids, mask = (t.to(model.device) for t in left_pad(contexts, pad_id))
-            cache, step_ids = prefill(model, context_ids, mask, group_size=1), context_ids[:, -1:]
-        continuation, _ = decode(model, cache, mask, step_ids, max_new_tokens=reflection_tokens, temperature=temperature,
-                                 top_p=top_p, generator=torch.Generator(device=model.device).manual_seed(seed + 1),
-                                 stop_ids=stop_ids, pad_id=pad_id)  # (len(continued), T')
-        continuation_mask, _ = completion_mask_from_eos(continuation, stop_ids)
-        for k, row in enumerate(continued):
-            new = continuation[k, :int(continuation_mask[k].sum())].tolist()
-            ids[row] = ids[row] + new
-            sampled[row] = sampled[row] + [1] * len(new)
-
     completion_ids = right_pad(ids, pad_id)  # (B, T')
     completion_mask = right_pad([[1] * len(s) for s in ids], 0, width=completion_ids.shape[1])  # (B, T')
     ends = [bool(s) and s[-1] in stop_ids for s in ids]
     texts = [tokenizer.decode(s, skip_special_tokens=True) for s in ids]
-    rewards = torch.tensor([reward(texts[row], answers[row // G]) if actions[row] not in ("none", "skipped")
-                            else float(rollout.rewards[row]) for row in range(B)])
+    rewards = torch.tensor([reward(texts[row], answers[row // G]) if action not in ("none", "skipped")
+                            else float(rollout.rewards[row]) for row, action in enumerate(actions)])
     return Rollout(prompt_ids=rollout.prompt_ids, prompt_mask=rollout.prompt_mask, completion_ids=completion_ids,
                    completion_mask=completion_mask, sampled_mask=right_pad(sampled, 0, width=completion_ids.shape[1]),
                    truncated=torch.tensor([not e for e in ends]), texts=texts, rewards=rewards, actions=actions,
                    group_size=G)
+
+
+def guided_error_correction(model, tokenizer, rollout, answers, solutions, *, seed, kv=None, forced_reflection=False,
+                            reflection_tokens=REFLECTION_NEW_TOKENS, temperature=1.0, top_p=1.0):
+    """GEC: rewrite every response with r_i < MAX_REWARD, then re-score; returns a new Rollout.
+    answers, solutions: one per prompt (a solution may be None or ''); kv: the sampling pass's cache
+    (sample_with_cache), if any. Tokens GEC inserts (the cue, the answer sentence, the solution,
+    their EOS) get sampled_mask 0; tokens the policy generates after the cue get 1."""
+    G, B = rollout.group_size, len(rollout.texts)
+    stop_ids, pad_id = stop_token_ids(tokenizer, model), pad_id_of(tokenizer)
+    actions = choose_gec_actions(
+        needs_fix=(rollout.rewards < MAX_REWARD).tolist(),
+        has_solution=[bool(solutions[row // G]) for row in range(B)],
+        prompt_too_long=(rollout.prompt_mask.sum(dim=1) >= GEC_MAX_PROMPT_TOKENS).tolist(),
+        generator=torch.Generator().manual_seed(seed), forced_reflection=forced_reflection)
+    ids, sampled, kept = rewrite_rows(tokenizer, rollout, actions, answers, solutions, stop_ids)
+    reflecting = [row for row in range(B) if actions[row] == "reflection"]
+    if reflecting:
+        continue_rows(model, rollout, kv, ids, sampled, kept, reflecting, seed=seed + 1,
+                      reflection_tokens=reflection_tokens, temperature=temperature, top_p=top_p, stop_ids=stop_ids,
+                      pad_id=pad_id)
+    return rescore(tokenizer, rollout, actions, ids, sampled, answers, stop_ids, pad_id)

@@ -1,5 +1,5 @@
 """
-Peak memory of scoring (rollout.token_logprobs_and_entropy): in chunks of rows, in one chunk, and the
+Peak memory of scoring (fast.token_logprobs_and_entropy): in chunks of rows, in one chunk, and the
 usual way (full logits from the model, log_softmax, autograd), for reference.
 
 Each measurement runs in a fresh process and reports the growth of its peak RSS over the RSS just
@@ -26,7 +26,7 @@ def peak_rss_mb():
 def measure(batch, tokens, vocab, chunk_rows, grad):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    from rollout import token_logprobs_and_entropy
+    from fast import token_logprobs_and_entropy
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)

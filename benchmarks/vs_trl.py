@@ -92,10 +92,10 @@ def load_model():
 
 def run_ours(P, G, L, steps, edge):
     import edge_grpo
+    import fast
     import torch
     model, tokenizer = load_model()
-    edge_grpo.lean_activations(model)  # as edge_grpo.train does
-    edge_grpo.keep_freed_memory()  # once the model is loaded, as `python edge_grpo.py` does
+    fast.enable(model)  # once the model is loaded, as `python edge_grpo.py` does (--fast)
     flags = ["--num-generations", str(G), "--prompts-per-step", str(P), "--max-completion-length", str(L),
              "--temperature", "1.0", "--beta", "0", "--num-iterations", "1", "--epsilon", "0.2",
              "--learning-rate", str(LEARNING_RATE), "--lr-scheduler-type", "constant", "--max-grad-norm", "1.0",
@@ -127,8 +127,8 @@ def run_trl(P, G, L, steps, keep_memory=False):
     from rollout import build_prompt
     model, tokenizer = load_model()
     if keep_memory:  # side "trl-keep": TRL given our allocator setting, to separate it from the rest
-        import edge_grpo
-        edge_grpo.keep_freed_memory()
+        import fast
+        fast.keep_freed_memory()
     batches = workload(P, steps)
     rows = [dict(prompt=build_prompt(tokenizer, r["problem"], "step-by-step"), answer=r["answer"]) for batch in batches for r in batch]
 
@@ -214,7 +214,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=1, help="first steps of each process not counted")
     parser.add_argument("--repeats", type=int, default=2, help="processes per side and configuration (alternated)")
     parser.add_argument("--sides", nargs="+", default=["ours", "trl", "edge"], choices=["ours", "trl", "edge", "trl-keep"],
-                        help="trl-keep: TRL with our allocator setting (edge_grpo.keep_freed_memory)")
+                        help="trl-keep: TRL with our allocator setting (fast.keep_freed_memory)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -7,10 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import analysis
-import edge_grpo
 from tests.tiny import tiny_model, tiny_tokenizer
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import edge_grpo as eg
 import lora
-from rollout import lean_activations, token_logprobs_and_entropy
+from fast import lean_activations, token_logprobs_and_entropy
 from tests.test_edge_grpo import PROBLEMS, args_for, mixed_rollout, write_jsonl
 from tests.tiny import qwen_tokenizer, tiny_model, tiny_qwen2, tiny_tokenizer
 

@@ -1,20 +1,18 @@
 """rollout.py on a tiny model: masks, seeding, log-probs and entropy, guided error correction.
 Run: python -m pytest tests/test_rollout.py"""
 
-import copy
-import dataclasses
 import math
-
 import warnings
 
 import pytest
 import torch
 
+import fast
 from reward import MAX_REWARD, reward
 from rollout import rollout_from_texts as make_rollout
-from rollout import (ANSWER_SENTENCE, GEC_MAX_PROMPT_TOKENS, REFLECTION_CUE, STEP_BY_STEP, LogprobAndEntropy, Rollout,
+from rollout import (ANSWER_SENTENCE, GEC_MAX_PROMPT_TOKENS, REFLECTION_CUE, STEP_BY_STEP,
                      build_prompt, choose_gec_actions, completion_mask_from_eos, generate, guided_error_correction,
-                     lean_activations, sample_next_token, sample_rollout, shares_prompts, token_logprobs_and_entropy,
+                     sample_next_token, sample_rollout, sample_with_cache, shares_prompts, token_logprobs_and_entropy,
                      default_prompt_format)
 from tests.tiny import qwen_tokenizer, tiny_model, tiny_qwen2, tiny_tokenizer
 
@@ -199,53 +197,6 @@ def test_logprobs_and_entropy_match_a_plain_forward(model, tok, temperature):
     assert (logp[~m] == 0).all() and (entropy[~m] == 0).all()
 
 
-@pytest.mark.parametrize("uses", ["both", "logp", "entropy"])
-def test_fused_head_gradients_equal_autograd_through_log_softmax(uses):
-    """LogprobAndEntropy's closed-form backward against float64 autograd through log_softmax, with a
-    bias, T = 0.7 and chunks of 3 rows: values and the gradients of hidden, weight and bias."""
-    g = torch.Generator().manual_seed(0)
-    n, D, V, T = 7, 5, 11, 0.7
-    hidden, weight, bias = (torch.randn(*shape, generator=g, requires_grad=True) for shape in ((n, D), (V, D), (V,)))
-    targets = torch.randint(0, V, (n,), generator=g)
-    a, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
-
-    def loss_of(taken, entropy):  # an unused output reaches backward as None: that path is tested too
-        terms = dict(logp=(taken * a.to(taken.dtype)).sum(), entropy=(entropy * b.to(entropy.dtype)).sum())
-        return sum(terms.values()) if uses == "both" else terms[uses]
-
-    taken, entropy = LogprobAndEntropy.apply(hidden, weight, bias, targets, T, 3)
-    ours = torch.autograd.grad(loss_of(taken, entropy), (hidden, weight, bias))
-    h64, w64, b64 = (t.detach().double().requires_grad_() for t in (hidden, weight, bias))
-    logp = ((h64 @ w64.T + b64) / T).log_softmax(-1)  # (n, V)
-    ref_taken, ref_entropy = logp.gather(-1, targets[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
-    reference = torch.autograd.grad(loss_of(ref_taken, ref_entropy), (h64, w64, b64))
-    assert torch.allclose(taken.double(), ref_taken, atol=1e-5) and torch.allclose(entropy.double(), ref_entropy, atol=1e-5)
-    for mine, ref in zip(ours, reference):
-        assert torch.allclose(mine.double(), ref, atol=1e-5), (mine, ref)
-        assert ref.abs().max() > 1e-3
-
-
-def test_fused_head_adds_into_an_existing_weight_grad():
-    """With weight.grad already there (accumulation over micro-batches), backward adds the weight's
-    gradient into it in place and hands autograd nothing more for the weight: the final .grad is the
-    earlier one plus the float64 reference, and it is the same tensor object."""
-    g = torch.Generator().manual_seed(1)
-    n, D, V, T = 6, 4, 9, 0.8
-    hidden, weight = torch.randn(n, D, generator=g, requires_grad=True), torch.randn(V, D, generator=g, requires_grad=True)
-    targets, a = torch.randint(0, V, (n,), generator=g), torch.randn(n, generator=g)
-    earlier = torch.randn(V, D, generator=g)
-    weight.grad = earlier.clone()
-    buffer = weight.grad
-    taken, entropy = LogprobAndEntropy.apply(hidden, weight, None, targets, T, 4)
-    ((taken * a).sum() + entropy.sum()).backward()
-    w64 = weight.detach().double().requires_grad_()
-    logp = ((hidden.detach().double() @ w64.T) / T).log_softmax(-1)
-    ((logp.gather(-1, targets[:, None]).squeeze(-1) * a.double()).sum() - (logp.exp() * logp).sum()).backward()
-    assert weight.grad is buffer
-    assert torch.allclose(weight.grad.double(), earlier.double() + w64.grad, atol=1e-5)
-    assert w64.grad.abs().max() > 1e-2
-
-
 def test_entropy_of_a_uniform_model_is_log_v(tok):
     model = tiny_model(tok)
     with torch.no_grad():
@@ -257,21 +208,6 @@ def test_entropy_of_a_uniform_model_is_log_v(tok):
     V, m = len(tok), r.completion_mask.bool()
     assert torch.allclose(entropy[m], torch.full_like(entropy[m], math.log(V)), atol=1e-5)
     assert torch.allclose(logp[m], torch.full_like(logp[m], -math.log(V)), atol=1e-5)
-
-
-def test_chunked_equals_unchunked_values_and_gradients(model, tok):
-    r = sample(model, tok, seed=11)
-    results = []
-    for chunk_rows in (3, 10_000):
-        model.zero_grad()
-        logp, entropy = token_logprobs_and_entropy(model, r.input_ids, r.attention_mask, r.completion_mask,
-                                                   chunk_rows=chunk_rows)
-        (logp.sum() + entropy.sum()).backward()
-        results.append((logp.detach(), entropy.detach(), model.model.layers[0].mlp.up_proj.weight.grad.clone()))
-    (l1, h1, g1), (l2, h2, g2) = results
-    assert torch.allclose(l1, l2, atol=1e-5) and torch.allclose(h1, h2, atol=1e-5)
-    assert torch.allclose(g1, g2, atol=1e-5) and g1.abs().sum() > 0
-    model.zero_grad()
 
 
 def test_scores_do_not_depend_on_batch_padding(model, tok):
@@ -380,12 +316,11 @@ def test_gec_continues_from_the_sampling_cache_as_from_a_fresh_prefill(tok):
     prefill of prompt + response + cue, for rows that ended and rows that were truncated."""
     model = sharp_model(tok)
     prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"), build_prompt(tok, "Compute 12*3 and explain.", "step-by-step")]
-    r = sample_rollout(model, tok, prompts, ["2", "36"], group_size=4, max_new_tokens=16, temperature=3.0, seed=2,
-                       keep_kv=True)
-    assert r.kv is not None and r.truncated.any() and not r.truncated.all()
+    r, kv = sample_with_cache(model, tok, prompts, ["2", "36"], group_size=4, max_new_tokens=16, temperature=3.0, seed=2)
+    assert kv is not None and r.truncated.any() and not r.truncated.all()
     kwargs = dict(seed=1, forced_reflection=True, reflection_tokens=8, temperature=0)
-    cached = guided_error_correction(model, tok, r, ["2", "36"], ["two", "36"], **kwargs)
-    fresh = guided_error_correction(model, tok, dataclasses.replace(r, kv=None), ["2", "36"], ["two", "36"], **kwargs)
+    cached = guided_error_correction(model, tok, r, ["2", "36"], ["two", "36"], kv=kv, **kwargs)
+    fresh = guided_error_correction(model, tok, r, ["2", "36"], ["two", "36"], **kwargs)
     assert cached.actions == fresh.actions and cached.actions.count("reflection") == 8
     assert torch.equal(cached.completion_ids, fresh.completion_ids)
     assert torch.equal(cached.completion_mask, fresh.completion_mask)
@@ -411,103 +346,6 @@ def test_gec_is_reproducible(model, tok):
             for _ in range(2)]
     assert runs[0].actions == runs[1].actions and runs[0].texts == runs[1].texts
     assert torch.equal(runs[0].completion_ids, runs[1].completion_ids)
-
-
-def test_shared_prompt_prefix_equals_the_plain_forward(model, tok):
-    """Groups sharing a prompt: each prompt runs once, its keys/values repeated G times. Same
-    log-probs, entropies and gradients as running every row in full."""
-    r = sample(model, tok, seed=13, G=4)
-    results = []
-    for group_size in (1, 4):
-        model.zero_grad()
-        logp, entropy = token_logprobs_and_entropy(model, r.input_ids, r.attention_mask, r.completion_mask,
-                                                   group_size=group_size)
-        (logp.sum() - 0.5 * entropy.sum()).backward()
-        results.append((logp.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()]))
-    (l1, h1, g1), (l2, h2, g2) = results
-    assert torch.allclose(l1, l2, atol=1e-5) and torch.allclose(h1, h2, atol=1e-5)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
-    model.zero_grad()
-
-
-@pytest.mark.parametrize("lean", [False, True])
-def test_shared_prompts_accumulate_over_micro_batches_like_one_plain_backward(tok, lean):
-    """Two micro-batches of one group each, prompts shared, gradients accumulated (the second one
-    finds .grad filled: the fused head adds into it, the prompts' backward runs on its own) against
-    both groups in one plain forward and one backward. And the cut itself: every weight is used by
-    the prompts and by the completions, and each part reaches .grad on its own (two accumulations
-    per weight per backward instead of one). With lean_activations too: the embedding then adds its
-    rows into .grad directly."""
-    model = tiny_model(tok)
-    if lean:
-        lean_activations(model)
-    r = sample(model, tok, seed=17, G=4)
-    params = list(model.parameters())
-    model.zero_grad()
-    logp, entropy = token_logprobs_and_entropy(model, r.input_ids, r.attention_mask, r.completion_mask, group_size=1)
-    (logp.sum() - 0.5 * entropy.sum()).backward()
-    reference = [p.grad.clone() for p in params]
-    model.zero_grad()
-    accumulations = []
-    hooks = [p.register_post_accumulate_grad_hook(lambda p: accumulations.append(p)) for p in params]
-    for rows in ([0, 1, 2, 3], [4, 5, 6, 7]):
-        logp, entropy = token_logprobs_and_entropy(model, r.input_ids[rows], r.attention_mask[rows],
-                                                   r.completion_mask[rows], group_size=4)
-        (logp.sum() - 0.5 * entropy.sum()).backward()
-    for hook in hooks:
-        hook.remove()
-    assert all(torch.allclose(p.grad, ref, atol=1e-5) for p, ref in zip(params, reference))
-    assert len(accumulations) == 2 * 2 * len(params)  # 2 micro-batches x (completions, prompts)
-    model.zero_grad()
-
-
-def test_lean_activations_same_numbers_less_memory_for_backward(tok):
-    """Every MLP and RMSNorm of the tiny Llama routed through SwiGLUDown / RMSNormFunction: the same
-    log-probs, entropies and gradients as the stock modules (float64 model; both norms compute in
-    float32, as transformers' does, hence the tolerance), and the tensors kept for backward shrink by what the two functions drop: per layer and
-    token 2 x I values of the MLP (silu(g) and the product) and D for each of the two norms, and D
-    for the final norm."""
-    stock = tiny_model(tok).double()
-    lean = copy.deepcopy(stock)
-    assert lean_activations(lean) == 2 * 3 + 1 + 1  # 2 layers x (MLP, 2 norms), the final norm, the embedding
-    r = sample(stock, tok, seed=5, G=4)
-    results = []
-    for model in (stock, lean):
-        model.zero_grad(set_to_none=True)
-        kept = {}
-
-        def keep(t):  # every tensor saved for backward, once per storage
-            kept.setdefault(t.untyped_storage().data_ptr(), t)
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            logp, entropy = token_logprobs_and_entropy(model, r.input_ids, r.attention_mask, r.completion_mask)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        kept_values = sum(t.numel() for ptr, t in kept.items() if ptr not in params)
-        (logp.sum() - 0.5 * entropy.sum()).backward()
-        results.append((logp.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()], kept_values))
-    (l1, h1, g1, kept_stock), (l2, h2, g2, kept_lean) = results
-    assert torch.allclose(l1, l2, atol=1e-6) and torch.allclose(h1, h2, atol=1e-6)
-    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(g1, g2))
-    config, tokens = stock.config, r.input_ids.numel()
-    dropped = tokens * (config.num_hidden_layers * (2 * config.intermediate_size + 2 * config.hidden_size) + config.hidden_size)
-    assert kept_stock - kept_lean == dropped, (kept_stock, kept_lean, dropped)
-    assert sum(g.abs().sum() for g in g1) > 0
-
-
-def test_lean_activations_under_gradient_checkpointing(tok):
-    """--gradient-checkpointing recomputes each layer in backward, through the lean functions too (and
-    takes the plain path, no prompt sharing): the same gradients as without it."""
-    r = sample(tiny_model(tok), tok, seed=19, G=4)
-    grads = []
-    for checkpointing in (False, True):
-        model = tiny_model(tok).train()
-        lean_activations(model)
-        if checkpointing:
-            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-        logp, entropy = token_logprobs_and_entropy(model, r.input_ids, r.attention_mask, r.completion_mask, group_size=4)
-        (logp.sum() - 0.5 * entropy.sum()).backward()
-        grads.append([p.grad for p in model.parameters()])
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads))
 
 
 def test_prompt_sharing_needs_whole_groups_of_equal_prompts(tok):
@@ -562,5 +400,5 @@ def test_decoding_uses_the_current_cache_api():
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         rollout = sample(tiny_model(tok), tok, seed=0)
-        token_logprobs_and_entropy(tiny_model(tok), rollout.input_ids, rollout.attention_mask, rollout.completion_mask,
-                                   group_size=4)
+        fast.token_logprobs_and_entropy(tiny_model(tok), rollout.input_ids, rollout.attention_mask,
+                                        rollout.completion_mask, group_size=4)  # the fast path runs prompts with a cache
