@@ -319,6 +319,13 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_
                 entropy_wrong=H[~correct].mean().item() if (~correct).any() else None)
 
 
+def decoding_path(args, model):
+    """rollout.decode's path: "compiled" (a static cache and a torch.compile'd step, fast.py) with
+    --compile, by default on CUDA; else the plain dynamic loop. The same tokens on every path."""
+    compile_ = args.compile if args.compile is not None else next(model.parameters()).device.type == "cuda"
+    return "compiled" if args.fast and compile_ else "dynamic"
+
+
 def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step, args, master_weights=None):
     """Sample, correct, update. Returns the step's metrics and the final rollout."""
     G = args.num_generations
@@ -327,16 +334,17 @@ def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step
     seed = args.seed * 1_000_003 + step * 7919  # a fresh, reproducible seed per step
     t0 = time.perf_counter()
     model.eval()
+    decoding = decoding_path(args, model)
     sampled, kv = sample_with_cache(model, tokenizer, prompts, answers, group_size=G,
                                     max_new_tokens=args.max_completion_length, temperature=args.temperature,
-                                    top_p=args.top_p, seed=seed)
+                                    top_p=args.top_p, seed=seed, decoding=decoding)
     t1 = time.perf_counter()
     rollout = sampled
     if args.gec:
         rollout = guided_error_correction(model, tokenizer, sampled, answers, [row["solution"] for row in problems],
                                           seed=seed + 1, kv=kv, forced_reflection=args.forced_reflection,
                                           reflection_tokens=args.gec_reflection_tokens, temperature=args.temperature,
-                                          top_p=args.top_p)
+                                          top_p=args.top_p, decoding=decoding)
     del kv  # the sampling cache has served GEC: free it before the update
     t2 = time.perf_counter()
     model.train()
@@ -552,6 +560,9 @@ def build_parser():
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
     g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
                    help="the speed and memory machinery (fast.py), same numbers; --no-fast: the plain reference path")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode on a static KV cache with a torch.compile'd step (same tokens); default: on with CUDA, "
+                        "off on CPU (a compile costs about a minute there); needs --fast")
     g = p.add_argument_group("smaller GPUs (precision.py, lora.py)")
     g.add_argument("--optim", choices=OPTIMIZERS, default="adamw_torch_fused",
                    help="adamw_torch_fused: fp32 moments (and fp32 masters under bf16); adamw_torch_8bit: torchao's 8-bit "
@@ -632,6 +643,7 @@ def validate_args(args):
          "--optim adamw_torch_8bit_sr rounds bf16 weights stochastically: it needs --dtype bfloat16 (or auto)"),
         (args.lora_r >= 1 and 0 <= args.lora_dropout < 1, "--lora-r must be >= 1 and --lora-dropout in [0, 1)"),
         (args.use_peft or not args.save_merged_model, "--save-merged-model merges LoRA adapters: it needs --use-peft"),
+        (args.fast or not args.compile, "--compile is part of the fast path: it contradicts --no-fast"),
     ]
     for ok, message in checks:
         if not ok:

@@ -336,6 +336,84 @@ class EmbeddingIntoGrad(torch.autograd.Function):
 
 
 # -----------------------------------------------------------------------------
+# Decoding: a static KV cache and one fixed-shape step, compiled once per shape (--compile)
+
+CACHE_BUCKET = 64  # static caches are sized up to a multiple of this: a few shapes, a few compilations
+
+
+def padded_rows(n):
+    """Rows of a static decoding batch: the next power of two, so GEC's varying number of continued
+    rows compiles a handful of shapes. The padding rows are computed and ignored."""
+    return 1 << (n - 1).bit_length()
+
+
+def decode_step(model, ids, mask, position, cache):
+    """(B, 1) tokens, (B, L) mask, (B, 1) positions -> next-token logits (B, V): the same shapes at
+    every step, which is what lets torch.compile (and CUDA graphs) capture it once."""
+    return model(input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True,
+                 logits_to_keep=1).logits[:, -1]
+
+
+def static_decoder(model, rows, length, compiled):
+    """A StaticCache of rows x length (transformers' own class) and the step that uses it, kept on
+    the model per shape and reused: a new cache object per rollout would make torch.compile trace
+    again. compiled: the step through torch.compile (dynamic=False; CUDA graphs on GPU)."""
+    from transformers import StaticCache
+    decoders = model.__dict__.setdefault("_static_decoders", {})
+    key = (rows, length, compiled)
+    if key not in decoders:
+        cache = StaticCache(config=model.config, max_cache_len=length)
+        step = decode_step
+        if compiled:
+            mode = "reduce-overhead" if next(model.parameters()).device.type == "cuda" else None
+            step = torch.compile(decode_step, dynamic=False, mode=mode)
+        decoders[key] = (cache, step)
+    cache, step = decoders[key]
+    cache.reset()
+    return cache, step
+
+
+@torch.no_grad()
+def decode_static(model, cache, mask, step_ids, *, max_new_tokens, temperature, top_p, generator, stop_ids, pad_id,
+                  compiled=False):
+    """rollout.decode on a static cache: the same tokens (the same draws from the same generator), the
+    same return value. The dynamic cache's keys/values are copied into a StaticCache sized for all
+    this loop can feed (rounded up to CACHE_BUCKET, rows up to a power of two); the first feed (S
+    tokens) runs as it is, every later step through one fixed-shape decode_step."""
+    from rollout import sample_next_token
+    B, S = step_ids.shape
+    past = cache.get_seq_length()
+    rows = padded_rows(B)
+    length = -(-(past + S + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+    static, step = static_decoder(model, rows, length, compiled)
+    pad = lambda t: torch.cat([t, t[:1].expand(rows - B, *t.shape[1:])]) if rows > B else t  # copies of row 0
+    if past:
+        for layer, source in zip(static.layers, cache.layers):
+            layer.update(pad(source.keys), pad(source.values))
+    full = torch.zeros((rows, length), dtype=mask.dtype, device=mask.device)  # (rows, L): 1 on fed real tokens
+    full[:, :mask.shape[1]] = pad(mask)
+    position = real_positions(pad(mask))[:, -S:]  # (rows, S)
+    logits = decode_step(model, pad(step_ids), full, position, static)[:B]  # the first feed, eager
+    stops = torch.tensor(stop_ids, device=mask.device)
+    done = torch.zeros(B, dtype=torch.bool, device=mask.device)
+    new, column, position = [], mask.shape[1], position[:, -1:]
+    for _ in range(max_new_tokens):
+        token = sample_next_token(logits, temperature, top_p, generator).masked_fill(done, pad_id)  # (B,)
+        new.append(token)
+        done |= torch.isin(token, stops)
+        if done.all():
+            break
+        full[:, column] = 1
+        column, position = column + 1, position + 1
+        logits = step(model, pad(token[:, None]), full, position, static)[:B].clone()  # (B, V)
+    ids = torch.stack(new, dim=1).cpu() if new else torch.zeros((B, 0), dtype=torch.long)  # (B, T)
+    fed = column  # columns whose keys/values are in the cache
+    from transformers import DynamicCache
+    kv = DynamicCache([(layer.keys[:B, :, :fed], layer.values[:B, :, :fed]) for layer in static.layers], config=model.config)
+    return ids, (kv, full[:B, :fed])
+
+
+# -----------------------------------------------------------------------------
 # Process settings
 
 

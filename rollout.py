@@ -195,12 +195,19 @@ def sample_next_token(logits, temperature, top_p, generator):
 
 
 @torch.no_grad()
-def decode(model, cache, mask, step_ids, *, max_new_tokens, temperature, top_p, generator, stop_ids, pad_id):
+def decode(model, cache, mask, step_ids, *, max_new_tokens, temperature, top_p, generator, stop_ids, pad_id,
+           decoding="dynamic"):
     """The sampling loop. cache: keys/values of everything before step_ids (B, S), the tokens fed
     first (left-padded when S > 1); mask (B, cache + S). Each step feeds one token per row; a row
     that has produced a stop id gets pad_id after it; the loop ends when every row has stopped.
     Returns the new ids (B, T <= max_new_tokens) and kv = (cache, its mask), from which rows can be
-    continued (guided_error_correction)."""
+    continued (guided_error_correction). decoding: "dynamic" is this loop, the cache growing a
+    token at a time; "static" and "compiled" run fast.decode_static (the same tokens, faster)."""
+    if decoding != "dynamic":
+        from fast import decode_static
+        return decode_static(model, cache, mask, step_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_p=top_p, generator=generator, stop_ids=stop_ids, pad_id=pad_id,
+                             compiled=decoding == "compiled")
     stops = torch.tensor(stop_ids, device=mask.device)
     done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)  # (B,)
     new = []
@@ -221,7 +228,7 @@ def decode(model, cache, mask, step_ids, *, max_new_tokens, temperature, top_p, 
 
 
 def generate(model, input_ids, attention_mask, *, max_new_tokens, temperature, top_p, seed, stop_ids, pad_id,
-             group_size=1):
+             group_size=1, decoding="dynamic"):
     """Completions (B, T <= max_new_tokens) of left-padded prompts (B, Tp), and the kv to continue
     them (see decode). The seed drives a private generator: the same seed gives the same samples
     and the caller's RNG is untouched. group_size: groups of G identical prompts are prefilled
@@ -231,7 +238,7 @@ def generate(model, input_ids, attention_mask, *, max_new_tokens, temperature, t
     cache = prefill(model, input_ids.to(device), mask, group_size)
     return decode(model, cache, mask, input_ids[:, -1:].to(device), max_new_tokens=max_new_tokens,
                   temperature=temperature, top_p=top_p, generator=torch.Generator(device=device).manual_seed(seed),
-                  stop_ids=stop_ids, pad_id=pad_id)
+                  stop_ids=stop_ids, pad_id=pad_id, decoding=decoding)
 
 
 def _encode(tokenizer, text):
@@ -243,14 +250,14 @@ def pad_id_of(tokenizer):
 
 
 def sample_rollout(model, tokenizer, prompts, answers, *, group_size, max_new_tokens, temperature=1.0,
-                   top_p=1.0, seed=0):
+                   top_p=1.0, seed=0, decoding="dynamic"):
     """G = group_size completions for each prompt, sampled together, scored by reward.py."""
     return sample_with_cache(model, tokenizer, prompts, answers, group_size=group_size, max_new_tokens=max_new_tokens,
-                             temperature=temperature, top_p=top_p, seed=seed)[0]
+                             temperature=temperature, top_p=top_p, seed=seed, decoding=decoding)[0]
 
 
 def sample_with_cache(model, tokenizer, prompts, answers, *, group_size, max_new_tokens, temperature=1.0,
-                      top_p=1.0, seed=0):
+                      top_p=1.0, seed=0, decoding="dynamic"):
     """sample_rollout, and the sampling pass's KV cache with its mask, from which guided_error_correction
     continues rows without running prompt and response through the model again."""
     encoded = tokenizer(prompts, padding=True, padding_side="left", add_special_tokens=False,
@@ -260,7 +267,7 @@ def sample_with_cache(model, tokenizer, prompts, answers, *, group_size, max_new
     stop_ids = stop_token_ids(tokenizer, model)
     completion_ids, kv = generate(model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
                                   temperature=temperature, top_p=top_p, seed=seed, stop_ids=stop_ids,
-                                  pad_id=pad_id_of(tokenizer), group_size=group_size)  # (B, T)
+                                  pad_id=pad_id_of(tokenizer), group_size=group_size, decoding=decoding)  # (B, T)
     completion_mask, truncated = completion_mask_from_eos(completion_ids, stop_ids)
     texts = tokenizer.batch_decode(completion_ids * completion_mask + pad_id_of(tokenizer) * (1 - completion_mask),
                                    skip_special_tokens=True)
@@ -431,7 +438,7 @@ def cached_contexts(model, rollout, kv, ids, rows, kept_lengths, pad_id):
 
 
 def continue_rows(model, rollout, kv, ids, sampled, kept, rows, *, seed, reflection_tokens, temperature, top_p,
-                  stop_ids, pad_id):
+                  stop_ids, pad_id, decoding="dynamic"):
     """The policy goes on after the reflection cue, for `rows` only, in one decoding loop: from the
     sampling cache when there is one (kv), else from a fresh prefill of prompt + response + cue.
     The new tokens are appended to ids (sampled flag 1), in place."""
@@ -443,7 +450,7 @@ def continue_rows(model, rollout, kv, ids, sampled, kept, rows, *, seed, reflect
         cache, step_ids = prefill(model, context_ids, mask, group_size=1), context_ids[:, -1:]
     continuation, _ = decode(model, cache, mask, step_ids, max_new_tokens=reflection_tokens, temperature=temperature,
                              top_p=top_p, generator=torch.Generator(device=model.device).manual_seed(seed),
-                             stop_ids=stop_ids, pad_id=pad_id)  # (len(rows), T')
+                             stop_ids=stop_ids, pad_id=pad_id, decoding=decoding)  # (len(rows), T')
     continuation_mask, _ = completion_mask_from_eos(continuation, stop_ids)
     for k, row in enumerate(rows):
         new = continuation[k, :int(continuation_mask[k].sum())].tolist()
@@ -468,7 +475,7 @@ def rescore(tokenizer, rollout, actions, ids, sampled, answers, stop_ids, pad_id
 
 
 def guided_error_correction(model, tokenizer, rollout, answers, solutions, *, seed, kv=None, forced_reflection=False,
-                            reflection_tokens=REFLECTION_NEW_TOKENS, temperature=1.0, top_p=1.0):
+                            reflection_tokens=REFLECTION_NEW_TOKENS, temperature=1.0, top_p=1.0, decoding="dynamic"):
     """GEC: rewrite every response with r_i < MAX_REWARD, then re-score; returns a new Rollout.
     answers, solutions: one per prompt (a solution may be None or ''); kv: the sampling pass's cache
     (sample_with_cache), if any. Tokens GEC inserts (the cue, the answer sentence, the solution,
@@ -485,5 +492,5 @@ def guided_error_correction(model, tokenizer, rollout, answers, solutions, *, se
     if reflecting:
         continue_rows(model, rollout, kv, ids, sampled, kept, reflecting, seed=seed + 1,
                       reflection_tokens=reflection_tokens, temperature=temperature, top_p=top_p, stop_ids=stop_ids,
-                      pad_id=pad_id)
+                      pad_id=pad_id, decoding=decoding)
     return rescore(tokenizer, rollout, actions, ids, sampled, answers, stop_ids, pad_id)

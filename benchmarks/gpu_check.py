@@ -6,9 +6,11 @@ and EDA on, the paper's lr 1e-6, of (a) the embedded SmolLM2-135M and (b) a rand
 with Qwen2.5-Math-1.5B's shapes (config written here: no hub access needed; a random model never
 stops, so every row runs the full 1024 tokens and GEC continues all of them: a worst case). One JSON
 line per model: seconds per step split into generation / GEC / update, generated tokens per second,
-peak CUDA memory, the memory plan's total, and the fraction of master weights that moved.
+peak CUDA memory, the memory plan's total, and the fraction of master weights that moved; then
+benchmarks/generation.py's lines for the 1.5B-shaped model (decoding paths, tokens/s).
 Without CUDA it says so and exits 0; `--device cpu` runs the same check on the CPU (slowly: use
---max-completion-length 48 --num-generations 4). Under 8 minutes on one H100 with the defaults.
+--max-completion-length 48 --num-generations 4). Sized for one 10-minute run on an H100 (an estimate: no GPU has run it yet; --no-generation
+skips the decoding benchmark).
 
   python benchmarks/gpu_check.py
   python benchmarks/gpu_check.py --device cpu --models embedded --max-completion-length 48 --num-generations 4 --steps 2
@@ -16,6 +18,7 @@ Without CUDA it says so and exits 0; `--device cpu` runs the same check on the C
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -87,6 +90,8 @@ def main(argv=None):
     p.add_argument("--num-generations", type=int, default=8)
     p.add_argument("--max-completion-length", type=int, default=1024)
     p.add_argument("--learning-rate", type=float, default=1e-6)
+    p.add_argument("--generation", action=argparse.BooleanOptionalAction, default=True,
+                   help="then benchmarks/generation.py on CUDA: the 1.5B-shaped model at 8 x 1024, dynamic vs compiled")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -109,6 +114,9 @@ def main(argv=None):
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if args.generation and device.type == "cuda":  # one JSON line per decoding path, each in its own process
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generation.py"), "--models", "qwen-shaped",
+                        "--paths", "dynamic", "compiled"], check=False)
     return results
 
 

@@ -379,3 +379,62 @@ def test_a_new_per_token_quantity_on_the_plain_path(model, tok):
     V.sum().backward()
     assert model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
     model.zero_grad()
+
+
+# ----------------------------------------------------------------------------- decoding: static cache, compiled step
+
+
+def rollout_and_gec(model, tok, decoding, top_p=1.0):
+    """A sampled rollout (8 rows, 20 tokens, some truncated) and GEC's continuation of 5 of its rows
+    (3 are marked correct and left alone): 5 rows decode in a static batch of 8."""
+    import dataclasses
+    from reward import MAX_REWARD
+    prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"), build_prompt(tok, "Compute 12*3 please.", "step-by-step")]
+    r, kv = rollout.sample_with_cache(model, tok, prompts, ["2", "36"], group_size=4, max_new_tokens=20, temperature=1.0,
+                                      top_p=top_p, seed=3, decoding=decoding)
+    rewards = r.rewards.clone()
+    rewards[[0, 3, 6]] = MAX_REWARD
+    corrected = rollout.guided_error_correction(model, tok, dataclasses.replace(r, rewards=rewards), ["2", "36"],
+                                                ["two", None], seed=5, kv=kv, forced_reflection=True, reflection_tokens=7,
+                                                top_p=top_p, decoding=decoding)
+    assert corrected.actions.count("reflection") == 5
+    return r.completion_ids, corrected.completion_ids
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_static_decoding_gives_the_tokens_of_the_dynamic_loop(arch, top_p):
+    """fast.decode_static (a StaticCache sized once, copies of the prompts' keys/values, a fixed-shape
+    step, padded rows) samples exactly the tokens of rollout.decode's dynamic loop from the same
+    seed, in sampling and in GEC's continuation from the sampling cache."""
+    make_tokenizer, make_model = ARCHITECTURES[arch]
+    tok = make_tokenizer()
+    model = make_model(tok)
+    dynamic, static = (rollout_and_gec(model, tok, path, top_p) for path in ("dynamic", "static"))
+    assert torch.equal(dynamic[0], static[0]) and torch.equal(dynamic[1], static[1])
+    assert dynamic[0].shape == (8, 20) and len({tuple(row) for row in dynamic[0].tolist()}) > 1
+
+
+@pytest.mark.slow  # compiles the decoding step of two tiny models: ~10-20 s on 2 CPU cores; CI runs it
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_compiled_decoding_gives_the_tokens_of_the_dynamic_loop(arch):
+    """The same through torch.compile (what --compile runs): equal tokens, and one compiled step per
+    shape kept on the model (sampling's 8 rows, GEC's 5 padded to 8 with a longer cache)."""
+    make_tokenizer, make_model = ARCHITECTURES[arch]
+    tok = make_tokenizer()
+    model = make_model(tok)
+    dynamic, compiled = (rollout_and_gec(model, tok, path) for path in ("dynamic", "compiled"))
+    assert torch.equal(dynamic[0], compiled[0]) and torch.equal(dynamic[1], compiled[1])
+    assert all(key[0] == 8 and key[2] for key in model._static_decoders)
+    before = len(model._static_decoders)
+    rollout_and_gec(model, tok, "compiled")
+    assert len(model._static_decoders) == before  # reused, not rebuilt
+
+
+def test_the_decoding_path_follows_the_flags(tmp_path):
+    from tests.test_edge_grpo import args_for
+    model = tiny_model(tiny_tokenizer())
+    assert eg.decoding_path(args_for(tmp_path), model) == "dynamic"  # CPU: no compile by default
+    assert eg.decoding_path(args_for(tmp_path, "--compile"), model) == "compiled"
+    with pytest.raises(SystemExit, match="--compile"):
+        args_for(tmp_path, "--no-fast", "--compile")
