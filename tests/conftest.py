@@ -1,2 +1,25 @@
+"""Fixtures shared by the test files: the tiny tokenizers (Llama-style and Qwen-style) and a tiny
+Llama model (tests/tiny.py)."""
+
+import pytest
+
+from tests.tiny import qwen_tokenizer, tiny_model, tiny_tokenizer
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds (compiles); CI runs it: pytest -m 'not slow' skips it")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_model(tok)
+
+
+@pytest.fixture(scope="module")
+def qtok():
+    return qwen_tokenizer()

@@ -11,7 +11,7 @@ import torch
 import data
 import edge_grpo as eg
 from rollout import build_prompt, guided_error_correction, rollout_from_texts, sample_rollout
-from tests.tiny import tiny_model, tiny_tokenizer, write_tiny_gguf
+from tests.tiny import tiny_model, write_tiny_gguf
 
 
 # ----------------------------------------------------------------------------- advantages
@@ -101,11 +101,6 @@ def test_fig5_quantities():
 
 
 # ----------------------------------------------------------------------------- the update
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
 
 def args_for(tmp_path, *extra):
     return eg.parse_args(["--model", "tiny", "--output-dir", str(tmp_path), "--num-generations", "4",

@@ -15,28 +15,8 @@ import edge_grpo as eg
 import rollout
 from fast import EmbeddingIntoGrad, LogprobAndEntropy, lean_activations, token_logprobs_and_entropy
 from rollout import build_prompt, sample_rollout
-from tests.tiny import qwen_tokenizer, tiny_model, tiny_qwen2, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_model(tok)
-
-
-@pytest.fixture(scope="module")
-def qtok():
-    return qwen_tokenizer()
-
-
-def sample(model, tok, seed, temperature=1.0, G=4, max_new_tokens=16):
-    prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"), build_prompt(tok, "Compute 12*3.", "step-by-step")]
-    return sample_rollout(model, tok, prompts, ["2", "36"], group_size=G, max_new_tokens=max_new_tokens,
-                          temperature=temperature, seed=seed)
+from tests.test_rollout import sample
+from tests.tiny import qwen_tokenizer, sharpened, tiny_model, tiny_qwen2, tiny_tokenizer
 
 
 @pytest.mark.parametrize("uses", ["both", "logp", "entropy"])
@@ -384,16 +364,6 @@ def test_a_new_per_token_quantity_on_the_plain_path(model, tok):
 # ----------------------------------------------------------------------------- decoding: static cache, compiled step
 
 
-def sharp(model):
-    """Weights x 20: a default-initialised tiny model hardly depends on positions or context, so a
-    wrong position or a stale cache entry would change no token; this one's tokens do."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.mul_(20)
-    return model
-
-
 def rollout_and_gec(model, tok, decoding, top_p=1.0):
     """A sampled rollout (8 rows, 20 tokens, some truncated) and GEC's continuation of 5 of its rows
     (3 are marked correct and left alone): 5 rows decode in a static batch of 8."""
@@ -419,7 +389,7 @@ def test_static_decoding_gives_the_tokens_of_the_dynamic_loop(arch, top_p):
     seed, in sampling and in GEC's continuation from the sampling cache."""
     make_tokenizer, make_model = ARCHITECTURES[arch]
     tok = make_tokenizer()
-    model = sharp(make_model(tok))
+    model = sharpened(make_model(tok))
     dynamic, static = (rollout_and_gec(model, tok, path, top_p) for path in ("dynamic", "static"))
     assert torch.equal(dynamic[0], static[0]) and torch.equal(dynamic[1], static[1])
     assert dynamic[0].shape == (8, 20) and len({tuple(row) for row in dynamic[0].tolist()}) > 1
@@ -432,7 +402,7 @@ def test_compiled_decoding_gives_the_tokens_of_the_dynamic_loop(arch):
     shape kept on the model (sampling's 8 rows, GEC's 5 padded to 8 with a longer cache)."""
     make_tokenizer, make_model = ARCHITECTURES[arch]
     tok = make_tokenizer()
-    model = sharp(make_model(tok))
+    model = sharpened(make_model(tok))
     dynamic, compiled = (rollout_and_gec(model, tok, path) for path in ("dynamic", "compiled"))
     assert torch.equal(dynamic[0], compiled[0]) and torch.equal(dynamic[1], compiled[1])
     assert all(key[0] == 8 and key[2] for key in model._static_decoders)

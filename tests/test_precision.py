@@ -17,14 +17,9 @@ import edge_grpo as eg
 import precision
 from rollout import build_prompt
 from tests.test_edge_grpo import PROBLEMS, args_for, write_jsonl
-from tests.tiny import qwen_tokenizer, tiny_model, tiny_qwen2, tiny_tokenizer
+from tests.tiny import tiny_model, tiny_qwen2
 
 LR = 1e-6  # the paper's learning rate
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
 
 
 def train_bf16(tmp_path, tok, *extra, model=None, steps="1"):
@@ -117,11 +112,6 @@ def test_memory_plan_arithmetic():
 
 
 # ----------------------------------------------------------------------------- the Qwen2 architecture
-
-@pytest.fixture(scope="module")
-def qtok():
-    return qwen_tokenizer()
-
 
 def test_qwen_prompt_is_the_authors(qtok):
     """Qwen2.5-Math gets the bare problem; its template's default system prompt asks for \\boxed{}."""

@@ -14,28 +14,7 @@ from rollout import (ANSWER_SENTENCE, GEC_MAX_PROMPT_TOKENS, REFLECTION_CUE, STE
                      build_prompt, choose_gec_actions, completion_mask_from_eos, generate, guided_error_correction,
                      sample_next_token, sample_rollout, sample_with_cache, shares_prompts, token_logprobs_and_entropy,
                      default_prompt_format)
-from tests.tiny import qwen_tokenizer, tiny_model, tiny_qwen2, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_model(tok)
-
-
-def sharp_model(tok):
-    """The tiny model with weights x 20: the default init decodes one token over and over; this one's
-    outputs depend on their context, so decoding tests can tell contexts apart."""
-    model = tiny_model(tok)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.mul_(20)
-    return model
+from tests.tiny import qwen_tokenizer, sharpened, tiny_model, tiny_qwen2, tiny_tokenizer
 
 
 def sample(model, tok, seed, temperature=1.0, G=4, max_new_tokens=16):
@@ -119,7 +98,7 @@ def test_greedy_decoding_equals_transformers_generate(model, tok):
     prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"), build_prompt(tok, "Compute 12*3 and explain.", "step-by-step")]
     enc = tok(prompts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
     ids, mask = enc.input_ids.repeat_interleave(2, 0), enc.attention_mask.repeat_interleave(2, 0)
-    model = sharp_model(tok)
+    model = sharpened(tiny_model(tok))
 
     def both(stop, group_size):
         ours, _ = generate(model, ids, mask, max_new_tokens=20, temperature=0, top_p=1.0, seed=0, stop_ids=[stop],
@@ -314,7 +293,7 @@ def test_gec_continues_from_the_sampling_cache_as_from_a_fresh_prefill(tok):
     """GEC continues reflection rows from the KV cache of the sampling pass (holes where a response
     ended, the never-fed last token of a truncated one). Greedy continuations equal those of a full
     prefill of prompt + response + cue, for rows that ended and rows that were truncated."""
-    model = sharp_model(tok)
+    model = sharpened(tiny_model(tok))
     prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"), build_prompt(tok, "Compute 12*3 and explain.", "step-by-step")]
     r, kv = sample_with_cache(model, tok, prompts, ["2", "36"], group_size=4, max_new_tokens=16, temperature=3.0, seed=2)
     assert kv is not None and r.truncated.any() and not r.truncated.all()

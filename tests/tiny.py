@@ -116,3 +116,13 @@ def write_tiny_gguf(path, layers=2, hidden=32, heads=4, kv_heads=2, intermediate
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def sharpened(model):
+    """Weights x 20 (norms aside): a default-initialised tiny model hardly depends on its context or
+    positions, so a wrong position or cache entry would change no token; a sharpened one's do."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(20)
+    return model
