@@ -176,6 +176,20 @@ def prefill(model, input_ids, attention_mask, group_size):
     return cache
 
 
+def row_generators(seed, rows, device="cpu"):
+    """One private generator per row, seeded by (seed, the row's index in the whole step's batch): a
+    row draws the same numbers whichever rows share its batch and whichever process (torchrun rank)
+    holds it, and the caller's RNG is untouched. rows: global row indices."""
+    return [torch.Generator(device=device).manual_seed(hash((seed, row)) % 2**63) for row in rows]
+
+
+def uniforms(generator, n, dtype=torch.float32, device="cpu"):
+    """(n, 1) uniform draws: n from one Generator, or one from each of a list of n (row_generators)."""
+    if isinstance(generator, list):
+        return torch.cat([torch.rand(1, 1, dtype=dtype, device=device, generator=g) for g in generator])
+    return torch.rand(n, 1, dtype=dtype, device=device, generator=generator)
+
+
 def sample_next_token(logits, temperature, top_p, generator):
     """logits (B, V) -> ids (B,). Temperature 0 is greedy. Otherwise one draw from softmax(logits / T),
     restricted to the nucleus (the most likely tokens holding top_p of the mass) when top_p < 1: the
@@ -190,7 +204,7 @@ def sample_next_token(logits, temperature, top_p, generator):
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # the mass before the token already reaches top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
     cdf = probs.double().cumsum(dim=-1)  # (B, V); fp64 so that 150k additions do not drift
-    u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device, generator=generator) * cdf[:, -1:]  # (B, 1)
+    u = uniforms(generator, cdf.shape[0], cdf.dtype, cdf.device) * cdf[:, -1:]  # (B, 1)
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)  # first cdf > u
 
 
@@ -228,16 +242,17 @@ def decode(model, cache, mask, step_ids, *, max_new_tokens, temperature, top_p, 
 
 
 def generate(model, input_ids, attention_mask, *, max_new_tokens, temperature, top_p, seed, stop_ids, pad_id,
-             group_size=1, decoding="dynamic"):
+             group_size=1, decoding="dynamic", first_row=0):
     """Completions (B, T <= max_new_tokens) of left-padded prompts (B, Tp), and the kv to continue
-    them (see decode). The seed drives a private generator: the same seed gives the same samples
-    and the caller's RNG is untouched. group_size: groups of G identical prompts are prefilled
-    once each."""
+    them (see decode). Each row samples from its own generator, seeded by (seed, first_row + its
+    index): the same seed gives the same samples. group_size: groups of G identical prompts are
+    prefilled once each."""
     device = model.device
     mask = attention_mask.to(device)
     cache = prefill(model, input_ids.to(device), mask, group_size)
     return decode(model, cache, mask, input_ids[:, -1:].to(device), max_new_tokens=max_new_tokens,
-                  temperature=temperature, top_p=top_p, generator=torch.Generator(device=device).manual_seed(seed),
+                  temperature=temperature, top_p=top_p,
+                  generator=row_generators(seed, range(first_row, first_row + input_ids.shape[0]), device),
                   stop_ids=stop_ids, pad_id=pad_id, decoding=decoding)
 
 
@@ -250,14 +265,15 @@ def pad_id_of(tokenizer):
 
 
 def sample_rollout(model, tokenizer, prompts, answers, *, group_size, max_new_tokens, temperature=1.0,
-                   top_p=1.0, seed=0, decoding="dynamic"):
-    """G = group_size completions for each prompt, sampled together, scored by reward.py."""
+                   top_p=1.0, seed=0, decoding="dynamic", first_row=0):
+    """G = group_size completions for each prompt, sampled together, scored by reward.py. first_row:
+    the index of this batch's first row in the step's whole batch (a torchrun rank's share)."""
     return sample_with_cache(model, tokenizer, prompts, answers, group_size=group_size, max_new_tokens=max_new_tokens,
-                             temperature=temperature, top_p=top_p, seed=seed, decoding=decoding)[0]
+                             temperature=temperature, top_p=top_p, seed=seed, decoding=decoding, first_row=first_row)[0]
 
 
 def sample_with_cache(model, tokenizer, prompts, answers, *, group_size, max_new_tokens, temperature=1.0,
-                      top_p=1.0, seed=0, decoding="dynamic"):
+                      top_p=1.0, seed=0, decoding="dynamic", first_row=0):
     """sample_rollout, and the sampling pass's KV cache with its mask, from which guided_error_correction
     continues rows without running prompt and response through the model again."""
     encoded = tokenizer(prompts, padding=True, padding_side="left", add_special_tokens=False,
@@ -267,7 +283,8 @@ def sample_with_cache(model, tokenizer, prompts, answers, *, group_size, max_new
     stop_ids = stop_token_ids(tokenizer, model)
     completion_ids, kv = generate(model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
                                   temperature=temperature, top_p=top_p, seed=seed, stop_ids=stop_ids,
-                                  pad_id=pad_id_of(tokenizer), group_size=group_size, decoding=decoding)  # (B, T)
+                                  pad_id=pad_id_of(tokenizer), group_size=group_size, decoding=decoding,
+                                  first_row=first_row)  # (B, T)
     completion_mask, truncated = completion_mask_from_eos(completion_ids, stop_ids)
     texts = tokenizer.batch_decode(completion_ids * completion_mask + pad_id_of(tokenizer) * (1 - completion_mask),
                                    skip_special_tokens=True)
@@ -348,10 +365,10 @@ def token_logprobs_and_entropy(model, input_ids, attention_mask, completion_mask
 
 def choose_gec_actions(needs_fix, has_solution, prompt_too_long, generator, forced_reflection=False):
     """One action per row, from one uniform draw per row (every row draws, so row i's choice does not
-    depend on the others). needs_fix, has_solution, prompt_too_long: (B,) bool.
+    depend on the others; generator: one Generator, or one per row, row_generators). needs_fix, has_solution, prompt_too_long: (B,) bool.
     GEC: reflection with p 1/2, answer with p 1/4, solution with p 1/4 (answer when there is no
     solution). Forced reflection (the paper's baseline): reflection for every row that needs a fix."""
-    u = torch.rand(len(needs_fix), generator=generator)  # (B,)
+    u = uniforms(generator, len(needs_fix)).squeeze(1)  # (B,)
     actions = []
     for row, draw in enumerate(u.tolist()):
         if not needs_fix[row]:
@@ -438,7 +455,7 @@ def cached_contexts(model, rollout, kv, ids, rows, kept_lengths, pad_id):
 
 
 def continue_rows(model, rollout, kv, ids, sampled, kept, rows, *, seed, reflection_tokens, temperature, top_p,
-                  stop_ids, pad_id, decoding="dynamic"):
+                  stop_ids, pad_id, decoding="dynamic", first_row=0):
     """The policy goes on after the reflection cue, for `rows` only, in one decoding loop: from the
     sampling cache when there is one (kv), else from a fresh prefill of prompt + response + cue.
     The new tokens are appended to ids (sampled flag 1), in place."""
@@ -449,7 +466,7 @@ def continue_rows(model, rollout, kv, ids, sampled, kept, rows, *, seed, reflect
         context_ids, mask = (t.to(model.device) for t in left_pad(contexts, pad_id))
         cache, step_ids = prefill(model, context_ids, mask, group_size=1), context_ids[:, -1:]
     continuation, _ = decode(model, cache, mask, step_ids, max_new_tokens=reflection_tokens, temperature=temperature,
-                             top_p=top_p, generator=torch.Generator(device=model.device).manual_seed(seed),
+                             top_p=top_p, generator=row_generators(seed, [first_row + row for row in rows], model.device),
                              stop_ids=stop_ids, pad_id=pad_id, decoding=decoding)  # (len(rows), T')
     continuation_mask, _ = completion_mask_from_eos(continuation, stop_ids)
     for k, row in enumerate(rows):
@@ -475,7 +492,8 @@ def rescore(tokenizer, rollout, actions, ids, sampled, answers, stop_ids, pad_id
 
 
 def guided_error_correction(model, tokenizer, rollout, answers, solutions, *, seed, kv=None, forced_reflection=False,
-                            reflection_tokens=REFLECTION_NEW_TOKENS, temperature=1.0, top_p=1.0, decoding="dynamic"):
+                            reflection_tokens=REFLECTION_NEW_TOKENS, temperature=1.0, top_p=1.0, decoding="dynamic",
+                            first_row=0):
     """GEC: rewrite every response with r_i < MAX_REWARD, then re-score; returns a new Rollout.
     answers, solutions: one per prompt (a solution may be None or ''); kv: the sampling pass's cache
     (sample_with_cache), if any. Tokens GEC inserts (the cue, the answer sentence, the solution,
@@ -486,11 +504,11 @@ def guided_error_correction(model, tokenizer, rollout, answers, solutions, *, se
         needs_fix=(rollout.rewards < MAX_REWARD).tolist(),
         has_solution=[bool(solutions[row // G]) for row in range(B)],
         prompt_too_long=(rollout.prompt_mask.sum(dim=1) >= GEC_MAX_PROMPT_TOKENS).tolist(),
-        generator=torch.Generator().manual_seed(seed), forced_reflection=forced_reflection)
+        generator=row_generators(seed, range(first_row, first_row + B)), forced_reflection=forced_reflection)
     ids, sampled, kept = rewrite_rows(tokenizer, rollout, actions, answers, solutions, stop_ids)
     reflecting = [row for row in range(B) if actions[row] == "reflection"]
     if reflecting:
         continue_rows(model, rollout, kv, ids, sampled, kept, reflecting, seed=seed + 1,
                       reflection_tokens=reflection_tokens, temperature=temperature, top_p=top_p, stop_ids=stop_ids,
-                      pad_id=pad_id, decoding=decoding)
+                      pad_id=pad_id, decoding=decoding, first_row=first_row)
     return rescore(tokenizer, rollout, actions, ids, sampled, answers, stop_ids, pad_id)

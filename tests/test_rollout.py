@@ -295,7 +295,7 @@ def test_gec_continues_from_the_sampling_cache_as_from_a_fresh_prefill(tok):
     prefill of prompt + response + cue, for rows that ended and rows that were truncated."""
     model = sharpened(tiny_model(tok))
     prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"), build_prompt(tok, "Compute 12*3 and explain.", "step-by-step")]
-    r, kv = sample_with_cache(model, tok, prompts, ["2", "36"], group_size=4, max_new_tokens=16, temperature=3.0, seed=2)
+    r, kv = sample_with_cache(model, tok, prompts, ["2", "36"], group_size=4, max_new_tokens=16, temperature=3.0, seed=0)
     assert kv is not None and r.truncated.any() and not r.truncated.all()
     kwargs = dict(seed=1, forced_reflection=True, reflection_tokens=8, temperature=0)
     cached = guided_error_correction(model, tok, r, ["2", "36"], ["two", "36"], kv=kv, **kwargs)
@@ -381,3 +381,23 @@ def test_decoding_uses_the_current_cache_api():
         rollout = sample(tiny_model(tok), tok, seed=0)
         fast.token_logprobs_and_entropy(tiny_model(tok), rollout.input_ids, rollout.attention_mask,
                                         rollout.completion_mask, group_size=4)  # the fast path runs prompts with a cache
+
+
+def test_a_rows_samples_do_not_depend_on_the_rest_of_its_batch(tok):
+    """Each row samples (and GEC draws and continues) from its own generator, seeded by (seed, the row's
+    index in the step's batch): the second prompt's group sampled alone, told its first row, gets
+    the tokens and GEC actions it gets in the whole batch. This is what lets torchrun ranks split a
+    step's prompts and still sample what one process would."""
+    model = sharpened(tiny_model(tok))
+    prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"), build_prompt(tok, "Compute 12*3 please.", "step-by-step")]
+    kwargs = dict(group_size=4, max_new_tokens=12, temperature=1.0, seed=5)
+    whole, kv = sample_with_cache(model, tok, prompts, ["2", "36"], **kwargs)
+    alone, kv_alone = sample_with_cache(model, tok, prompts[1:], ["36"], first_row=4, **kwargs)
+    width = alone.completion_ids.shape[1]
+    assert torch.equal(whole.completion_ids[4:, :width], alone.completion_ids)
+    assert (whole.completion_ids[4:, width:] == tok.pad_token_id).all()
+    gec = dict(seed=9, reflection_tokens=6, temperature=1.0)
+    both = guided_error_correction(model, tok, whole, ["2", "36"], ["two", None], kv=kv, **gec)
+    part = guided_error_correction(model, tok, alone, ["36"], [None], kv=kv_alone, first_row=4, **gec)
+    assert both.actions[4:] == part.actions and both.texts[4:] == part.texts
+    assert "reflection" in part.actions
