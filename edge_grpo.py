@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import distributed
 import fast
 from data import PAPER_DATA, arithmetic_problems, fail, load_data, next_prompts
 from lora import (add_adapters, adapters_disabled, base_model_of, is_adapter_checkpoint, load_adapter, load_merged,
@@ -116,7 +117,7 @@ def entropy_driven_advantages(advantages, entropies, G, floor=ENTROPY_FLOOR, sca
     return advantages * scale.view(-1)
 
 
-def token_weights(loss_mask, loss_type, max_completion_length, micro_batches):
+def token_weights(loss_mask, loss_type, max_completion_length, micro_batches, world=1, step_tokens=None):
     """(B, T) -> (B, T): the weight of each token in the step's loss, fixed once per optimizer step so
     that micro-batches summing their weighted losses give exactly the loss and gradient TRL's
     GRPOTrainer defines for the same micro-batches (its loss_type names, its meanings):
@@ -126,18 +127,20 @@ def token_weights(loss_mask, loss_type, max_completion_length, micro_batches):
                micro-batch, then the mean over micro-batches (depends on the micro-batching, as TRL's);
       dapo:    1/(tokens in the step), one token mean over the whole step;
       dr_grpo: 1/(B x max_completion_length), a constant.
-    micro_batches: lists of row indices, the partition of the B rows the update uses."""
+    micro_batches: lists of row indices, the partition of the B rows the update uses. Split over
+    `world` processes (distributed.py), each holds B rows of the step's world x B and the counts are
+    the whole step's: world x B rows, world x len(micro_batches) micro-batches, step_tokens tokens."""
     mask = loss_mask.float()
-    B = mask.shape[0]
+    B = mask.shape[0] * world  # rows in the whole step
     if loss_type == "grpo":
         return mask / mask.sum(dim=1, keepdim=True).clamp(min=1) / B
     if loss_type == "bnpo":
         weights = torch.zeros_like(mask)
         for rows in micro_batches:
-            weights[rows] = mask[rows] / mask[rows].sum().clamp(min=1) / len(micro_batches)
+            weights[rows] = mask[rows] / mask[rows].sum().clamp(min=1) / (len(micro_batches) * world)
         return weights
     if loss_type == "dapo":
-        return mask / mask.sum().clamp(min=1)
+        return mask / (mask.sum() if step_tokens is None else step_tokens).clamp(min=1)
     if loss_type == "dr_grpo":
         return mask / (B * max_completion_length)
     raise ValueError(f"unknown loss type {loss_type!r}")
@@ -259,8 +262,10 @@ def micro_batch_loss(model, ref_model, batch, logp, old_logp, A, args, G):
 def optimizer_step(optimizer, scheduler, args, master_weights):
     """Clips the summed gradient's norm, steps AdamW (on the fp32 masters under mixed precision, whose
     rounding the model then takes), advances the schedule, zeroes the gradients in place (they are
-    views of one flat buffer). Returns the norm before clipping."""
+    views of one flat buffer). Under torchrun the ranks' gradients are summed first. Returns the norm
+    before clipping."""
     trained = [p for group in optimizer.param_groups for p in group["params"]]
+    distributed.sum_gradients(trained)  # each rank's part of the step's gradient: the whole on every rank
     grad_norm = torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
     optimizer.step()
     scheduler.step()
@@ -279,7 +284,9 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_
     size = args.micro_batch_size  # a multiple of G keeps whole groups in each micro-batch
     batches = [list(range(s, min(s + size, B))) for s in range(0, B, size)]
     advantages = group_advantages(rollout.rewards, G, scale=args.scale_rewards)  # (B,)
-    weights = token_weights(loss_mask, args.loss_type, args.max_completion_length, batches)  # (B, T)
+    step_tokens = distributed.all_reduce_sum(loss_mask.sum().float())  # the whole step's (all ranks')
+    weights = token_weights(loss_mask, args.loss_type, args.max_completion_length, batches,
+                            world=distributed.world_size(), step_tokens=step_tokens)  # (B, T)
     per_token = dict(weights=weights, loss_mask=loss_mask.float())
     # EDA reads H_i from the training forward itself, unless a no-grad pass must come first: for old
     # log-probs (num_iterations > 1), or when a micro-batch splits a group (EDA's mean is the group's).
@@ -326,8 +333,9 @@ def decoding_path(args, model):
     return "compiled" if args.fast and compile_ else "dynamic"
 
 
-def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step, args, master_weights=None):
-    """Sample, correct, update. Returns the step's metrics and the final rollout."""
+def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step, args, master_weights=None, first_row=0):
+    """Sample, correct, update. Returns the step's metrics and the final rollout. first_row: the index
+    of this process's first row in the step's batch (torchrun: its share of the prompts)."""
     G = args.num_generations
     prompts = [build_prompt(tokenizer, row["problem"], args.prompt_format) for row in problems]
     answers = [row["answer"] for row in problems]
@@ -337,14 +345,14 @@ def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step
     decoding = decoding_path(args, model)
     sampled, kv = sample_with_cache(model, tokenizer, prompts, answers, group_size=G,
                                     max_new_tokens=args.max_completion_length, temperature=args.temperature,
-                                    top_p=args.top_p, seed=seed, decoding=decoding)
+                                    top_p=args.top_p, seed=seed, decoding=decoding, first_row=first_row)
     t1 = time.perf_counter()
     rollout = sampled
     if args.gec:
         rollout = guided_error_correction(model, tokenizer, sampled, answers, [row["solution"] for row in problems],
                                           seed=seed + 1, kv=kv, forced_reflection=args.forced_reflection,
                                           reflection_tokens=args.gec_reflection_tokens, temperature=args.temperature,
-                                          top_p=args.top_p, decoding=decoding)
+                                          top_p=args.top_p, decoding=decoding, first_row=first_row)
     del kv  # the sampling cache has served GEC: free it before the update
     t2 = time.perf_counter()
     model.train()
@@ -413,8 +421,11 @@ def train(args, model=None, tokenizer=None, progress=True):
     problems = load_training_data(args)  # bad data fails here, before any model is loaded
     state = load_trainer_state(args.resume) if args.resume else None
     start, position = (state["step"], state["position"]) if state else (0, 0)
-    metrics_path = prepare_output_dir(args, start)
-    device = resolve_device(args.device)
+    rank_device = distributed.setup(args.ddp_timeout)  # under torchrun: join the group, one GPU per rank
+    lead = distributed.rank() == 0  # rank 0 writes metrics and checkpoints, and prints
+    metrics_path = prepare_output_dir(args, start) if lead else Path(args.output_dir) / "metrics.jsonl"
+    distributed.barrier()
+    device = rank_device if rank_device is not None and args.device in ("auto", "cuda") else resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device, args.optim)
     if model is None:  # fp32 on the CPU: the masters of a mixed-precision run are read from it (a checkpoint saved them)
         weights = None if args.use_peft else args.resume  # LoRA resumes from the base model and the saved adapter
@@ -423,13 +434,16 @@ def train(args, model=None, tokenizer=None, progress=True):
         trained = add_adapters(model, args)
         if args.resume:
             load_adapter(model, args.resume)
-        print(f"LoRA r={args.lora_r}: {trained:,} of {sum(p.numel() for p in model.parameters()):,} parameters train")
+        if lead:
+            print(f"LoRA r={args.lora_r}: {trained:,} of {sum(p.numel() for p in model.parameters()):,} parameters train")
     master_weights = split_master_weights(model, dtype, device, masters=uses_masters(args.optim, dtype))
     if device.type == "cuda":
         check_memory_plan(model, dtype, args, device)
     problems = drop_long_prompts(problems, tokenizer, args)
     if args.fast:  # the same numbers with less time and memory (fast.py); its process-wide settings named here
-        print("--fast: " + "; ".join(fast.enable(model)))
+        enabled = fast.enable(model)
+        if lead:
+            print("--fast: " + "; ".join(enabled))
     if args.gradient_checkpointing:  # transformers 5 calls it activation checkpointing
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     ref_model = None
@@ -447,38 +461,50 @@ def train(args, model=None, tokenizer=None, progress=True):
     if state:
         restore_trainer_state(state, optimizer, scheduler)
     output_dir = Path(args.output_dir)
-    (output_dir / "config.json").write_text(json.dumps(dict(vars(args), arm=arm_name(args)), indent=2))
-    print(f"{arm_name(args)}: {args.model} on {args.data or 'the built-in arithmetic set'} ({len(problems)} problems), "
-          f"P={args.prompts_per_step} x G={args.num_generations}, {args.max_steps} steps, device {device}, {dtype}, "
-          f"prompt format {args.prompt_format}")
+    ranks = distributed.world_size()
+    if lead:
+        (output_dir / "config.json").write_text(json.dumps(dict(vars(args), arm=arm_name(args)), indent=2))
+        print(f"{arm_name(args)}: {args.model} on {args.data or 'the built-in arithmetic set'} ({len(problems)} problems), "
+              f"P={args.prompts_per_step} x G={args.num_generations}, {args.max_steps} steps, device {device}, {dtype}, "
+              f"prompt format {args.prompt_format}" + (f", {ranks} processes" if ranks > 1 else ""))
     history, collapsed_streak, unended_streak = [], 0, 0
-    bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not progress or not lead,
+               dynamic_ncols=True)
     for step in bar:
         batch, position = next_prompts(problems, position, args.prompts_per_step, args.seed)
-        metrics, rollout = train_step(model, ref_model, tokenizer, optimizer, scheduler, batch, step, args, master_weights)
-        with metrics_path.open("a") as f:  # appended and flushed as it happens: an interrupted run keeps every line
-            f.write(json.dumps(metrics) + "\n")
+        mine, first_prompt = distributed.share(batch)  # this rank's whole groups
+        metrics, rollout = train_step(model, ref_model, tokenizer, optimizer, scheduler, mine, step, args, master_weights,
+                                      first_row=first_prompt * args.num_generations)
+        metrics = distributed.combine_metrics(metrics)
+        if lead:
+            with metrics_path.open("a") as f:  # appended and flushed as it happens: an interrupted run keeps every line
+                f.write(json.dumps(metrics) + "\n")
         history.append(metrics)
         bar.set_postfix(reward=f"{metrics['reward_before_gec']:.2f}->{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}",
                         collapsed=f"{metrics['zero_std_before_gec']:.2f}->{metrics['zero_std_after_gec']:.2f}",
                         H=f"{metrics['entropy']:.2f}", s=f"{metrics['seconds']:.1f}")
-        if args.log_completions_steps and (step + 1) % args.log_completions_steps == 0:
-            bar.write("\n".join([f"step {step + 1} samples:"] + format_samples(rollout, batch)))
+        if lead and args.log_completions_steps and (step + 1) % args.log_completions_steps == 0:
+            bar.write("\n".join([f"step {step + 1} samples:"] + format_samples(rollout, mine)))
         collapsed_streak = collapsed_streak + 1 if metrics["zero_std_after_gec"] == 1.0 else 0
         unended_streak = unended_streak + 1 if metrics["truncation_rate"] == 1.0 else 0
-        if collapsed_streak == COLLAPSE_WARN_STEPS:
+        if collapsed_streak == COLLAPSE_WARN_STEPS and lead:
             bar.write(f"WARNING: every group has had identical rewards for {COLLAPSE_WARN_STEPS} steps: advantages are all 0, "
                       "nothing is learned (advantage collapse). Try --gec, more --num-generations, or easier data.")
-        if unended_streak == COLLAPSE_WARN_STEPS:
+        if unended_streak == COLLAPSE_WARN_STEPS and lead:
             bar.write(f"WARNING: no completion has ended for {COLLAPSE_WARN_STEPS} steps: raise --max-completion-length.")
         if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < args.max_steps:
-            saved = save_checkpoint(output_dir, step + 1, model, tokenizer, optimizer, scheduler, anchor, position, args,
-                                    master_weights)
-            bar.write(f"checkpoint: {saved} ({directory_mb(saved):,.0f} MB)")
-    checkpoint = save_checkpoint(output_dir, args.max_steps, model, tokenizer, optimizer, scheduler, anchor, position, args,
-                                 master_weights)
-    if history:
-        print(summary(history, args, checkpoint))
+            if lead:  # every rank holds the same weights and optimizer state
+                saved = save_checkpoint(output_dir, step + 1, model, tokenizer, optimizer, scheduler, anchor, position,
+                                        args, master_weights)
+                bar.write(f"checkpoint: {saved} ({directory_mb(saved):,.0f} MB)")
+            distributed.barrier()
+    checkpoint = Path(output_dir) / f"checkpoint-{args.max_steps}"
+    if lead:
+        checkpoint = save_checkpoint(output_dir, args.max_steps, model, tokenizer, optimizer, scheduler, anchor, position,
+                                     args, master_weights)
+        if history:
+            print(summary(history, args, checkpoint))
+    distributed.barrier()
     return history
 
 
@@ -560,6 +586,8 @@ def build_parser():
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
     g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
                    help="the speed and memory machinery (fast.py), same numbers; --no-fast: the plain reference path")
+    g.add_argument("--ddp-timeout", type=int, default=1800,
+                   help="torchrun: seconds a rank waits for the others before the run fails (Hugging Face's name)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="decode on a static KV cache with a torch.compile'd step (same tokens); default: on with CUDA, "
                         "off on CPU (a compile costs about a minute there); needs --fast")
@@ -644,6 +672,9 @@ def validate_args(args):
         (args.lora_r >= 1 and 0 <= args.lora_dropout < 1, "--lora-r must be >= 1 and --lora-dropout in [0, 1)"),
         (args.use_peft or not args.save_merged_model, "--save-merged-model merges LoRA adapters: it needs --use-peft"),
         (args.fast or not args.compile, "--compile is part of the fast path: it contradicts --no-fast"),
+        (args.prompts_per_step % int(os.environ.get("WORLD_SIZE", "1")) == 0,
+         f"--prompts-per-step {args.prompts_per_step} must be a multiple of the number of processes "
+         f"({os.environ.get('WORLD_SIZE')}): each takes whole groups"),
     ]
     for ok, message in checks:
         if not ok:
@@ -890,7 +921,10 @@ def check_memory_plan(model, dtype, args, device):
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)  # model init paths that draw random numbers (none for loaded weights)
-    train(args)
+    try:
+        train(args)
+    finally:
+        distributed.teardown()
 
 
 if __name__ == "__main__":
