@@ -8,13 +8,14 @@ edge_grpo.py: the EDGE-GRPO trainer. One step:
   python edge_grpo.py                                  # short real run: embedded SmolLM2-135M, CPU, < 10 min
   python edge_grpo.py --model qwen2.5-math-1.5b       # the paper's run, one GPU (fetches the paper's data once)
   python edge_grpo.py --no-gec --no-eda                # vanilla GRPO;  --forced-reflection --no-eda: the baseline
+  torchrun --nproc-per-node 8 edge_grpo.py --model qwen2.5-math-1.5b --prompts-per-step 8   # 8 GPUs (distributed.py)
 
 Dimensions: P prompts per step, G = --num-generations, B = P x G rows, T completion tokens.
 
 Read top to bottom: the algorithm (pure functions), one step, the loop; then the command line and
 the machinery (optimizer and schedule, loading models, checkpoints). Elsewhere: rollout.py (sampling,
 scoring, GEC), reward.py, precision.py (bf16 and smaller GPUs), lora.py, fast.py (--fast: the same
-numbers with less time and memory), data.py.
+numbers with less time and memory), distributed.py (torchrun), data.py.
 
 Departures from the authors' code (../shared/PAPER.md), each on purpose:
 - EDA: H_i is the mean entropy over the response's real tokens (theirs averages over padding too),
@@ -146,13 +147,33 @@ def token_weights(loss_mask, loss_type, max_completion_length, micro_batches, wo
     raise ValueError(f"unknown loss type {loss_type!r}")
 
 
-def clipped_policy_loss(logp, old_logp, advantages, eps_low, eps_high):
+def sequence_log_ratio(logp, old_logp, mask):
+    """(b, T) -> (b, 1): GSPO's sequence-level log importance ratio (Zheng et al. 2025),
+    log s_i = mean_t (log pi(o_t) - log pi_old(o_t)) over the response's tokens, i.e.
+    s_i = (pi(y_i) / pi_old(y_i)) ^ (1 / |y_i|), the length-normalised sequence ratio."""
+    return masked_mean(logp - old_logp, mask)[:, None]
+
+
+def clipped_policy_loss(logp, old_logp, advantages, eps_low, eps_high, sequence_mask=None):
     """(b, T), (b, T), (b,) -> per-token loss (b, T) and whether the clip was active (b, T).
-    PPO-clip: -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)."""
-    ratio = torch.exp(logp - old_logp)
+    PPO-clip: -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A), ratio per token; with
+    sequence_mask (b, T), GSPO: every token of response i uses its sequence's ratio s_i."""
+    log_ratio = logp - old_logp if sequence_mask is None else sequence_log_ratio(logp, old_logp, sequence_mask)
+    ratio = torch.exp(log_ratio).expand_as(logp)
     A = advantages[:, None]
     unclipped, clipped = ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A
     return -torch.min(unclipped, clipped), clipped < unclipped
+
+
+def high_entropy_tokens(entropy, mask, quantile):
+    """(b, T) -> (b, T) 0/1: the tokens whose entropy H_t is in the top `quantile` fraction of the
+    masked tokens, the "forking tokens" of Wang et al. 2025 ("Beyond the 80/20 rule": training on the
+    top 20 % alone); 1.0 keeps every token. Ties at the threshold are kept."""
+    if quantile >= 1:
+        return mask.float()
+    H = entropy.detach().float()
+    threshold = torch.quantile(H[mask.bool()], 1 - quantile) if mask.any() else H.new_tensor(0.0)
+    return mask.float() * (H >= threshold).float()
 
 
 def kl_k3(logp, ref_logp):
@@ -241,13 +262,16 @@ def reference_policy(model, ref_model):
     return adapters_disabled(model) if ref_model is model else contextlib.nullcontext()
 
 
-def micro_batch_loss(model, ref_model, batch, logp, old_logp, A, args, G):
+def micro_batch_loss(model, ref_model, batch, logp, entropy, old_logp, A, args, G):
     """The PPO-clip token loss of a micro-batch (+ beta x k3 KL to the reference), each token weighted
     by token_weights and summed: the micro-batch's share of the step's loss. Returns the loss and, for
     the metrics, its clipped tokens and summed KL."""
     eps_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
-    per_token, clip_active = clipped_policy_loss(logp, old_logp, A, args.epsilon, eps_high)  # (b, T)
     trained = batch.per_token["loss_mask"]  # (b, T)
+    sequence_mask = trained if args.importance_sampling_level == "sequence" else None  # GSPO
+    per_token, clip_active = clipped_policy_loss(logp, old_logp, A, args.epsilon, eps_high, sequence_mask)  # (b, T)
+    forking = high_entropy_tokens(entropy, trained, args.top_entropy_quantile)  # (b, T): 1 where the gradient flows
+    per_token = per_token * forking
     kl_sum = 0.0
     if ref_model is not None:
         with torch.no_grad(), reference_policy(model, ref_model):
@@ -256,7 +280,7 @@ def micro_batch_loss(model, ref_model, batch, logp, old_logp, A, args, G):
         per_token = per_token + args.beta * kl
         kl_sum = (kl.detach() * trained).sum().item()
     loss = (per_token * batch.per_token["weights"]).sum()
-    return loss, dict(clipped=(clip_active.float() * trained).sum().item(), kl=kl_sum)
+    return loss, dict(clipped=(clip_active.float() * trained).sum().item(), kl=kl_sum, updated=forking.sum().item())
 
 
 def optimizer_step(optimizer, scheduler, args, master_weights):
@@ -295,7 +319,7 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_
         per_token["old_logp"], H = rollout_pass(model, rollout, batches, args)
         if not args.authors_eda:  # the authors' EDA keeps H_i's gradient: from the training forward
             fixed_advantages = final_advantages = step_advantages(advantages, H, G, args)
-    totals = dict(loss=0.0, kl=0.0, clipped=0.0, grad_norm=0.0)
+    totals = dict(loss=0.0, kl=0.0, clipped=0.0, grad_norm=0.0, updated=0.0)
     for iteration in range(args.num_iterations):
         for rows in batches:
             batch = micro_batch(rollout, rows, per_token, device)
@@ -308,18 +332,20 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_
                 if iteration == 0:  # the rollout's policy: what the metrics report
                     H[rows], final_advantages[rows] = H_rows.detach().float().cpu(), A.detach().float().cpu()
             old_logp = batch.per_token.get("old_logp", logp.detach())
-            loss, counts = micro_batch_loss(model, ref_model, batch, logp, old_logp, A, args, G)
+            loss, counts = micro_batch_loss(model, ref_model, batch, logp, entropy, old_logp, A, args, G)
             loss.backward()
             if master_weights is not None:
                 master_weights.accumulate_gradients()  # this micro-batch's bf16 gradients into the fp32 sums
             totals["loss"] += loss.item()
             totals["clipped"] += counts["clipped"]
             totals["kl"] += counts["kl"]
+            totals["updated"] += counts["updated"]
         totals["grad_norm"] += optimizer_step(optimizer, scheduler, args, master_weights) / args.num_iterations
     tokens = float(loss_mask.sum()) * args.num_iterations
     correct = rollout.rewards == MAX_REWARD
     return dict(loss=totals["loss"] / args.num_iterations, kl=totals["kl"] / max(tokens, 1),
                 clip_fraction=totals["clipped"] / max(tokens, 1), grad_norm=totals["grad_norm"],
+                updated_fraction=totals["updated"] / max(tokens, 1),  # < 1 only with --top-entropy-quantile
                 adv_var_before_eda=group_variance(advantages, G), adv_var=group_variance(final_advantages, G),
                 entropy=H.mean().item(),
                 entropy_correct=H[correct].mean().item() if correct.any() else None,
@@ -577,6 +603,16 @@ def build_parser():
                    help="as TRL: grpo: per-response token mean; bnpo: token mean per micro-batch; dapo: token mean over the "
                         "step; dr_grpo: sum / (B x max length)")
     g.add_argument("--num-iterations", type=int, default=1, help="updates per rollout (>1 stores old log-probs)")
+    g = p.add_argument_group("GRPO-family variants (README, \"The GRPO family\")")
+    g.add_argument("--dr-grpo", action="store_true",
+                   help="Dr. GRPO (Liu et al. 2025): no std scaling and the constant normalizer (= --no-scale-rewards "
+                        "--loss-type dr_grpo)")
+    g.add_argument("--importance-sampling-level", choices=("token", "sequence"), default="token",
+                   help="sequence: GSPO (Zheng et al. 2025), one length-normalised ratio per response, clipped as a whole "
+                        "(the paper clips at --epsilon 3e-4 --epsilon-high 4e-4)")
+    g.add_argument("--top-entropy-quantile", type=float, default=1.0,
+                   help="train only the tokens whose entropy is in this top fraction of each micro-batch's tokens "
+                        "(Wang et al. 2025: 0.2); 1.0: every token")
     g.add_argument("--micro-batch-size", type=int, default=8, help="rows per forward/backward; a multiple of G lets EDA reuse the training forward")
     g = p.add_argument_group("system and logging")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, mps")
@@ -625,6 +661,8 @@ def parse_args(argv=None):
         parser.set_defaults(**saved)
     elif first.model in MODEL_ALIASES:
         parser.set_defaults(**MODEL_ALIASES[first.model]["settings"])
+    if first.dr_grpo:  # a recipe: its two settings become the defaults (given flags that contradict it fail)
+        parser.set_defaults(loss_type="dr_grpo", scale_rewards=False)
     args = parser.parse_args(argv)
     validate_args(args)
     args.prompt_format = prompt_format_of(args.model, args.prompt_format)  # saved with the run and every checkpoint
@@ -672,6 +710,9 @@ def validate_args(args):
         (args.lora_r >= 1 and 0 <= args.lora_dropout < 1, "--lora-r must be >= 1 and --lora-dropout in [0, 1)"),
         (args.use_peft or not args.save_merged_model, "--save-merged-model merges LoRA adapters: it needs --use-peft"),
         (args.fast or not args.compile, "--compile is part of the fast path: it contradicts --no-fast"),
+        (not args.dr_grpo or (args.loss_type == "dr_grpo" and not args.scale_rewards),
+         "--dr-grpo means --loss-type dr_grpo and --no-scale-rewards: it contradicts the --loss-type or --scale-rewards given"),
+        (0 < args.top_entropy_quantile <= 1, "--top-entropy-quantile must be in (0, 1]"),
         (args.prompts_per_step % int(os.environ.get("WORLD_SIZE", "1")) == 0,
          f"--prompts-per-step {args.prompts_per_step} must be a multiple of the number of processes "
          f"({os.environ.get('WORLD_SIZE')}): each takes whole groups"),

@@ -31,6 +31,7 @@ so updates far below bf16's spacing still move a weight by lr on average; round-
 
   python precision.py            # the memory plan of the paper's run for Qwen2.5-Math-1.5B and -7B
   python precision.py --table    # README's table: model x method x GPU memory
+  python precision.py --gpus     # README's table: GB per GPU against the number of GPUs
 """
 
 import importlib
@@ -277,10 +278,34 @@ def fit_table():
     return "\n".join(lines)
 
 
+GPU_COUNTS = (1, 2, 4, 8)
+
+
+def gpu_count_table():
+    """Markdown: GB per GPU at the paper's settings with one group of G = 8 per GPU, for 1 to 8 GPUs:
+    data parallel (distributed.py) holds the whole state on every GPU; sharding the state over the
+    GPUs, as FSDP2 does, would divide it by their number (not built yet: computed only)."""
+    from transformers import Qwen2Config
+    state_parts = ("weights", "master weights (fp32)", "gradients", "AdamW moments")
+    lines = ["| model | method | data parallel, any number of GPUs | state sharded over " + ", ".join(map(str, GPU_COUNTS))
+             + " GPUs |", "|---|---|---|---|"]
+    for name, shape in QWEN_MATH_SHAPES.items():
+        config = Qwen2Config(**shape)
+        for label, method in list(METHODS.items())[:2]:
+            plan = memory_plan(config, dtype=torch.bfloat16, micro_batch_rows=8, **PAPER_RUN, **method)
+            state = sum(plan[k] for k in state_parts)
+            sharded = " / ".join(f"{(state / n + plan['total'] - state) / GB:.1f}" for n in GPU_COUNTS)
+            lines.append(f"| {name} | {label} | {plan['total'] / GB:.1f} | {sharded} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     from transformers import Qwen2Config
     if "--table" in sys.argv[1:]:
         print(fit_table())
+        sys.exit(0)
+    if "--gpus" in sys.argv[1:]:
+        print(gpu_count_table())
         sys.exit(0)
     for name, shape in QWEN_MATH_SHAPES.items():
         config = Qwen2Config(**shape)

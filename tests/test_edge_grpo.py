@@ -455,3 +455,50 @@ def test_a_checkpoint_saved_with_the_gguf_config_loads_as_a_plain_model(embedded
     loaded.save_pretrained(embedded_tiny / "again")
     for p, q in zip(model.parameters(), loaded.parameters()):
         assert torch.equal(p, q)
+
+
+# ----------------------------------------------------------------------------- GRPO-family variants
+
+
+def test_gspo_sequence_ratio_hand_table():
+    """GSPO: each response's tokens share s_i = exp(mean_t log-ratio) over its own tokens, clipped as a
+    whole. Row 0: log-ratios 0.1, -0.3 -> s = e^-0.1 = 0.904837, inside [0.8, 1.2]: loss -0.904837 x A = 1
+    on both tokens. Row 1: one real token, log-ratio 0.5 (the padded 9.0 does not count) -> s = e^0.5 =
+    1.648721, A = 1 > 0: clipped to 1.2. The token-level ratio (e^0.1, e^-0.3) would fail row 0."""
+    logp = torch.tensor([[0.1, -0.3], [0.5, 9.0]])
+    old = torch.zeros(2, 2)
+    mask = torch.tensor([[1, 1], [1, 0]])
+    loss, clipped = eg.clipped_policy_loss(logp, old, torch.tensor([1.0, 1.0]), 0.2, 0.2, sequence_mask=mask)
+    assert torch.allclose(loss[0], torch.tensor([-0.904837, -0.904837]), atol=1e-6)
+    assert loss[1, 0].item() == pytest.approx(-1.2) and clipped[1, 0] and not clipped[0].any()
+    assert torch.allclose(eg.sequence_log_ratio(logp, old, mask), torch.tensor([[-0.1], [0.5]]))
+
+
+def test_forking_tokens_hand_table():
+    """The top 25 % of 8 real tokens by entropy are 2 tokens: entropies 0.1 .. 0.8, quantile 0.75 of
+    them is 0.625 (linear interpolation), so 0.7 and 0.8 train; padding never does; 1.0 keeps all."""
+    H = torch.tensor([[0.1, 0.8, 0.3, 0.5, 5.0], [0.7, 0.2, 0.6, 0.4, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 0]])
+    kept = eg.high_entropy_tokens(H, mask, 0.25)
+    assert kept.tolist() == [[0, 1, 0, 0, 0], [1, 0, 0, 0, 0]]
+    assert torch.equal(eg.high_entropy_tokens(H, mask, 1.0), mask.float())
+
+
+def test_dr_grpo_is_one_recipe_flag():
+    args = eg.parse_args(["--dr-grpo"])
+    assert args.loss_type == "dr_grpo" and not args.scale_rewards
+    with pytest.raises(SystemExit, match="--dr-grpo"):
+        eg.parse_args(["--dr-grpo", "--loss-type", "grpo"])
+
+
+@pytest.mark.parametrize("flags", [["--dr-grpo"], ["--importance-sampling-level", "sequence"],
+                                   ["--top-entropy-quantile", "0.2"], ["--epsilon-high", "0.28"]])
+def test_each_variant_runs_end_to_end(tok, tmp_path, flags):
+    """Two steps with GEC and EDA and the variant; the weights move, and forking tokens train about the
+    top fifth of the tokens (ties and small micro-batches round it)."""
+    history, changed, _ = run(tmp_path / "run", tok, *flags)
+    assert changed
+    if "--top-entropy-quantile" in flags:
+        assert all(0.1 < m["updated_fraction"] < 0.4 for m in history)
+    else:
+        assert all(m["updated_fraction"] == 1.0 for m in history)

@@ -37,3 +37,16 @@ def test_the_table_names_edas_gecs_three_branches_and_the_loss():
     text = " ".join(paper_table_rows())
     for needle in ("EDA", "GEC branch 1", "GEC branch 2", "GEC branch 3", "PPO-clip", "the loss"):
         assert needle in text
+
+
+def test_every_function_and_test_in_the_variants_table_exists():
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## The GRPO family: variants as flags", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "`" in line]
+    assert len(rows) >= 4
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split(" | ")]
+        for name in re.findall(r"`([^`]+)`", cells[-2]):
+            assert name in defined_names("edge_grpo.py"), name
+        test_name = re.fullmatch(r"`(\w+)`", cells[-1]).group(1)
+        assert test_name in defined_names("tests/test_edge_grpo.py"), test_name
