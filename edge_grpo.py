@@ -188,6 +188,15 @@ def group_variance(x, G):
     return x.view(-1, G).var(dim=1).mean().item()
 
 
+def overlong_penalty(lengths, max_length, buffer):
+    """(B,) -> (B,): DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to the reward:
+    0 up to max_length - buffer tokens, then falling linearly to -1 at max_length, -1 beyond."""
+    lengths = lengths.float()
+    start = max_length - buffer
+    ramp = (start - lengths) / buffer
+    return torch.where(lengths <= start, torch.zeros_like(lengths), torch.where(lengths <= max_length, ramp, -torch.ones_like(lengths)))
+
+
 def zero_std_fraction(rewards, G):
     """Share of groups whose rewards are all equal: advantage collapse."""
     r = rewards.view(-1, G)
@@ -299,15 +308,17 @@ def optimizer_step(optimizer, scheduler, args, master_weights):
     return float(grad_norm)
 
 
-def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_weights=None):
+def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_weights=None, shaping=None):
     """advantages -> token weights -> micro-batch losses -> optimizer step, --num-iterations times.
-    master_weights (precision.py): the optimizer updates fp32 masters of a bf16 model. Returns metrics."""
+    master_weights (precision.py): the optimizer updates fp32 masters of a bf16 model. shaping (B,):
+    added to the rewards before the advantages (--overlong-buffer). Returns metrics."""
     G, B = rollout.group_size, len(rollout.texts)
     device = next(model.parameters()).device
     loss_mask = rollout.completion_mask * (rollout.sampled_mask if args.inserted_tokens == "mask" else 1)  # (B, T)
     size = args.micro_batch_size  # a multiple of G keeps whole groups in each micro-batch
     batches = [list(range(s, min(s + size, B))) for s in range(0, B, size)]
-    advantages = group_advantages(rollout.rewards, G, scale=args.scale_rewards)  # (B,)
+    rewards = rollout.rewards if shaping is None else rollout.rewards + shaping  # (B,)
+    advantages = group_advantages(rewards, G, scale=args.scale_rewards)  # (B,)
     step_tokens = distributed.all_reduce_sum(loss_mask.sum().float())  # the whole step's (all ranks')
     weights = token_weights(loss_mask, args.loss_type, args.max_completion_length, batches,
                             world=distributed.world_size(), step_tokens=step_tokens)  # (B, T)
@@ -380,10 +391,13 @@ def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step
                                           reflection_tokens=args.gec_reflection_tokens, temperature=args.temperature,
                                           top_p=args.top_p, decoding=decoding, first_row=first_row)
     del kv  # the sampling cache has served GEC: free it before the update
+    penalty = torch.zeros(len(rollout.texts))  # (B,) DAPO's length shaping, on the length the policy sampled (before GEC)
+    if args.overlong_buffer:
+        penalty = overlong_penalty(sampled.completion_mask.sum(1), args.max_completion_length, args.overlong_buffer)
     t2 = time.perf_counter()
     model.train()
     learning_rate = float(scheduler.get_last_lr()[0])  # a tensor under torchao
-    update = policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_weights)
+    update = policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_weights, shaping=penalty)
     t3 = time.perf_counter()
     generated = int(sampled.completion_mask.sum()) + int((rollout.sampled_mask.sum() - sampled.sampled_mask.sum()).clamp(min=0))
     actions = {a: rollout.actions.count(a) for a in ("reflection", "answer", "solution", "skipped")}
@@ -400,6 +414,7 @@ def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step
         learning_rate=learning_rate,
         seconds_generation=t1 - t0, seconds_gec=t2 - t1, seconds_update=t3 - t2, seconds=t3 - t0,
         tokens_per_second=generated / max(t2 - t0, 1e-9), peak_memory_mb=peak_memory_mb(),
+        overlong_penalty=penalty.mean().item(),
     )
     return metrics, rollout
 
@@ -610,6 +625,9 @@ def build_parser():
     g.add_argument("--importance-sampling-level", choices=("token", "sequence"), default="token",
                    help="sequence: GSPO (Zheng et al. 2025), one length-normalised ratio per response, clipped as a whole "
                         "(the paper clips at --epsilon 3e-4 --epsilon-high 4e-4)")
+    g.add_argument("--overlong-buffer", type=int, default=0,
+                   help="DAPO's soft overlong punishment: the reward falls linearly by up to 1 over the last N tokens before "
+                        "--max-completion-length (DAPO: 4096 of 20480); 0: off")
     g.add_argument("--top-entropy-quantile", type=float, default=1.0,
                    help="train only the tokens whose entropy is in this top fraction of each micro-batch's tokens "
                         "(Wang et al. 2025: 0.2); 1.0: every token")
@@ -713,6 +731,8 @@ def validate_args(args):
         (not args.dr_grpo or (args.loss_type == "dr_grpo" and not args.scale_rewards),
          "--dr-grpo means --loss-type dr_grpo and --no-scale-rewards: it contradicts the --loss-type or --scale-rewards given"),
         (0 < args.top_entropy_quantile <= 1, "--top-entropy-quantile must be in (0, 1]"),
+        (0 <= args.overlong_buffer < args.max_completion_length,
+         "--overlong-buffer must be >= 0 and below --max-completion-length"),
         (args.prompts_per_step % int(os.environ.get("WORLD_SIZE", "1")) == 0,
          f"--prompts-per-step {args.prompts_per_step} must be a multiple of the number of processes "
          f"({os.environ.get('WORLD_SIZE')}): each takes whole groups"),

@@ -502,3 +502,17 @@ def test_each_variant_runs_end_to_end(tok, tmp_path, flags):
         assert all(0.1 < m["updated_fraction"] < 0.4 for m in history)
     else:
         assert all(m["updated_fraction"] == 1.0 for m in history)
+
+
+def test_overlong_penalty_hand_table():
+    """DAPO's soft overlong punishment at L_max = 20, buffer 4: lengths up to 16 get 0, then
+    (16 - |y|) / 4: 17 -> -0.25, 18 -> -0.5, 20 -> -1; beyond 20 -> -1."""
+    lengths = torch.tensor([5, 16, 17, 18, 20, 23])
+    assert eg.overlong_penalty(lengths, 20, 4).tolist() == [0.0, 0.0, -0.25, -0.5, -1.0, -1.0]
+
+
+def test_overlong_shaping_reaches_the_advantages(tok, tmp_path):
+    """With --overlong-buffer the step's metric reports the mean penalty of the sampled lengths (the
+    tiny model runs to the 12-token cap: -1 for every row), and the run trains end to end."""
+    history, changed, _ = run(tmp_path / "run", tok, "--overlong-buffer", "4")
+    assert all(m["overlong_penalty"] <= -0.5 for m in history) and changed
