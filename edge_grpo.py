@@ -54,8 +54,8 @@ from lora import (add_adapters, adapters_disabled, base_model_of, is_adapter_che
 from precision import (OPTIMIZERS, build_optimizer, format_plan, master_state_dict, memory_plan, split_master_weights,
                        uses_masters)
 from reward import MAX_REWARD
-from rollout import (PROMPT_FORMATS, REFLECTION_NEW_TOKENS, build_prompt, default_prompt_format,
-                     guided_error_correction, sample_with_cache, token_logprobs_and_entropy)
+from rollout import (PROMPT_FORMATS, REFLECTION_NEW_TOKENS, build_prompt, concat_rollouts, default_prompt_format,
+                     guided_error_correction, sample_with_cache, select_groups, token_logprobs_and_entropy)
 
 # -----------------------------------------------------------------------------
 # Constants
@@ -370,27 +370,75 @@ def decoding_path(args, model):
     return "compiled" if args.fast and compile_ else "dynamic"
 
 
-def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step, args, master_weights=None, first_row=0):
-    """Sample, correct, update. Returns the step's metrics and the final rollout. first_row: the index
-    of this process's first row in the step's batch (torchrun: its share of the prompts)."""
+def sample_and_correct(model, tokenizer, problems, seed, args, first_row=0):
+    """G samples for each problem, then GEC (if on): returns the sampled rollout and the corrected one."""
     G = args.num_generations
     prompts = [build_prompt(tokenizer, row["problem"], args.prompt_format) for row in problems]
     answers = [row["answer"] for row in problems]
-    seed = args.seed * 1_000_003 + step * 7919  # a fresh, reproducible seed per step
-    t0 = time.perf_counter()
-    model.eval()
     decoding = decoding_path(args, model)
     sampled, kv = sample_with_cache(model, tokenizer, prompts, answers, group_size=G,
                                     max_new_tokens=args.max_completion_length, temperature=args.temperature,
                                     top_p=args.top_p, seed=seed, decoding=decoding, first_row=first_row)
+    if not args.gec:
+        return sampled, sampled
+    corrected = guided_error_correction(model, tokenizer, sampled, answers, [row["solution"] for row in problems],
+                                        seed=seed + 1, kv=kv, forced_reflection=args.forced_reflection,
+                                        reflection_tokens=args.gec_reflection_tokens, temperature=args.temperature,
+                                        top_p=args.top_p, decoding=decoding, first_row=first_row)
+    return sampled, corrected  # the sampling cache (kv) is freed here, before the update
+
+
+def mixed_groups(rewards, G):
+    """Indices of the groups whose rewards are not all equal: the ones with a gradient."""
+    r = rewards.view(-1, G)
+    return [g for g in range(r.shape[0]) if not (r[g] == r[g, 0]).all()]
+
+
+def dynamic_sampling(model, tokenizer, sampled, rollout, problems, more_problems, seed, args):
+    """DAPO's dynamic sampling (Yu et al. 2025), after GEC: groups whose rewards are all equal are
+    dropped and fresh prompts sampled (and corrected) in their place until P mixed groups are found
+    or --max-sampling-rounds more rounds have run; the step then trains on the mixed groups it has
+    (all of the first round's if none is mixed). Every row of every round keeps its own generator
+    (rows past the first round's are numbered on). Returns the sampled and the corrected rollouts
+    to train on, their problems, and how many prompts were drawn."""
+    G, P = args.num_generations, len(problems)
+    keep = mixed_groups(rollout.rewards, G)
+    if len(keep) == P:
+        return sampled, rollout, problems, P
+    pad_id = tokenizer.pad_token_id
+    kept_sampled, kept, kept_problems = select_groups(sampled, keep), select_groups(rollout, keep), [problems[g] for g in keep]
+    drawn = P
+    for round_ in range(1, args.max_sampling_rounds + 1):
+        fresh = more_problems(P - len(kept_problems))
+        new_sampled, new = sample_and_correct(model, tokenizer, fresh, seed, args, first_row=drawn * G)
+        drawn += len(fresh)
+        found = mixed_groups(new.rewards, G)[:P - len(kept_problems)]
+        kept_sampled = concat_rollouts(kept_sampled, select_groups(new_sampled, found), pad_id)
+        kept = concat_rollouts(kept, select_groups(new, found), pad_id)
+        kept_problems += [fresh[g] for g in found]
+        if len(kept_problems) == P:
+            break
+    if not kept_problems:
+        return sampled, rollout, problems, drawn
+    return kept_sampled, kept, kept_problems, drawn
+
+
+def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step, args, master_weights=None, first_row=0,
+               more_problems=None):
+    """Sample, correct, update. Returns the step's metrics, the rollout trained on and its problems. first_row: the index
+    of this process's first row in the step's batch (torchrun: its share of the prompts).
+    more_problems(n): the next n problems of the data, for --dynamic-sampling."""
+    G = args.num_generations
+    seed = args.seed * 1_000_003 + step * 7919  # a fresh, reproducible seed per step
+    t0 = time.perf_counter()
+    model.eval()
+    sampled, rollout = sample_and_correct(model, tokenizer, problems, seed, args, first_row)
     t1 = time.perf_counter()
-    rollout = sampled
-    if args.gec:
-        rollout = guided_error_correction(model, tokenizer, sampled, answers, [row["solution"] for row in problems],
-                                          seed=seed + 1, kv=kv, forced_reflection=args.forced_reflection,
-                                          reflection_tokens=args.gec_reflection_tokens, temperature=args.temperature,
-                                          top_p=args.top_p, decoding=decoding, first_row=first_row)
-    del kv  # the sampling cache has served GEC: free it before the update
+    drawn = len(problems)
+    first_sampled = sampled  # the policy's own answers to the step's first draw: what the metrics report
+    if args.dynamic_sampling:
+        sampled, rollout, problems, drawn = dynamic_sampling(model, tokenizer, sampled, rollout, problems, more_problems,
+                                                             seed, args)
     penalty = torch.zeros(len(rollout.texts))  # (B,) DAPO's length shaping, on the length the policy sampled (before GEC)
     if args.overlong_buffer:
         penalty = overlong_penalty(sampled.completion_mask.sum(1), args.max_completion_length, args.overlong_buffer)
@@ -400,23 +448,25 @@ def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step
     update = policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_weights, shaping=penalty)
     t3 = time.perf_counter()
     generated = int(sampled.completion_mask.sum()) + int((rollout.sampled_mask.sum() - sampled.sampled_mask.sum()).clamp(min=0))
+    trained_groups = len(rollout.texts) // G
     actions = {a: rollout.actions.count(a) for a in ("reflection", "answer", "solution", "skipped")}
     metrics = dict(
         step=step + 1,
-        reward=rollout.rewards.mean().item(), reward_before_gec=sampled.rewards.mean().item(),
-        accuracy=(sampled.rewards == MAX_REWARD).float().mean().item(),  # the policy's own answers, before GEC
-        boxed=(sampled.rewards >= 1).float().mean().item(),
+        reward=rollout.rewards.mean().item(), reward_before_gec=first_sampled.rewards.mean().item(),
+        accuracy=(first_sampled.rewards == MAX_REWARD).float().mean().item(),  # the policy's own answers, before GEC
+        boxed=(first_sampled.rewards >= 1).float().mean().item(),
         accuracy_after_gec=(rollout.rewards == MAX_REWARD).float().mean().item(),
-        zero_std_before_gec=zero_std_fraction(sampled.rewards, G), zero_std_after_gec=zero_std_fraction(rollout.rewards, G),
+        zero_std_before_gec=zero_std_fraction(first_sampled.rewards, G), zero_std_after_gec=zero_std_fraction(rollout.rewards, G),
+        prompts_drawn=drawn, groups_trained=trained_groups,
         gec_actions=actions, **update,
-        completion_length=sampled.completion_mask.sum(1).float().mean().item(),
-        truncation_rate=sampled.truncated.float().mean().item(),
+        completion_length=first_sampled.completion_mask.sum(1).float().mean().item(),
+        truncation_rate=first_sampled.truncated.float().mean().item(),
         learning_rate=learning_rate,
         seconds_generation=t1 - t0, seconds_gec=t2 - t1, seconds_update=t3 - t2, seconds=t3 - t0,
         tokens_per_second=generated / max(t2 - t0, 1e-9), peak_memory_mb=peak_memory_mb(),
         overlong_penalty=penalty.mean().item(),
     )
-    return metrics, rollout
+    return metrics, rollout, problems
 
 
 def peak_memory_mb():
@@ -514,8 +564,13 @@ def train(args, model=None, tokenizer=None, progress=True):
     for step in bar:
         batch, position = next_prompts(problems, position, args.prompts_per_step, args.seed)
         mine, first_prompt = distributed.share(batch)  # this rank's whole groups
-        metrics, rollout = train_step(model, ref_model, tokenizer, optimizer, scheduler, mine, step, args, master_weights,
-                                      first_row=first_prompt * args.num_generations)
+        def more_problems(n):  # --dynamic-sampling draws on in the data order
+            nonlocal position
+            fresh, position = next_prompts(problems, position, n, args.seed)
+            return fresh
+        metrics, rollout, mine = train_step(model, ref_model, tokenizer, optimizer, scheduler, mine, step, args,
+                                            master_weights, first_row=first_prompt * args.num_generations,
+                                            more_problems=more_problems)
         metrics = distributed.combine_metrics(metrics)
         if lead:
             with metrics_path.open("a") as f:  # appended and flushed as it happens: an interrupted run keeps every line
@@ -625,6 +680,10 @@ def build_parser():
     g.add_argument("--importance-sampling-level", choices=("token", "sequence"), default="token",
                    help="sequence: GSPO (Zheng et al. 2025), one length-normalised ratio per response, clipped as a whole "
                         "(the paper clips at --epsilon 3e-4 --epsilon-high 4e-4)")
+    g.add_argument("--dynamic-sampling", action="store_true",
+                   help="DAPO: groups whose rewards are all equal after GEC are replaced by fresh prompts until P mixed "
+                        "groups are found (metric prompts_drawn)")
+    g.add_argument("--max-sampling-rounds", type=int, default=3, help="--dynamic-sampling: extra sampling rounds per step at most")
     g.add_argument("--overlong-buffer", type=int, default=0,
                    help="DAPO's soft overlong punishment: the reward falls linearly by up to 1 over the last N tokens before "
                         "--max-completion-length (DAPO: 4096 of 20480); 0: off")
@@ -731,6 +790,9 @@ def validate_args(args):
         (not args.dr_grpo or (args.loss_type == "dr_grpo" and not args.scale_rewards),
          "--dr-grpo means --loss-type dr_grpo and --no-scale-rewards: it contradicts the --loss-type or --scale-rewards given"),
         (0 < args.top_entropy_quantile <= 1, "--top-entropy-quantile must be in (0, 1]"),
+        (not args.dynamic_sampling or int(os.environ.get("WORLD_SIZE", "1")) == 1,
+         "--dynamic-sampling runs in one process for now: ranks would draw different numbers of prompts"),
+        (args.max_sampling_rounds >= 0, "--max-sampling-rounds must be >= 0"),
         (0 <= args.overlong_buffer < args.max_completion_length,
          "--overlong-buffer must be >= 0 and below --max-completion-length"),
         (args.prompts_per_step % int(os.environ.get("WORLD_SIZE", "1")) == 0,

@@ -313,6 +313,35 @@ def rollout_from_texts(tokenizer, model, prompts, texts, answers, group_size, tr
                    actions=["none"] * len(texts), group_size=group_size)
 
 
+def select_groups(rollout, groups):
+    """The rollout's rows of the given groups (indices into its P groups), as a new Rollout."""
+    G = rollout.group_size
+    rows = [g * G + j for g in groups for j in range(G)]
+    index = torch.tensor(rows, dtype=torch.long)
+    return Rollout(prompt_ids=rollout.prompt_ids[index], prompt_mask=rollout.prompt_mask[index],
+                   completion_ids=rollout.completion_ids[index], completion_mask=rollout.completion_mask[index],
+                   sampled_mask=rollout.sampled_mask[index], truncated=rollout.truncated[index],
+                   texts=[rollout.texts[r] for r in rows], rewards=rollout.rewards[index],
+                   actions=[rollout.actions[r] for r in rows], group_size=G)
+
+
+def concat_rollouts(first, second, pad_id):
+    """Two rollouts of the same G as one: prompts left-padded and completions right-padded to a
+    common width."""
+    def widen(t, width, value, left):
+        pad = torch.full((t.shape[0], width - t.shape[1]), value, dtype=t.dtype)
+        return torch.cat([pad, t] if left else [t, pad], dim=1)
+    Tp = max(first.prompt_ids.shape[1], second.prompt_ids.shape[1])
+    T = max(first.completion_ids.shape[1], second.completion_ids.shape[1])
+    cat = lambda name, width, value, left: torch.cat([widen(getattr(r, name), width, value, left) for r in (first, second)])
+    return Rollout(prompt_ids=cat("prompt_ids", Tp, pad_id, True), prompt_mask=cat("prompt_mask", Tp, 0, True),
+                   completion_ids=cat("completion_ids", T, pad_id, False),
+                   completion_mask=cat("completion_mask", T, 0, False), sampled_mask=cat("sampled_mask", T, 0, False),
+                   truncated=torch.cat([first.truncated, second.truncated]), texts=first.texts + second.texts,
+                   rewards=torch.cat([first.rewards, second.rewards]), actions=first.actions + second.actions,
+                   group_size=first.group_size)
+
+
 # -----------------------------------------------------------------------------
 # 3. Scoring: log-probs of the taken tokens and entropy of the full distribution
 #    The plain path, one screen; --fast (fast.py) computes the same numbers with less time and memory.

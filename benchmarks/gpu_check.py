@@ -68,7 +68,7 @@ def check(name, model, tokenizer, args, device):
         batch, position = next_prompts(problems, position, 1, seed=0)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        metrics, _ = eg.train_step(model, None, tokenizer, optimizer, scheduler, batch, step, run_args, master_weights)
+        metrics, _, _ = eg.train_step(model, None, tokenizer, optimizer, scheduler, batch, step, run_args, master_weights)
         if step > 0:  # the first step warms up kernels and the allocator
             rows.append(metrics)
     moved = sum((m != i).sum().item() for m, i in zip(master_weights.masters, initial))

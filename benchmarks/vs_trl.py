@@ -107,7 +107,7 @@ def run_ours(P, G, L, steps, edge):
     for step, batch in enumerate(workload(P, steps)):
         with PeakRss() as rss:
             start = time.perf_counter()
-            metrics, rollout = edge_grpo.train_step(model, None, tokenizer, optimizer, scheduler, batch, step, args)
+            metrics, rollout, _ = edge_grpo.train_step(model, None, tokenizer, optimizer, scheduler, batch, step, args)
             seconds = time.perf_counter() - start
         out.append(dict(seconds=seconds, generation=metrics["seconds_generation"], gec=metrics["seconds_gec"],
                         update=metrics["seconds_update"], tokens=int(rollout.completion_mask.sum()), rss=rss.peak))

@@ -6,10 +6,6 @@ import pytest
 from tests.tiny import qwen_tokenizer, tiny_model, tiny_tokenizer
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than a few seconds (compiles); CI runs it: pytest -m 'not slow' skips it")
-
-
 @pytest.fixture(scope="module")
 def tok():
     return tiny_tokenizer()

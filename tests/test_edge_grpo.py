@@ -516,3 +516,48 @@ def test_overlong_shaping_reaches_the_advantages(tok, tmp_path):
     tiny model runs to the 12-token cap: -1 for every row), and the run trains end to end."""
     history, changed, _ = run(tmp_path / "run", tok, "--overlong-buffer", "4")
     assert all(m["overlong_penalty"] <= -0.5 for m in history) and changed
+
+
+def fake_rollout(rewards, G=4, tag=0):
+    """A Rollout with the given rewards (P x G), rows told apart by their one completion token."""
+    from rollout import Rollout
+    B = len(rewards)
+    return Rollout(prompt_ids=torch.full((B, 2), 5), prompt_mask=torch.ones(B, 2, dtype=torch.long),
+                   completion_ids=torch.arange(B)[:, None] + 100 * tag, completion_mask=torch.ones(B, 1, dtype=torch.long),
+                   sampled_mask=torch.ones(B, 1, dtype=torch.long), truncated=torch.zeros(B, dtype=torch.bool),
+                   texts=[f"{tag}:{i}" for i in range(B)], rewards=torch.tensor(rewards, dtype=torch.float),
+                   actions=["none"] * B, group_size=G)
+
+
+def test_dynamic_sampling_keeps_mixed_groups_and_draws_fresh_prompts(tok, monkeypatch):
+    """P = 2. First round: group 0 collapsed (all 0), group 1 mixed. Round 2 draws one fresh prompt
+    whose group is collapsed (all 2); round 3 draws one more, mixed. The step trains on round 1's
+    group 1 and round 3's group, in that order; 4 prompts drawn; each round's rows numbered on (first
+    rows 8, 12)."""
+    rounds = iter([fake_rollout([2, 2, 2, 2], tag=2), fake_rollout([0, 2, 2, 0], tag=3)])
+    seen_rows = []
+
+    def fake_sample_and_correct(model, tokenizer, problems, seed, args, first_row=0):
+        seen_rows.append(first_row)
+        r = next(rounds)
+        return r, r
+    monkeypatch.setattr(eg, "sample_and_correct", fake_sample_and_correct)
+    drawn_problems = iter([[{"problem": "p3"}], [{"problem": "p4"}]])
+    first = fake_rollout([0, 0, 0, 0, 0, 2, 0, 0], tag=1)
+    args = eg.parse_args(["--dynamic-sampling", "--num-generations", "4", "--max-sampling-rounds", "3"])
+    sampled, rollout, problems, drawn = eg.dynamic_sampling(None, tok, first, first, [{"problem": "p1"}, {"problem": "p2"}],
+                                                            lambda n: next(drawn_problems), 0, args)
+    assert drawn == 4 and [p["problem"] for p in problems] == ["p2", "p4"] and seen_rows == [8, 12]
+    assert rollout.texts == ["1:4", "1:5", "1:6", "1:7", "3:0", "3:1", "3:2", "3:3"]
+    assert rollout.rewards.tolist() == [0, 2, 0, 0, 0, 2, 2, 0]
+    assert eg.mixed_groups(rollout.rewards, 4) == [0, 1]
+
+
+def test_dynamic_sampling_runs_end_to_end(tok, tmp_path):
+    """Without GEC the tiny model's groups all score 0: every step draws P more prompts per round
+    (2 + 2 x 2 = 6) and, finding no mixed group, trains on its first draw. With GEC the groups are
+    mixed and the step trains on P of them."""
+    history, _, _ = run(tmp_path / "no-gec", tok, "--no-gec", "--dynamic-sampling", "--max-sampling-rounds", "2")
+    assert all(m["prompts_drawn"] == 6 and m["groups_trained"] == 2 for m in history)
+    history, changed, _ = run(tmp_path / "gec", tok, "--dynamic-sampling")
+    assert all(m["groups_trained"] == 2 and m["prompts_drawn"] >= 2 for m in history) and changed

@@ -401,3 +401,17 @@ def test_a_rows_samples_do_not_depend_on_the_rest_of_its_batch(tok):
     part = guided_error_correction(model, tok, alone, ["36"], [None], kv=kv_alone, first_row=4, **gec)
     assert both.actions[4:] == part.actions and both.texts[4:] == part.texts
     assert "reflection" in part.actions
+
+
+def test_concat_rollouts_pads_prompts_left_and_completions_right():
+    from rollout import Rollout, concat_rollouts, select_groups
+
+    def make(prompt, completion, reward):
+        return Rollout(prompt_ids=torch.tensor([prompt]), prompt_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                       completion_ids=torch.tensor([completion]), completion_mask=torch.ones(1, len(completion), dtype=torch.long),
+                       sampled_mask=torch.ones(1, len(completion), dtype=torch.long), truncated=torch.tensor([False]),
+                       texts=["t"], rewards=torch.tensor([reward]), actions=["none"], group_size=1)
+    both = concat_rollouts(make([7, 8], [1], 0.0), make([6, 7, 8], [2, 3], 2.0), pad_id=0)
+    assert both.prompt_ids.tolist() == [[0, 7, 8], [6, 7, 8]] and both.prompt_mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+    assert both.completion_ids.tolist() == [[1, 0], [2, 3]] and both.completion_mask.tolist() == [[1, 0], [1, 1]]
+    assert select_groups(both, [1]).completion_ids.tolist() == [[2, 3]] and both.rewards.tolist() == [0.0, 2.0]
