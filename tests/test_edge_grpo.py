@@ -561,3 +561,11 @@ def test_dynamic_sampling_runs_end_to_end(tok, tmp_path):
     assert all(m["prompts_drawn"] == 6 and m["groups_trained"] == 2 for m in history)
     history, changed, _ = run(tmp_path / "gec", tok, "--dynamic-sampling")
     assert all(m["groups_trained"] == 2 and m["prompts_drawn"] >= 2 for m in history) and changed
+
+
+def test_help_lists_every_flag():
+    """--help formats (a stray % in a help string would break argparse's default formatter)."""
+    text = eg.build_parser().format_help()
+    for flag in ("--optim", "--use-peft", "--fast", "--compile", "--ddp-timeout", "--dr-grpo", "--dynamic-sampling",
+                 "--importance-sampling-level", "--top-entropy-quantile", "--overlong-buffer"):
+        assert flag in text
