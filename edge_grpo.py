@@ -61,6 +61,8 @@ from rollout import (PROMPT_FORMATS, REFLECTION_NEW_TOKENS, build_prompt, concat
 # Constants
 
 ADVANTAGE_EPS = 1e-4       # A_i = (r_i - mean) / (std + 1e-4): the authors' (TRL's) epsilon
+NGRPO_EPS = 1e-6           # NGRPO's epsilon in the same place (its authors' code)
+NGRPO_CLIP = (0.16, 0.24)  # NGRPO's asymmetric clip range (its authors' training script): --epsilon, --epsilon-high
 ENTROPY_FLOOR = 1e-6       # H_i below this is treated as this: a response of certain tokens gives no NaN
 EDA_SCALE_RANGE = (0.1, 10.0)  # mean(H)/H_i clamped here: the bound the authors wrote (commented out) in their EDA
 COLLAPSE_WARN_STEPS = 5    # warn after this many steps in a row with every group collapsed after GEC
@@ -98,6 +100,19 @@ def group_advantages(rewards, G, scale=True, eps=ADVANTAGE_EPS):
     centered = r - r.mean(dim=1, keepdim=True)
     if scale:
         centered = centered / (r.std(dim=1, keepdim=True) + eps)
+    return centered.view(-1)
+
+
+def virtual_max_advantages(rewards, G, max_reward=MAX_REWARD, scale=True, eps=NGRPO_EPS):
+    """(B,) -> (B,). NGRPO's advantage calibration (Nan et al. 2025): each group's mean and std
+    (sample std, as torch.std) are taken over its G rewards plus one virtual response of the maximum
+    reward, which is not trained on: A_i = (r_i - mean(r, r_max)) / (std(r, r_max) + 1e-6). An
+    all-wrong group now gets negative advantages instead of 0; an all-correct group still gets 0."""
+    r = rewards.view(-1, G).float()  # (P, G)
+    augmented = torch.cat([r, torch.full_like(r[:, :1], max_reward)], dim=1)  # (P, G + 1)
+    centered = r - augmented.mean(dim=1, keepdim=True)
+    if scale:
+        centered = centered / (augmented.std(dim=1, keepdim=True) + eps)
     return centered.view(-1)
 
 
@@ -318,7 +333,8 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_
     size = args.micro_batch_size  # a multiple of G keeps whole groups in each micro-batch
     batches = [list(range(s, min(s + size, B))) for s in range(0, B, size)]
     rewards = rollout.rewards if shaping is None else rollout.rewards + shaping  # (B,)
-    advantages = group_advantages(rewards, G, scale=args.scale_rewards)  # (B,)
+    advantages = (virtual_max_advantages(rewards, G, scale=args.scale_rewards) if args.ngrpo
+                  else group_advantages(rewards, G, scale=args.scale_rewards))  # (B,)
     step_tokens = distributed.all_reduce_sum(loss_mask.sum().float())  # the whole step's (all ranks')
     weights = token_weights(loss_mask, args.loss_type, args.max_completion_length, batches,
                             world=distributed.world_size(), step_tokens=step_tokens)  # (B, T)
@@ -677,6 +693,9 @@ def build_parser():
     g.add_argument("--dr-grpo", action="store_true",
                    help="Dr. GRPO (Liu et al. 2025): no std scaling and the constant normalizer (= --no-scale-rewards "
                         "--loss-type dr_grpo)")
+    g.add_argument("--ngrpo", action="store_true",
+                   help="NGRPO (Nan et al. 2025): group statistics with a virtual maximum-reward response, and its asymmetric "
+                        "clip (default --epsilon 0.16 --epsilon-high 0.24, which flags given override)")
     g.add_argument("--importance-sampling-level", choices=("token", "sequence"), default="token",
                    help="sequence: GSPO (Zheng et al. 2025), one length-normalised ratio per response, clipped as a whole "
                         "(the paper clips at --epsilon 3e-4 --epsilon-high 4e-4)")
@@ -740,6 +759,8 @@ def parse_args(argv=None):
         parser.set_defaults(**MODEL_ALIASES[first.model]["settings"])
     if first.dr_grpo:  # a recipe: its two settings become the defaults (given flags that contradict it fail)
         parser.set_defaults(loss_type="dr_grpo", scale_rewards=False)
+    if first.ngrpo and not first.resume:  # its clip range becomes the default
+        parser.set_defaults(epsilon=NGRPO_CLIP[0], epsilon_high=NGRPO_CLIP[1])
     args = parser.parse_args(argv)
     validate_args(args)
     args.prompt_format = prompt_format_of(args.model, args.prompt_format)  # saved with the run and every checkpoint

@@ -569,3 +569,25 @@ def test_help_lists_every_flag():
     for flag in ("--optim", "--use-peft", "--fast", "--compile", "--ddp-timeout", "--dr-grpo", "--dynamic-sampling",
                  "--importance-sampling-level", "--top-entropy-quantile", "--overlong-buffer"):
         assert flag in text
+
+
+def test_ngrpo_virtual_max_advantages_hand_table():
+    """G = 4, maximum reward 2, one virtual response of reward 2 in each group's statistics.
+    All wrong [0, 0, 0, 0]: mean 0.4, sample std sqrt(3.2 / 4) = 0.894427 -> every A = -0.447214 (GRPO: 0).
+    One right [2, 0, 0, 0]: mean 0.8, std sqrt(4.8 / 4) = 1.095445 -> 1.095445, then -0.730297 three times.
+    All right [2, 2, 2, 2]: std 0 -> 0. The recipe's clip is NGRPO's (0.16, 0.24) unless given."""
+    rewards = torch.tensor([0.0, 0, 0, 0, 2, 0, 0, 0, 2, 2, 2, 2])
+    A = eg.virtual_max_advantages(rewards, 4)
+    expected = [-0.447214] * 4 + [1.095445] + [-0.730297] * 3 + [0.0] * 4
+    assert torch.allclose(A, torch.tensor(expected), atol=1e-5)
+    assert eg.group_advantages(rewards, 4)[:4].abs().sum() == 0  # what NGRPO changes
+    args = eg.parse_args(["--ngrpo"])
+    assert (args.epsilon, args.epsilon_high) == (0.16, 0.24)
+    assert eg.parse_args(["--ngrpo", "--epsilon", "0.2"]).epsilon == 0.2
+
+
+def test_ngrpo_learns_from_all_wrong_groups(tok, tmp_path):
+    """Without GEC the tiny model's groups are all wrong: GRPO's weights do not move, NGRPO's do."""
+    _, grpo_changed, _ = run(tmp_path / "grpo", tok, "--no-gec", "--no-eda")
+    _, ngrpo_changed, _ = run(tmp_path / "ngrpo", tok, "--no-gec", "--no-eda", "--ngrpo")
+    assert not grpo_changed and ngrpo_changed
