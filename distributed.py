@@ -57,7 +57,7 @@ def share(items):
 
 
 def all_reduce_sum(tensor):
-    """tensor summed over ranks, in place (on a CPU copy for gloo's sake if needed); a no-op alone."""
+    """tensor summed over ranks, in place; a no-op in a single process."""
     if world_size() > 1:
         dist.all_reduce(tensor)
     return tensor

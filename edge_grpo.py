@@ -208,10 +208,15 @@ def overlong_penalty(lengths, max_length, buffer):
     return torch.where(lengths <= start, torch.zeros_like(lengths), torch.where(lengths <= max_length, ramp, -torch.ones_like(lengths)))
 
 
+def collapsed_groups(rewards, G):
+    """(B,) -> (P,) bool: the groups whose rewards are all equal (advantage collapse: no gradient)."""
+    r = rewards.view(-1, G)
+    return (r == r[:, :1]).all(dim=1)
+
+
 def zero_std_fraction(rewards, G):
     """Share of groups whose rewards are all equal: advantage collapse."""
-    r = rewards.view(-1, G)
-    return (r == r[:, :1]).all(dim=1).float().mean().item()
+    return collapsed_groups(rewards, G).float().mean().item()
 
 
 # -----------------------------------------------------------------------------
@@ -331,7 +336,8 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_
     rewards = rollout.rewards if shaping is None else rollout.rewards + shaping  # (B,)
     advantages = (virtual_max_advantages(rewards, G, scale=args.scale_rewards) if args.ngrpo
                   else group_advantages(rewards, G, scale=args.scale_rewards))  # (B,)
-    step_tokens = distributed.all_reduce_sum(loss_mask.sum().float())  # the whole step's (all ranks')
+    # dapo's normalizer counts the whole step's tokens (all ranks'): one all-reduce, only for it
+    step_tokens = distributed.all_reduce_sum(loss_mask.sum().float()) if args.loss_type == "dapo" else None
     weights = token_weights(loss_mask, args.loss_type, args.max_completion_length, batches,
                             world=distributed.world_size(), step_tokens=step_tokens)  # (B, T)
     per_token = dict(weights=weights, loss_mask=loss_mask.float())
@@ -402,8 +408,7 @@ def sample_and_correct(model, tokenizer, problems, seed, args, first_row=0):
 
 def mixed_groups(rewards, G):
     """Indices of the groups whose rewards are not all equal: the ones with a gradient."""
-    r = rewards.view(-1, G)
-    return [g for g in range(r.shape[0]) if not (r[g] == r[g, 0]).all()]
+    return (~collapsed_groups(rewards, G)).nonzero().flatten().tolist()
 
 
 def dynamic_sampling(model, tokenizer, sampled, rollout, problems, more_problems, seed, args):
@@ -573,13 +578,15 @@ def train(args, model=None, tokenizer=None, progress=True):
     history, collapsed_streak, unended_streak = [], 0, 0
     bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not progress or not lead,
                dynamic_ncols=True)
+
+    def more_problems(n):  # --dynamic-sampling draws on in the data order
+        nonlocal position
+        fresh, position = next_prompts(problems, position, n, args.seed)
+        return fresh
+
     for step in bar:
         batch, position = next_prompts(problems, position, args.prompts_per_step, args.seed)
         mine, first_prompt = distributed.share(batch)  # this rank's whole groups
-        def more_problems(n):  # --dynamic-sampling draws on in the data order
-            nonlocal position
-            fresh, position = next_prompts(problems, position, n, args.seed)
-            return fresh
         metrics, rollout, mine = train_step(model, ref_model, tokenizer, optimizer, scheduler, mine, step, args,
                                             master_weights, first_row=first_prompt * args.num_generations,
                                             more_problems=more_problems)

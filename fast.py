@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from rollout import LOGIT_CHUNK_ROWS, real_positions, shares_prompts
+from rollout import LOGIT_CHUNK_ROWS, real_positions, sample_next_token, shares_prompts
 
 KEEP_BLOCKS_BELOW = 16 << 20  # bytes: freed blocks under this stay in the process (keep_freed_memory)
 
@@ -380,7 +380,6 @@ def decode_static(model, cache, mask, step_ids, *, max_new_tokens, temperature, 
     same return value. The dynamic cache's keys/values are copied into a StaticCache sized for all
     this loop can feed (rounded up to CACHE_BUCKET, rows up to a power of two); the first feed (S
     tokens) runs as it is, every later step through one fixed-shape decode_step."""
-    from rollout import sample_next_token
     B, S = step_ids.shape
     past = cache.get_seq_length()
     rows = padded_rows(B)
@@ -408,7 +407,6 @@ def decode_static(model, cache, mask, step_ids, *, max_new_tokens, temperature, 
         logits = step(model, pad(token[:, None]), full, position, static)[:B].clone()  # (B, V)
     ids = torch.stack(new, dim=1).cpu() if new else torch.zeros((B, 0), dtype=torch.long)  # (B, T)
     fed = column  # columns whose keys/values are in the cache
-    from transformers import DynamicCache
     kv = DynamicCache([(layer.keys[:B, :, :fed], layer.values[:B, :, :fed]) for layer in static.layers], config=model.config)
     return ids, (kv, full[:B, :fed])
 

@@ -58,10 +58,6 @@ def adapter_layers(model):
     return [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "enable_adapters")]
 
 
-def is_adapted(model):
-    return bool(adapter_layers(model))
-
-
 @contextmanager
 def adapters_disabled(model):
     """The base model, for the KL reference: every adapter off inside the block."""
