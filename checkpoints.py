@@ -134,12 +134,15 @@ def prepare_output_dir(args, start):
     return metrics_path
 
 
-def save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, anchor, position, args, master_weights=None):
+def save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, anchor, position, args, master_weights=None,
+                    model_state=None, optimizer_state=None):
     """OUTPUT_DIR/checkpoint-STEP: the model and tokenizer in Hugging Face format (from_pretrained
     loads it), plus everything resume needs. Written to a temporary dir and renamed, so a crash never
     leaves half a checkpoint; then all but the newest --save-total-limit checkpoints are deleted.
     Under mixed precision the weights saved are the fp32 masters; under LoRA the adapter
-    (checkpoint-N/adapter) and, with --save-merged-model, the merged model."""
+    (checkpoint-N/adapter) and, with --save-merged-model, the merged model. model_state and
+    optimizer_state: the states to save when they are not the model's and optimizer's own (--fsdp
+    gathers its shards into them, distributed.full_state)."""
     final = Path(output_dir) / f"checkpoint-{step}"
     tmp = Path(output_dir) / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -148,9 +151,9 @@ def save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, an
         if args.save_merged_model:
             model.save_pretrained(tmp, state_dict=merged_state_dict(model, master_weights))
     else:
-        model.save_pretrained(tmp, state_dict=master_state_dict(model, master_weights))
+        model.save_pretrained(tmp, state_dict=model_state or master_state_dict(model, master_weights))
     tokenizer.save_pretrained(tmp)
-    torch.save(dict(step=step, position=position, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+    torch.save(dict(step=step, position=position, optimizer=optimizer_state or optimizer.state_dict(), scheduler=scheduler.state_dict(),
                     schedule=dict(total=args.max_steps * args.num_iterations, anchor=anchor),
                     torch_rng=torch.random.get_rng_state(), numpy_rng=np.random.get_state(), python_rng=random.getstate()),
                tmp / "trainer_state.pt")

@@ -15,13 +15,22 @@ itself cannot serve here, because our fused Functions (fast.py) write gradients 
 where its hooks never see them. Rank 0 writes the metrics (combined over ranks) and the checkpoints;
 every rank resumes from them. A rank that dies ends the run: torchrun stops the other ranks, and a
 collective still waiting on a dead peer fails after --ddp-timeout seconds.
+
+--fsdp: when a model's state does not fit one GPU (the 7B: 152 GB), FSDP2 shards it (shard, below):
+the same split of the work and the same loss weights, with every rank holding 1/N of the fp32
+weights, their gradients and AdamW's moments.
 """
 
 import os
+import types
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def launched():
@@ -66,9 +75,9 @@ def all_reduce_sum(tensor):
 def sum_gradients(params):
     """Sums the gradients of params over ranks: one all-reduce of their flat buffer when they are
     views of one (precision.attach_flat_grads), else one per tensor. Once per optimizer step."""
-    if world_size() == 1:
-        return
     grads = [p.grad for p in params if p.grad is not None]
+    if world_size() == 1 or any(isinstance(g, DTensor) for g in grads):  # FSDP2 reduce-scattered them already
+        return
     base = grads[0]._base if grads and grads[0]._base is not None else None
     if base is not None and all(g._base is base for g in grads) and sum(g.numel() for g in grads) == base.numel():
         dist.all_reduce(base)
@@ -100,6 +109,96 @@ def combine_metrics(metrics):
             present = [v for v in values if v is not None]
             combined[key] = sum(present) / len(present) if present else None
     return combined
+
+
+# -----------------------------------------------------------------------------
+# FSDP2 (--fsdp): the training state sharded over the ranks
+
+
+def shard(model, dtype, device):
+    """FSDP2 (torch's fully_shard) over all ranks: each decoder layer is one unit, the root (embeddings,
+    final norm, LM head, tied or not) another. Each rank keeps 1/N of every fp32 parameter: those
+    shards are the master weights, AdamW's moments follow them. A unit's weights are gathered in dtype
+    (the MixedPrecisionPolicy) just before it runs and freed after; after its backward its gradients
+    are reduce-scattered in fp32, summed over the ranks (divide factor 1: each rank's loss is already
+    its part of the step's, token_weights). Run the model's scoring through as_forward and its
+    generation inside gathered."""
+    mesh = init_device_mesh(device.type, (world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for layer in model.base_model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    for unit in fsdp_units(model):  # a plain sum (SUM is what every backend has; gloo lacks PREMUL_SUM)
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)
+    model.call_as_forward = types.MethodType(lambda self, fn, *args: fn(self, *args), model)
+    register_fsdp_forward_method(model, "call_as_forward")  # FSDP's pre/post-forward hooks around it
+    with torch.no_grad():  # FSDP sets itself up on the first forward, which must be the root's: ours
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))  # call the layers directly
+    for unit in fsdp_units(model):
+        unit.reshard()  # the root keeps its weights gathered after a forward; model.parameters() are the shards again
+    return model
+
+
+def fsdp_units(model):
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def as_forward(model, fn, *args):
+    """fn(model, *args). Under FSDP2 it runs as the model's forward, so that FSDP gathers the root's
+    weights (our scoring reads the LM head's and the embedding's outside any module's forward) and,
+    in backward, reduces their gradients."""
+    if isinstance(model, FSDPModule):
+        return model.call_as_forward(fn, *args)
+    return fn(model, *args)
+
+
+@contextmanager
+def gathered(model):
+    """Under FSDP2, every unit's weights gathered for the block and freed after it: generation and
+    the no-grad scoring pass then all-gather each unit once, not once per decoded token. Costs the
+    whole model in dtype (the 7B: 15 GB in bf16), which generation needs anyway. A no-op otherwise."""
+    units = fsdp_units(model)
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            if unit is not model:  # the root never reshards after forward (FSDP's own rule)
+                unit.set_reshard_after_forward(True, recurse=False)
+            unit.reshard()
+
+
+def full_state(model, optimizer):
+    """Under FSDP2, the model's and the optimizer's state with every shard gathered, on the CPU, in
+    the layout of a single process (what a checkpoint holds, whatever the number of GPUs). A
+    collective: every rank calls it."""
+    gathered_ = {}
+
+    def full(t):
+        if not isinstance(t, DTensor):
+            return t
+        if id(t) not in gathered_:  # a tied weight is gathered once and saved under both names
+            gathered_[id(t)] = t.full_tensor().to("cpu", copy=True)  # its own storage, not a view of a gather buffer
+        return gathered_[id(t)]
+    model_state = {name: full(t).detach() for name, t in model.state_dict(keep_vars=True).items()}
+    optimizer_state = optimizer.state_dict()
+    optimizer_state["state"] = {i: {k: full(v) for k, v in s.items()} for i, s in optimizer_state["state"].items()}
+    return model_state, optimizer_state
+
+
+def shard_optimizer_state(optimizer):
+    """After loading a checkpoint's (whole) optimizer state: each rank keeps the shard of every moment
+    that matches its shard of the parameter."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if isinstance(p, DTensor):
+                state = optimizer.state[p]
+                for key, value in state.items():
+                    if torch.is_tensor(value) and not isinstance(value, DTensor) and value.shape == p.shape:
+                        state[key] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
 
 
 def barrier():

@@ -9,6 +9,7 @@ edge_grpo.py: the EDGE-GRPO trainer. One step:
   python edge_grpo.py --model qwen2.5-math-1.5b       # the paper's run, one GPU (fetches the paper's data once)
   python edge_grpo.py --no-gec --no-eda                # vanilla GRPO;  --forced-reflection --no-eda: the baseline
   torchrun --nproc-per-node 8 edge_grpo.py --model qwen2.5-math-1.5b --prompts-per-step 8   # 8 GPUs (distributed.py)
+  torchrun --nproc-per-node 8 edge_grpo.py --model qwen2.5-math-7b --prompts-per-step 8 --fsdp  # sharded state
 
 Dimensions: P prompts per step, G = --num-generations, B = P x G rows, T completion tokens.
 
@@ -35,6 +36,7 @@ import argparse
 import contextlib
 import copy
 import json
+import math
 import os
 import resource
 import time
@@ -50,7 +52,7 @@ from checkpoints import (MODEL_SOURCES, directory_mb, load_model_and_tokenizer, 
 from data import PAPER_DATA, arithmetic_problems, fail, load_data, next_prompts
 from lora import add_adapters, adapters_disabled, load_adapter
 from precision import OPTIMIZERS, build_optimizer, format_plan, memory_plan, split_master_weights, uses_masters
-from reward import MAX_REWARD
+from reward import MAX_REWARD, extract_boxed, normalize_answer
 from rollout import (PROMPT_FORMATS, REFLECTION_NEW_TOKENS, build_prompt, concat_rollouts, default_prompt_format,
                      guided_error_correction, sample_with_cache, select_groups, token_logprobs_and_entropy)
 
@@ -60,6 +62,7 @@ from rollout import (PROMPT_FORMATS, REFLECTION_NEW_TOKENS, build_prompt, concat
 ADVANTAGE_EPS = 1e-4       # A_i = (r_i - mean) / (std + 1e-4): the authors' (TRL's) epsilon
 NGRPO_EPS = 1e-6           # NGRPO's epsilon in the same place (its authors' code)
 NGRPO_CLIP = (0.16, 0.24)  # NGRPO's asymmetric clip range (its authors' training script): --epsilon, --epsilon-high
+SEED_GRPO_ALPHA = 0.0417   # SEED-GRPO's alpha in its authors' code (scale 1 / (1 + alpha SE / log G)): --seed-grpo-alpha
 ENTROPY_FLOOR = 1e-6       # H_i below this is treated as this: a response of certain tokens gives no NaN
 EDA_SCALE_RANGE = (0.1, 10.0)  # mean(H)/H_i clamped here: the bound the authors wrote (commented out) in their EDA
 COLLAPSE_WARN_STEPS = 5    # warn after this many steps in a row with every group collapsed after GEC
@@ -110,6 +113,37 @@ def virtual_max_advantages(rewards, G, max_reward=MAX_REWARD, scale=True, eps=NG
     if scale:
         centered = centered / (augmented.std(dim=1, keepdim=True) + eps)
     return centered.view(-1)
+
+
+def answer_clusters(texts):
+    """One cluster id per response: responses whose \\boxed{} answers are the same answer to reward.py's
+    exact-match checker (equal after normalize_answer) share one; a response without a boxed answer
+    is a cluster of its own (as SEED-GRPO's authors treat one without an answer)."""
+    ids, keys = [], {}
+    for i, text in enumerate(texts):
+        answer = extract_boxed(text)
+        key = ("answer", normalize_answer(answer)) if answer is not None else ("none", i)
+        ids.append(keys.setdefault(key, len(keys)))
+    return ids
+
+
+def semantic_entropy(texts, G):
+    """B responses in groups of G -> (P,) SE(q) = -sum_k p_k log p_k over each group's answer clusters,
+    p_k = |C_k| / G (the frequency estimate of semantic entropy): 0 when all G answers agree, log G
+    when all differ. SEED-GRPO weights each cluster by its responses' probabilities instead."""
+    entropies = []
+    for start in range(0, len(texts), G):
+        counts = torch.bincount(torch.tensor(answer_clusters(texts[start:start + G]))).float()
+        p = counts[counts > 0] / G
+        entropies.append(-(p * p.log()).sum())
+    return torch.stack(entropies)
+
+
+def semantic_entropy_scale(entropies, G, alpha=SEED_GRPO_ALPHA):
+    """(P,) -> (P,). SEED-GRPO (Chen et al. 2025, eq. 6): A_i' = A_i * f(alpha * SE(q) / SE_max), with
+    SE_max = log G and f(x) = 1 / (1 + x), the form of its authors' code: a group whose answers
+    disagree (the model is unsure) moves the policy less; one that agrees keeps its full step."""
+    return 1.0 / (1.0 + alpha * entropies / math.log(G))
 
 
 def masked_mean(x, mask, dim=-1):
@@ -185,6 +219,17 @@ def high_entropy_tokens(entropy, mask, quantile):
     H = entropy.detach().float()
     threshold = torch.quantile(H[mask.bool()], 1 - quantile) if mask.any() else H.new_tensor(0.0)
     return mask.float() * (H >= threshold).float()
+
+
+def entropy_band_tokens(entropy, mask, low, high):
+    """(b, T) -> (b, T) 0/1: the tokens whose entropy H_t lies between the `low` and `high` quantiles
+    of the masked tokens (both kept at ties): an entropy band of forking tokens, as SPINE (Wu et al.
+    2025) selects them, that also leaves out the noisiest top; (1 - q, 1) is the top q fraction."""
+    H = entropy.detach().float()
+    if not mask.any():
+        return mask.float()
+    lo, hi = torch.quantile(H[mask.bool()], torch.tensor([low, high], device=H.device))
+    return mask.float() * ((H >= lo) & (H <= hi)).float()
 
 
 def kl_k3(logp, ref_logp):
@@ -273,11 +318,12 @@ def rollout_pass(model, rollout, batches, args):
     """A no-grad pass over the rollout before the update: old log-probs (B, T) and H_i (B,)."""
     device = next(model.parameters()).device
     old_logp, H = torch.zeros(rollout.completion_mask.shape), torch.zeros(len(rollout.texts))
-    for rows in batches:
-        batch = micro_batch(rollout, rows, {}, device)
-        logp, entropy = logprobs_and_entropies(model, batch, args, rollout.group_size)
-        old_logp[rows, :logp.shape[1]] = logp.float().cpu()
-        H[rows] = response_entropy(entropy.float(), batch.completion_mask, authors_eda=False).cpu()
+    with distributed.gathered(model):  # --fsdp: the whole model gathered once for the pass
+        for rows in batches:
+            batch = micro_batch(rollout, rows, {}, device)
+            logp, entropy = logprobs_and_entropies(model, batch, args, rollout.group_size)
+            old_logp[rows, :logp.shape[1]] = logp.float().cpu()
+            H[rows] = response_entropy(entropy.float(), batch.completion_mask, authors_eda=False).cpu()
     return old_logp, H
 
 
@@ -295,7 +341,8 @@ def micro_batch_loss(model, ref_model, batch, logp, entropy, old_logp, A, args, 
     trained = batch.per_token["loss_mask"]  # (b, T)
     sequence_mask = trained if args.importance_sampling_level == "sequence" else None  # GSPO
     per_token, clip_active = clipped_policy_loss(logp, old_logp, A, args.epsilon, eps_high, sequence_mask)  # (b, T)
-    forking = high_entropy_tokens(entropy, trained, args.top_entropy_quantile)  # (b, T): 1 where the gradient flows
+    forking = (entropy_band_tokens(entropy, trained, *args.entropy_band) if args.entropy_band  # (b, T): 1 where
+               else high_entropy_tokens(entropy, trained, args.top_entropy_quantile))         # the gradient flows
     per_token = per_token * forking
     kl_sum = 0.0
     if ref_model is not None:
@@ -316,6 +363,8 @@ def optimizer_step(optimizer, scheduler, args, master_weights):
     trained = [p for group in optimizer.param_groups for p in group["params"]]
     distributed.sum_gradients(trained)  # each rank's part of the step's gradient: the whole on every rank
     grad_norm = torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
+    if isinstance(grad_norm, distributed.DTensor):  # --fsdp: the norm of the sharded gradients, reduced over ranks
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
     scheduler.step()
     if master_weights is not None:
@@ -324,10 +373,12 @@ def optimizer_step(optimizer, scheduler, args, master_weights):
     return float(grad_norm)
 
 
-def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_weights=None, shaping=None):
+def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_weights=None, shaping=None,
+                  advantage_scale=None):
     """advantages -> token weights -> micro-batch losses -> optimizer step, --num-iterations times.
     master_weights (precision.py): the optimizer updates fp32 masters of a bf16 model. shaping (B,):
-    added to the rewards before the advantages (--overlong-buffer). Returns metrics."""
+    added to the rewards before the advantages (--overlong-buffer); advantage_scale (B,): multiplies
+    the advantages, before EDA (--seed-grpo). Returns metrics."""
     G, B = rollout.group_size, len(rollout.texts)
     device = next(model.parameters()).device
     loss_mask = rollout.completion_mask * (rollout.sampled_mask if args.inserted_tokens == "mask" else 1)  # (B, T)
@@ -336,6 +387,8 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_
     rewards = rollout.rewards if shaping is None else rollout.rewards + shaping  # (B,)
     advantages = (virtual_max_advantages(rewards, G, scale=args.scale_rewards) if args.ngrpo
                   else group_advantages(rewards, G, scale=args.scale_rewards))  # (B,)
+    if advantage_scale is not None:
+        advantages = advantages * advantage_scale
     # dapo's normalizer counts the whole step's tokens (all ranks'): one all-reduce, only for it
     step_tokens = distributed.all_reduce_sum(loss_mask.sum().float()) if args.loss_type == "dapo" else None
     weights = token_weights(loss_mask, args.loss_type, args.max_completion_length, batches,
@@ -352,7 +405,8 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_
     for iteration in range(args.num_iterations):
         for rows in batches:
             batch = micro_batch(rollout, rows, per_token, device)
-            logp, entropy = logprobs_and_entropies(model, batch, args, G)  # (b, T), (b, T)
+            # (b, T), (b, T); as_forward: under --fsdp, FSDP gathers the LM head and reduces its gradient
+            logp, entropy = distributed.as_forward(model, logprobs_and_entropies, batch, args, G)
             if fixed_advantages is not None:
                 A = fixed_advantages[rows].to(device)
             else:
@@ -384,7 +438,7 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_
 def decoding_path(args, model):
     """rollout.decode's path: "compiled" (a static cache and a torch.compile'd step, fast.py) with
     --compile, by default on CUDA; else the plain dynamic loop. The same tokens on every path."""
-    compile_ = args.compile if args.compile is not None else next(model.parameters()).device.type == "cuda"
+    compile_ = args.compile if args.compile is not None else next(model.parameters()).device.type == "cuda" and not args.fsdp
     return "compiled" if args.fast and compile_ else "dynamic"
 
 
@@ -449,20 +503,25 @@ def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step
     seed = args.seed * 1_000_003 + step * 7919  # a fresh, reproducible seed per step
     t0 = time.perf_counter()
     model.eval()
-    sampled, rollout = sample_and_correct(model, tokenizer, problems, seed, args, first_row)
-    t1 = time.perf_counter()
-    drawn = len(problems)
-    first_sampled = sampled  # the policy's own answers to the step's first draw: what the metrics report
-    if args.dynamic_sampling:
-        sampled, rollout, problems, drawn = dynamic_sampling(model, tokenizer, sampled, rollout, problems, more_problems,
-                                                             seed, args)
+    with distributed.gathered(model):  # --fsdp: the whole model gathered once for generation
+        sampled, rollout = sample_and_correct(model, tokenizer, problems, seed, args, first_row)
+        t1 = time.perf_counter()
+        drawn = len(problems)
+        first_sampled = sampled  # the policy's own answers to the step's first draw: what the metrics report
+        if args.dynamic_sampling:
+            sampled, rollout, problems, drawn = dynamic_sampling(model, tokenizer, sampled, rollout, problems,
+                                                                 more_problems, seed, args)
     penalty = torch.zeros(len(rollout.texts))  # (B,) DAPO's length shaping, on the length the policy sampled (before GEC)
     if args.overlong_buffer:
         penalty = overlong_penalty(sampled.completion_mask.sum(1), args.max_completion_length, args.overlong_buffer)
     t2 = time.perf_counter()
     model.train()
     learning_rate = float(scheduler.get_last_lr()[0])  # a tensor under torchao
-    update = policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_weights, shaping=penalty)
+    # SEED-GRPO's uncertainty: the semantic entropy of the policy's own answers (before GEC), per group
+    uncertainty = semantic_entropy(sampled.texts, G)  # (P,)
+    scale = semantic_entropy_scale(uncertainty, G, args.seed_grpo_alpha).repeat_interleave(G) if args.seed_grpo else None
+    update = policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_weights, shaping=penalty,
+                           advantage_scale=scale)
     t3 = time.perf_counter()
     generated = int(sampled.completion_mask.sum()) + int((rollout.sampled_mask.sum() - sampled.sampled_mask.sum()).clamp(min=0))
     trained_groups = len(rollout.texts) // G
@@ -482,6 +541,7 @@ def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step
         seconds_generation=t1 - t0, seconds_gec=t2 - t1, seconds_update=t3 - t2, seconds=t3 - t0,
         tokens_per_second=generated / max(t2 - t0, 1e-9), peak_memory_mb=peak_memory_mb(),
         overlong_penalty=penalty.mean().item(),
+        semantic_entropy=uncertainty.mean().item(),  # SEED-GRPO's SE(q), whether or not --seed-grpo uses it
     )
     return metrics, rollout, problems
 
@@ -544,7 +604,12 @@ def train(args, model=None, tokenizer=None, progress=True):
             load_adapter(model, args.resume)
         if lead:
             print(f"LoRA r={args.lora_r}: {trained:,} of {sum(p.numel() for p in model.parameters()):,} parameters train")
-    master_weights = split_master_weights(model, dtype, device, masters=uses_masters(args.optim, dtype))
+    ref_model = reference_model(model, args, device, dtype)  # from the fp32 model, before it is split or sharded
+    if args.fsdp:  # FSDP2: each rank keeps a shard of the fp32 weights (the masters), gathered in dtype to compute
+        distributed.shard(model, dtype, device)
+        master_weights = None
+    else:
+        master_weights = split_master_weights(model, dtype, device, masters=uses_masters(args.optim, dtype))
     if device.type == "cuda":
         check_memory_plan(model, dtype, args, device)
     problems = drop_long_prompts(problems, tokenizer, args)
@@ -554,20 +619,13 @@ def train(args, model=None, tokenizer=None, progress=True):
             print("--fast: " + "; ".join(enabled))
     if args.gradient_checkpointing:  # transformers 5 calls it activation checkpointing
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-    ref_model = None
-    if args.beta > 0 and args.use_peft:
-        ref_model = model  # the same weights with the adapters off (reference_policy): no second copy
-    elif args.beta > 0:
-        # the reference is the initial policy: on resume, reload it rather than copy the trained one
-        ref_model = load_model_and_tokenizer(args.model, device, dtype)[0] if args.resume else copy.deepcopy(model)
-        ref_model.eval()
-        ref_model.requires_grad_(False)
-        ref_model.zero_grad(set_to_none=True)  # a copy of a mixed-precision model would keep a copy of its gradient buffer
     optimizer = make_optimizer(model, args, device, master_weights)
     anchor = resumed_anchor(state, args) if state else None
     scheduler = make_scheduler(optimizer, args, anchor)
     if state:
         restore_trainer_state(state, optimizer, scheduler)
+        if args.fsdp:  # the checkpoint holds whole moments: each rank keeps its shard
+            distributed.shard_optimizer_state(optimizer)
     output_dir = Path(args.output_dir)
     ranks = distributed.world_size()
     if lead:
@@ -578,6 +636,12 @@ def train(args, model=None, tokenizer=None, progress=True):
     history, collapsed_streak, unended_streak = [], 0, 0
     bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not progress or not lead,
                dynamic_ncols=True)
+
+    def save(step):  # rank 0 writes; under --fsdp every rank first helps gather the shards
+        model_state, optimizer_state = distributed.full_state(model, optimizer) if args.fsdp else (None, None)
+        if lead:
+            return save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, anchor, position, args,
+                                   master_weights, model_state=model_state, optimizer_state=optimizer_state)
 
     def more_problems(n):  # --dynamic-sampling draws on in the data order
         nonlocal position
@@ -608,19 +672,29 @@ def train(args, model=None, tokenizer=None, progress=True):
         if unended_streak == COLLAPSE_WARN_STEPS and lead:
             bar.write(f"WARNING: no completion has ended for {COLLAPSE_WARN_STEPS} steps: raise --max-completion-length.")
         if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < args.max_steps:
-            if lead:  # every rank holds the same weights and optimizer state
-                saved = save_checkpoint(output_dir, step + 1, model, tokenizer, optimizer, scheduler, anchor, position,
-                                        args, master_weights)
+            saved = save(step + 1)
+            if lead:
                 bar.write(f"checkpoint: {saved} ({directory_mb(saved):,.0f} MB)")
             distributed.barrier()
-    checkpoint = Path(output_dir) / f"checkpoint-{args.max_steps}"
+    checkpoint = save(args.max_steps)
     if lead:
-        checkpoint = save_checkpoint(output_dir, args.max_steps, model, tokenizer, optimizer, scheduler, anchor, position,
-                                     args, master_weights)
         if history:
             print(summary(history, args, checkpoint))
     distributed.barrier()
     return history
+
+
+def reference_model(model, args, device, dtype):
+    """pi_ref for --beta > 0 (None at 0): the initial policy, frozen, in dtype on device, copied from the
+    fp32 model (on resume, reloaded rather than copied from the trained one); under LoRA the model
+    itself with its adapters off (reference_policy), no second copy. Under --fsdp every rank holds
+    it whole."""
+    if args.beta == 0:
+        return None
+    if args.use_peft:
+        return model
+    ref_model = load_model_and_tokenizer(args.model, device, dtype)[0] if args.resume else copy.deepcopy(model)
+    return ref_model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def summary(history, args, checkpoint):
@@ -712,6 +786,14 @@ def build_parser():
     g.add_argument("--top-entropy-quantile", type=float, default=1.0,
                    help="train only the tokens whose entropy is in this top fraction of each micro-batch's tokens "
                         "(Wang et al. 2025: 0.2); 1.0: every token")
+    g.add_argument("--entropy-band", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                   help="train only the tokens whose entropy lies between these quantiles of each micro-batch's tokens "
+                        "(SPINE's forking tokens without the noisiest top, e.g. 0.8 0.98); 0.8 1.0 = --top-entropy-quantile 0.2")
+    g.add_argument("--seed-grpo", action="store_true",
+                   help="SEED-GRPO (Chen et al. 2025): each group's advantages x 1 / (1 + alpha SE / log G), SE the semantic "
+                        "entropy of its answers (clustered by reward.py's exact match); metric semantic_entropy")
+    g.add_argument("--seed-grpo-alpha", type=float, default=SEED_GRPO_ALPHA,
+                   help="--seed-grpo's alpha (its authors' code: 0.0417; the paper: 0.02)")
     g.add_argument("--micro-batch-size", type=int, default=8, help="rows per forward/backward; a multiple of G lets EDA reuse the training forward")
     g = p.add_argument_group("system and logging")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, mps")
@@ -723,6 +805,9 @@ def build_parser():
                    help="the speed and memory machinery (fast.py), same numbers; --no-fast: the plain reference path")
     g.add_argument("--ddp-timeout", type=int, default=1800,
                    help="torchrun: seconds a rank waits for the others before the run fails (Hugging Face's name)")
+    g.add_argument("--fsdp", nargs="?", const="full_shard", choices=("full_shard",), default=None,
+                   help="torchrun: shard the fp32 weights, their gradients and AdamW's moments over the processes "
+                        "(FSDP2), for a state one GPU cannot hold (the 7B); Hugging Face's --fsdp full_shard")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="decode on a static KV cache with a torch.compile'd step (same tokens); default: on with CUDA, "
                         "off on CPU (a compile costs about a minute there); needs --fast")
@@ -814,9 +899,22 @@ def validate_args(args):
         (not args.dr_grpo or (args.loss_type == "dr_grpo" and not args.scale_rewards),
          "--dr-grpo means --loss-type dr_grpo and --no-scale-rewards: it contradicts the --loss-type or --scale-rewards given"),
         (0 < args.top_entropy_quantile <= 1, "--top-entropy-quantile must be in (0, 1]"),
+        (not args.entropy_band or 0 <= args.entropy_band[0] < args.entropy_band[1] <= 1,
+         "--entropy-band LOW HIGH: quantiles with 0 <= LOW < HIGH <= 1"),
+        (not args.entropy_band or args.top_entropy_quantile == 1,
+         "--entropy-band and --top-entropy-quantile both choose the trained tokens: give one"),
+        (args.seed_grpo_alpha >= 0, "--seed-grpo-alpha must be >= 0"),
         (not args.dynamic_sampling or int(os.environ.get("WORLD_SIZE", "1")) == 1,
          "--dynamic-sampling runs in one process for now: ranks would draw different numbers of prompts"),
         (args.max_sampling_rounds >= 0, "--max-sampling-rounds must be >= 0"),
+        (not args.fsdp or int(os.environ.get("WORLD_SIZE", "1")) > 1,
+         "--fsdp shards the state over torchrun's processes: launch with torchrun --nproc-per-node N (N >= 2)"),
+        (not args.fsdp or not args.use_peft, "--fsdp with --use-peft: LoRA's trained state is small, run it data parallel (no --fsdp)"),
+        (not args.fsdp or args.optim == "adamw_torch_fused",
+         f"--fsdp runs with --optim adamw_torch_fused only for now (its fp32 shards are the masters), not {args.optim}"),
+        (not args.fsdp or not args.compile,
+         "--compile with --fsdp: FSDP's hooks run around every layer of the decoding step, which is not compiled here; "
+         "use --no-compile"),
         (0 <= args.overlong_buffer < args.max_completion_length,
          "--overlong-buffer must be >= 0 and below --max-completion-length"),
         (args.prompts_per_step % int(os.environ.get("WORLD_SIZE", "1")) == 0,
@@ -899,7 +997,8 @@ def run_memory_plan(config, dtype, args):
                        prompt_tokens=args.max_prompt_length,
                        completion_tokens=args.max_completion_length + (args.gec_reflection_tokens if args.gec else 0),
                        micro_batch_rows=min(args.micro_batch_size, rows), optim=args.optim,
-                       lora_rank=args.lora_r if args.use_peft else 0, lora_targets=args.lora_target_modules)
+                       lora_rank=args.lora_r if args.use_peft else 0, lora_targets=args.lora_target_modules,
+                       shards=distributed.world_size() if args.fsdp else 1)
 
 
 def check_memory_plan(model, dtype, args, device):
@@ -907,11 +1006,12 @@ def check_memory_plan(model, dtype, args, device):
     plan = run_memory_plan(model.config, dtype, args)
     available = torch.cuda.get_device_properties(device).total_memory
     masters = ", fp32 masters" if uses_masters(args.optim, dtype) else ""
+    masters += f", state sharded over {distributed.world_size()} GPUs" if args.fsdp else ""
     print(f"memory plan ({dtype}{masters}, {args.optim}{', LoRA' if args.use_peft else ''}):\n{format_plan(plan, available)}")
     if plan["total"] > available:
         fail(f"the run needs about {plan['total'] / 1e9:.0f} GB and {device} has {available / 1e9:.0f} GB: lower "
              "--micro-batch-size, --max-completion-length or --num-generations, use --gradient-checkpointing, "
-             "--optim adamw_torch_8bit_sr, --use-peft, or a GPU with more memory")
+             "--optim adamw_torch_8bit_sr, --use-peft, --fsdp over more GPUs, or a GPU with more memory")
 
 
 def main(argv=None):

@@ -39,6 +39,7 @@ import sys
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 
 # Rows of logits the LM head materializes at once, in fp32 (rollout.LOGIT_CHUNK_ROWS).
 LOGIT_CHUNK_ROWS = 512
@@ -164,7 +165,8 @@ def build_optimizer(params, optim, learning_rate, weight_decay, device):
         ao = require("torchao.optim", f"--optim {optim}")
         optimizer = ao.AdamW8bit(params, lr=learning_rate, weight_decay=weight_decay,
                                  bf16_stochastic_round=optim == "adamw_torch_8bit_sr")
-    if len({(p.dtype, p.device) for p in params}) == 1:  # one buffer needs one dtype and device
+    # one buffer needs one dtype and device; sharded parameters (--fsdp) get theirs from FSDP
+    if len({(p.dtype, p.device) for p in params}) == 1 and not isinstance(params[0], DTensor):
         if params[0].grad is None:  # masters come with theirs (split_master_weights)
             attach_flat_grads(params)
         if optim == "adamw_torch_fused":
@@ -204,13 +206,15 @@ def lora_parameter_count(config, r, targets=None):
 
 
 def memory_plan(config, *, dtype, beta, rows, group_size, prompt_tokens, completion_tokens, micro_batch_rows,
-                optim="adamw_torch_fused", lora_rank=0, lora_targets=None):
+                optim="adamw_torch_fused", lora_rank=0, lora_targets=None, shards=1):
     """Bytes of the training state and of the largest transient blocks, by part, for a model config.
     rows = P x G sequences of prompt_tokens + completion_tokens (GEC's continuation included) in the
     KV cache; a micro-batch of micro_batch_rows runs each group's prompt once. optim and lora_rank
     (0: full fine-tune) as --optim and --lora-r. Activations are estimated from what a decoder layer
     keeps for backward with our lean MLP and norms (about 10 D + 2 I values per token per layer), so
-    treat the total as an estimate, not a promise."""
+    treat the total as an estimate, not a promise. shards > 1: --fsdp over that many GPUs, whose fp32
+    weight shards are the masters and whose gradients and moments are sharded with them; the whole
+    model in dtype is still gathered for generation."""
     n = parameter_count(config)
     trained = lora_parameter_count(config, lora_rank, lora_targets) if lora_rank else n
     width = torch.finfo(dtype).bits // 8
@@ -221,11 +225,16 @@ def memory_plan(config, *, dtype, beta, rows, group_size, prompt_tokens, complet
     tokens = micro_batch_rows * completion_tokens + max(1, micro_batch_rows // group_size) * prompt_tokens
     head_copy = V * D * 4 if width < 4 else 0  # the fused LM head reads a bf16 weight as an fp32 copy ...
     head_grad = head_copy if not lora_rank else 0  # ... and sums its gradient in fp32
+    if shards > 1:  # FSDP2: fp32 shards (the masters), their fp32 gradients and moments, 1/shards each
+        state = {"weights": n * width, "master weights (fp32)": trained * 4 / shards,
+                 "gradients": trained * 4 / shards, "AdamW moments": trained * MOMENT_BYTES[optim] / shards}
+    else:
+        state = {"weights": (n + (trained if lora_rank else 0)) * width,
+                 "master weights (fp32)": trained * 4 if mixed else 0,
+                 "gradients": trained * width + (trained * 4 if mixed else 0),
+                 "AdamW moments": trained * MOMENT_BYTES[optim]}
     plan = {
-        "weights": (n + (trained if lora_rank else 0)) * width,
-        "master weights (fp32)": trained * 4 if mixed else 0,
-        "gradients": trained * width + (trained * 4 if mixed else 0),
-        "AdamW moments": trained * MOMENT_BYTES[optim],
+        **state,
         "reference model (--beta)": n * width if beta > 0 and not lora_rank else 0,  # LoRA: adapters off
         "KV cache of one rollout": rows * (prompt_tokens + completion_tokens) * kv_per_token,
         "activations of one micro-batch": tokens * L * (10 * D + 2 * I) * width,
@@ -282,20 +291,24 @@ GPU_COUNTS = (1, 2, 4, 8)
 
 
 def gpu_count_table():
-    """Markdown: GB per GPU at the paper's settings with one group of G = 8 per GPU, for 1 to 8 GPUs:
-    data parallel (distributed.py) holds the whole state on every GPU; sharding the state over the
-    GPUs, as FSDP2 does, would divide it by their number (not built yet: computed only)."""
+    """Markdown: GB per GPU at the paper's settings with one group of G = 8 per GPU: data parallel
+    (distributed.py) holds the whole state on every GPU, whatever their number; --fsdp shards the
+    fp32 state over them (memory_plan's shards). Each cell: GB at micro-batch 8 (the largest
+    micro-batch that fits an 80 GB GPU)."""
     from transformers import Qwen2Config
-    state_parts = ("weights", "master weights (fp32)", "gradients", "AdamW moments")
-    lines = ["| model | method | data parallel, any number of GPUs | state sharded over " + ", ".join(map(str, GPU_COUNTS))
-             + " GPUs |", "|---|---|---|---|"]
+    lines = ["| model | method | data parallel, any number of GPUs | "
+             + " | ".join(f"--fsdp, {n} GPUs" for n in GPU_COUNTS[1:]) + " |", "|---" * (3 + len(GPU_COUNTS[1:])) + "|"]
     for name, shape in QWEN_MATH_SHAPES.items():
         config = Qwen2Config(**shape)
         for label, method in list(METHODS.items())[:2]:
-            plan = memory_plan(config, dtype=torch.bfloat16, micro_batch_rows=8, **PAPER_RUN, **method)
-            state = sum(plan[k] for k in state_parts)
-            sharded = " / ".join(f"{(state / n + plan['total'] - state) / GB:.1f}" for n in GPU_COUNTS)
-            lines.append(f"| {name} | {label} | {plan['total'] / GB:.1f} | {sharded} |")
+            cells = []
+            for n in GPU_COUNTS:
+                total = memory_plan(config, dtype=torch.bfloat16, micro_batch_rows=8, **PAPER_RUN, **method, shards=n)["total"]
+                fits = largest_fitting_micro_batch(config, 80, **method, shards=n)
+                cells.append(f"{total / GB:.1f} ({fits or 'none'})")
+            if method["optim"] != "adamw_torch_fused":  # --fsdp takes the default optimizer only
+                cells[1:] = ["-"] * (len(GPU_COUNTS) - 1)
+            lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

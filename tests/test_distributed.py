@@ -1,6 +1,7 @@
 """distributed.py under torchrun on CPU (gloo, 2 processes): the same update as one process on the
-same prompts, for each loss aggregation with GEC and EDA on; resume on 2 ranks equals an uninterrupted
-run; a rank that dies ends the run with an error instead of a hang. Each launch uses torchrun's
+same prompts, for each loss aggregation with GEC and EDA on, data parallel and sharded (--fsdp, FSDP2);
+resume on 2 ranks equals an uninterrupted run, both ways; a rank that dies ends the run with an error
+instead of a hang. Each launch uses torchrun's
 --standalone rendezvous (a free port of its own), so parallel launches cannot collide.
 Run: python -m pytest tests/test_distributed.py"""
 
@@ -18,10 +19,11 @@ from safetensors.torch import load_file
 
 import edge_grpo as eg
 from tests.test_edge_grpo import PROBLEMS, args_for, write_jsonl
-from tests.tiny import tiny_model
+from tests.tiny import tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+LAYOUTS = {"ddp": [], "fsdp": ["--fsdp"]}  # data parallel (the whole state on every rank) and FSDP2 (sharded)
 
 
 def torchrun(configs, timeout=300):
@@ -43,11 +45,15 @@ def launched(tmp_path_factory):
     """One torchrun launch for every 2-process run of this file (a launch costs seconds)."""
     tmp = tmp_path_factory.mktemp("distributed")
     data = write_jsonl(tmp / "data.jsonl", PROBLEMS)
-    configs = [[str(tmp / f"two-{loss}"), common(data, "--max-steps", "2", "--loss-type", loss)] for loss in LOSS_TYPES]
+    configs = [[str(tmp / f"two-{layout}-{loss}"), common(data, "--max-steps", "2", "--loss-type", loss, *flags)]
+               for layout, flags in LAYOUTS.items() for loss in LOSS_TYPES]
+    configs.append([str(tmp / "two-fsdp-bf16"), common(data, "--max-steps", "2", "--dtype", "bfloat16", "--fsdp")])
     # resume: beta 0, since a resumed run reloads its reference with --model, which a tiny model built in code has not
-    configs += [[str(tmp / "straight"), common(data, "--max-steps", "4", "--beta", "0")],
-                [str(tmp / "first-half"), common(data, "--max-steps", "2", "--beta", "0")],
-                [str(tmp / "resumed"), ["--resume", str(tmp / "first-half" / "checkpoint-2"), "--max-steps", "4"]]]
+    for layout, flags in LAYOUTS.items():
+        configs += [[str(tmp / f"straight-{layout}"), common(data, "--max-steps", "4", "--beta", "0", *flags)],
+                    [str(tmp / f"first-half-{layout}"), common(data, "--max-steps", "2", "--beta", "0", *flags)],
+                    [str(tmp / f"resumed-{layout}"),
+                     ["--resume", str(tmp / f"first-half-{layout}" / "checkpoint-2"), "--max-steps", "4", *flags]]]
     start = time.perf_counter()
     result = torchrun(configs)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -62,32 +68,58 @@ def metrics(directory):
     return [json.loads(line) for line in (Path(directory) / "metrics.jsonl").read_text().splitlines()]
 
 
+def one_process(tmp, data, name, *flags):
+    """The same run in this process (once per name)."""
+    if not (tmp / name / "checkpoint-2").exists():
+        tok = tiny_tokenizer()
+        eg.train(args_for(tmp / name, *common(data, "--max-steps", "2", *flags)), model=tiny_model(tok), tokenizer=tok,
+                 progress=False)
+    return weights(tmp / name, 2)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_two_ranks_give_the_weights_of_one_process(launched, loss_type):
+def test_two_ranks_give_the_weights_of_one_process(launched, loss_type, layout):
     """Two steps on 2 ranks (one prompt's group each) and in one process on the same 2 prompts: the
     same samples, rewards and GEC actions, and weights equal to 1e-6 relative (the ranks' gradients
-    are summed in another order than one process sums its micro-batches)."""
+    are summed in another order than one process sums its micro-batches), data parallel or sharded."""
     tmp, data, _ = launched
-    tok = __import__("tests.tiny", fromlist=["tiny_tokenizer"]).tiny_tokenizer()
-    args = args_for(tmp / f"one-{loss_type}", *common(data, "--max-steps", "2", "--loss-type", loss_type))
-    eg.train(args, model=tiny_model(tok), tokenizer=tok, progress=False)
-    one, two = weights(tmp / f"one-{loss_type}", 2), weights(tmp / f"two-{loss_type}", 2)
-    initial = tiny_model(tok).state_dict()
+    one = one_process(tmp, data, f"one-{loss_type}", "--loss-type", loss_type)
+    two = weights(tmp / f"two-{layout}-{loss_type}", 2)
+    initial = tiny_model(tiny_tokenizer()).state_dict()
     assert any(not torch.equal(one[k], initial[k]) for k in one)  # the steps did move the weights
     for k in one:
         assert torch.allclose(two[k], one[k], rtol=1e-6, atol=1e-7), (k, (two[k] - one[k]).abs().max())
-    m1, m2 = metrics(tmp / f"one-{loss_type}"), metrics(tmp / f"two-{loss_type}")
+    m1, m2 = metrics(tmp / f"one-{loss_type}"), metrics(tmp / f"two-{layout}-{loss_type}")
     for a, b in zip(m1, m2):
         assert a["gec_actions"] == b["gec_actions"] and a["reward"] == b["reward"]
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
-    assert len(m2) == 2 and not list((tmp / f"two-{loss_type}").glob("checkpoint-1"))  # rank 0 wrote one of each
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)  # FSDP's gradients summed, not averaged
+    assert len(m2) == 2 and not list((tmp / f"two-{layout}-{loss_type}").glob("checkpoint-1"))  # rank 0 wrote one of each
 
 
-def test_resume_on_two_ranks_equals_an_uninterrupted_run(launched):
+def test_fsdp_in_bf16_keeps_fp32_master_shards_and_the_one_process_update(launched):
+    """--fsdp --dtype bfloat16: the layers compute in bf16 from fp32 shards (the masters), so the
+    checkpoint is fp32 and the update is one process's bf16-with-masters update up to bf16 rounding
+    (the micro-batches have other shapes, so the rounding differs: direction within 1 %)."""
+    tmp, data, _ = launched
+    one = one_process(tmp, data, "one-bf16", "--dtype", "bfloat16")
+    two = weights(tmp / "two-fsdp-bf16", 2)
+    initial = tiny_model(tiny_tokenizer()).state_dict()
+    a = torch.cat([(one[k] - initial[k]).flatten() for k in one])
+    b = torch.cat([(two[k] - initial[k]).flatten() for k in one])
+    assert all(t.dtype == torch.float32 for t in two.values())
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99 and (a - b).norm() < 0.1 * a.norm()
+    for x, y in zip(metrics(tmp / "one-bf16"), metrics(tmp / "two-fsdp-bf16")):
+        assert x["gec_actions"] == y["gec_actions"] and x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-3)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_resume_on_two_ranks_equals_an_uninterrupted_run(launched, layout):
+    """Resumed from checkpoint-2 (under --fsdp: the shards gathered into one file, then sharded again)."""
     tmp, _, seconds = launched
-    assert torch.equal(torch.cat([v.flatten() for v in weights(tmp / "straight", 4).values()]),
-                       torch.cat([v.flatten() for v in weights(tmp / "resumed", 4).values()]))
-    assert [m["step"] for m in metrics(tmp / "resumed")] == [3, 4]
+    assert torch.equal(torch.cat([v.flatten() for v in weights(tmp / f"straight-{layout}", 4).values()]),
+                       torch.cat([v.flatten() for v in weights(tmp / f"resumed-{layout}", 4).values()]))
+    assert [m["step"] for m in metrics(tmp / f"resumed-{layout}")] == [3, 4]
     assert seconds < 120, seconds  # the launch stays cheap enough for CI
 
 

@@ -256,6 +256,22 @@ def test_contradictory_flags_fail_clearly(argv, message, capsys):
     assert message in str(e.value)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--fsdp", "--use-peft"], "data parallel"),
+    (["--fsdp", "--optim", "adamw_torch_8bit"], "adamw_torch_fused only"),
+    (["--fsdp", "--compile"], "--no-compile"),
+])
+def test_fsdp_refuses_what_it_does_not_run(argv, message, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match=message):
+        eg.parse_args(argv)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(SystemExit, match="launch with torchrun"):
+        eg.parse_args(["--fsdp"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert eg.parse_args(["--fsdp"]).fsdp == eg.parse_args(["--fsdp", "full_shard"]).fsdp == "full_shard"
+
+
 def test_bad_data_fails_before_any_model_is_loaded(tmp_path, monkeypatch):
     monkeypatch.setattr(eg, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded before data check"))
     args = eg.parse_args(["--data", str(tmp_path / "missing.jsonl"), "--output-dir", str(tmp_path)])
@@ -393,6 +409,44 @@ def test_forking_tokens_hand_table():
     assert torch.equal(eg.high_entropy_tokens(H, mask, 1.0), mask.float())
 
 
+def test_entropy_band_hand_table():
+    """The same 8 real tokens (0.1 .. 0.8): their 0.25 and 0.75 quantiles are 0.275 and 0.625, so the
+    band keeps 0.3, 0.4, 0.5, 0.6; padding (5.0, 9.0) never counts, in the band or in its quantiles;
+    the band (0.75, 1) is the top 25 %."""
+    H = torch.tensor([[0.1, 0.8, 0.3, 0.5, 5.0], [0.7, 0.2, 0.6, 0.4, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 0]])
+    assert eg.entropy_band_tokens(H, mask, 0.25, 0.75).tolist() == [[0, 0, 1, 1, 0], [0, 0, 1, 1, 0]]
+    assert torch.equal(eg.entropy_band_tokens(H, mask, 0.75, 1.0), eg.high_entropy_tokens(H, mask, 0.25))
+
+
+def test_seed_grpo_semantic_entropy_hand_table():
+    """Groups of G = 4 answers, clustered by reward.py's exact match (1/2 = \\frac{1}{2}, 2 = 2.0), a
+    response without a boxed answer a cluster of its own:
+      all one answer      p = (1)               SE = 0                      scale 1
+      1, 1, 3, no box     p = (.5, .25, .25)    SE = 1.5 ln 2 = 1.039721    scale 1 / (1 + a 0.75) = 0.969673
+      no box, no box, 5, 5                      SE = 1.039721 (the two unboxed are two clusters, not one)
+      four answers        p = (.25 x 4)         SE = ln 4 = 1.386294        scale 1 / (1 + a) = 0.959969
+    with a = 0.0417 and SE_max = ln 4."""
+    texts = ["\\boxed{1/2}", "so \\boxed{\\frac{1}{2}}", "\\boxed{ 1/2 }", "\\boxed{\\frac12}",
+             "\\boxed{1}", "\\boxed{1}", "\\boxed{3}", "I give up",
+             "x", "y", "\\boxed{5}", "\\boxed{5.0}",
+             "\\boxed{1}", "\\boxed{2}", "\\boxed{3}", "\\boxed{4}"]
+    se = eg.semantic_entropy(texts, 4)
+    assert se.tolist() == pytest.approx([0.0, 1.039721, 1.039721, 1.386294], abs=1e-6)
+    assert eg.semantic_entropy_scale(se, 4).tolist() == pytest.approx([1.0, 0.969673, 0.969673, 0.959969], abs=1e-6)
+    assert eg.answer_clusters(texts[4:8]) == [0, 0, 1, 2]
+
+
+def test_seed_grpo_scales_the_advantages_of_the_step(tok, tmp_path):
+    """The tiny model never boxes an answer, so every group's SE is ln G, the largest: with alpha 1 each
+    advantage is halved, and the first step (the same rollout) shows a quarter of the variance."""
+    plain, _, _ = run(tmp_path / "plain", tok)
+    seed, changed, _ = run(tmp_path / "seed", tok, "--seed-grpo", "--seed-grpo-alpha", "1")
+    assert changed and seed[0]["semantic_entropy"] == pytest.approx(math.log(4))
+    assert seed[0]["adv_var_before_eda"] == pytest.approx(plain[0]["adv_var_before_eda"] / 4, rel=1e-6)
+    assert plain[0]["adv_var_before_eda"] > 0
+
+
 def test_dr_grpo_is_one_recipe_flag():
     args = eg.parse_args(["--dr-grpo"])
     assert args.loss_type == "dr_grpo" and not args.scale_rewards
@@ -401,14 +455,17 @@ def test_dr_grpo_is_one_recipe_flag():
 
 
 @pytest.mark.parametrize("flags", [["--dr-grpo"], ["--importance-sampling-level", "sequence"],
-                                   ["--top-entropy-quantile", "0.2"], ["--epsilon-high", "0.28"]])
+                                   ["--top-entropy-quantile", "0.2"], ["--epsilon-high", "0.28"],
+                                   ["--entropy-band", "0.5", "0.9"], ["--seed-grpo"]])
 def test_each_variant_runs_end_to_end(tok, tmp_path, flags):
-    """Two steps with GEC and EDA and the variant; the weights move, and forking tokens train about the
-    top fifth of the tokens (ties and small micro-batches round it)."""
+    """Two steps with GEC and EDA and the variant; the weights move; forking tokens train about the
+    top fifth of the tokens, the band 0.5-0.9 about two fifths (ties and small micro-batches round it)."""
     history, changed, _ = run(tmp_path / "run", tok, *flags)
     assert changed
     if "--top-entropy-quantile" in flags:
         assert all(0.1 < m["updated_fraction"] < 0.4 for m in history)
+    elif "--entropy-band" in flags:
+        assert all(0.25 < m["updated_fraction"] < 0.55 for m in history)
     else:
         assert all(m["updated_fraction"] == 1.0 for m in history)
 
