@@ -24,6 +24,7 @@ from tests.tiny import tiny_model, tiny_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 LAYOUTS = {"ddp": [], "fsdp": ["--fsdp"]}  # data parallel (the whole state on every rank) and FSDP2 (sharded)
+FSDP_PATHS = {"plain": ["--no-fast"], "checkpointing": ["--gradient-checkpointing"]}  # the other forward paths
 
 
 def torchrun(configs, timeout=300):
@@ -48,6 +49,8 @@ def launched(tmp_path_factory):
     configs = [[str(tmp / f"two-{layout}-{loss}"), common(data, "--max-steps", "2", "--loss-type", loss, *flags)]
                for layout, flags in LAYOUTS.items() for loss in LOSS_TYPES]
     configs.append([str(tmp / "two-fsdp-bf16"), common(data, "--max-steps", "2", "--dtype", "bfloat16", "--fsdp")])
+    for name, flags in FSDP_PATHS.items():
+        configs.append([str(tmp / f"two-fsdp-{name}"), common(data, "--max-steps", "2", "--fsdp", *flags)])
     # resume: beta 0, since a resumed run reloads its reference with --model, which a tiny model built in code has not
     for layout, flags in LAYOUTS.items():
         configs += [[str(tmp / f"straight-{layout}"), common(data, "--max-steps", "4", "--beta", "0", *flags)],
@@ -95,6 +98,20 @@ def test_two_ranks_give_the_weights_of_one_process(launched, loss_type, layout):
         assert a["gec_actions"] == b["gec_actions"] and a["reward"] == b["reward"]
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)  # FSDP's gradients summed, not averaged
     assert len(m2) == 2 and not list((tmp / f"two-{layout}-{loss_type}").glob("checkpoint-1"))  # rank 0 wrote one of each
+
+
+@pytest.mark.parametrize("path", FSDP_PATHS)
+def test_fsdp_on_the_plain_path_and_under_gradient_checkpointing(launched, path):
+    """--no-fast (the stock forward and LM head, through as_forward) and --gradient-checkpointing under
+    --fsdp: the weights of one process with the same flags, to 1e-6 (a 1e-3 part of the update: the
+    ranks' smaller batches round the stock matmuls differently, and Adam magnifies the tiniest gradients)."""
+    tmp, data, _ = launched
+    one = one_process(tmp, data, f"one-{path}", *FSDP_PATHS[path])
+    two = weights(tmp / f"two-fsdp-{path}", 2)
+    initial = tiny_model(tiny_tokenizer()).state_dict()
+    for k in one:
+        assert (two[k] - one[k]).abs().max() <= 1e-3 * (one[k] - initial[k]).abs().max() + 1e-9, k
+        assert torch.allclose(two[k], one[k], rtol=1e-6, atol=1e-6), (k, (two[k] - one[k]).abs().max())
 
 
 def test_fsdp_in_bf16_keeps_fp32_master_shards_and_the_one_process_update(launched):
