@@ -59,10 +59,20 @@ def world_size():
 
 
 def share(items):
-    """This rank's consecutive block of items (len(items) divisible by the world size), and the index
-    of its first item."""
-    n = len(items) // world_size()
-    return items[rank() * n:(rank() + 1) * n], rank() * n
+    """This rank's consecutive block of items, and the index of its first item: equal blocks when
+    len(items) divides by the world size, else the first len(items) % N ranks hold one more."""
+    n, extra = divmod(len(items), world_size())
+    first = rank() * n + min(rank(), extra)
+    return items[first:first + n + (rank() < extra)], first
+
+
+def gather(obj):
+    """Every rank's obj, in rank order, on every rank (all_gather_object: small Python objects)."""
+    if world_size() == 1:
+        return [obj]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def all_reduce_sum(tensor):
@@ -87,13 +97,13 @@ def sum_gradients(params):
 
 
 def combine_metrics(metrics):
-    """Every rank's metrics -> the step's, on every rank: sums for the loss, GEC's action counts and
-    tokens per second; the largest for times and memory; the mean over ranks for the rest (rates
-    over equal numbers of rows or groups per rank; None where a rank had none)."""
+    """Every rank's metrics -> the step's, on every rank: sums for the loss, the groups trained, GEC's
+    action counts and tokens per second; the largest for times and memory; the mean over ranks for
+    the rest (rates, each rank's weighing the same: exact for equal shares, as every step has unless
+    --dynamic-sampling ends short of P groups; None where a rank had none)."""
     if world_size() == 1:
         return metrics
-    gathered = [None] * world_size()
-    dist.all_gather_object(gathered, metrics)
+    gathered = gather(metrics)
     combined = {}
     for key, value in metrics.items():
         values = [m[key] for m in gathered]
@@ -101,12 +111,12 @@ def combine_metrics(metrics):
             combined[key] = value  # the same on every rank
         elif key == "gec_actions":
             combined[key] = {a: sum(v[a] for v in values) for a in value}
-        elif key in ("loss", "tokens_per_second"):
+        elif key in ("loss", "tokens_per_second", "groups_trained"):
             combined[key] = sum(values)
         elif key.startswith("seconds") or key == "peak_memory_mb":
             combined[key] = max(values)
         else:
-            present = [v for v in values if v is not None]
+            present = [v for v in values if v is not None and v == v]  # a rank with no rows has NaN rates
             combined[key] = sum(present) / len(present) if present else None
     return combined
 

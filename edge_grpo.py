@@ -163,7 +163,7 @@ def entropy_driven_advantages(advantages, entropies, G, floor=ENTROPY_FLOOR, sca
     return advantages * scale.view(-1)
 
 
-def token_weights(loss_mask, loss_type, max_completion_length, micro_batches, world=1, step_tokens=None):
+def token_weights(loss_mask, loss_type, max_completion_length, micro_batches, step_counts=None):
     """(B, T) -> (B, T): the weight of each token in the step's loss, fixed once per optimizer step so
     that micro-batches summing their weighted losses give exactly the loss and gradient TRL's
     GRPOTrainer defines for the same micro-batches (its loss_type names, its meanings):
@@ -173,20 +173,22 @@ def token_weights(loss_mask, loss_type, max_completion_length, micro_batches, wo
                micro-batch, then the mean over micro-batches (depends on the micro-batching, as TRL's);
       dapo:    1/(tokens in the step), one token mean over the whole step;
       dr_grpo: 1/(B x max_completion_length), a constant.
-    micro_batches: lists of row indices, the partition of the B rows the update uses. Split over
-    `world` processes (distributed.py), each holds B rows of the step's world x B and the counts are
-    the whole step's: world x B rows, world x len(micro_batches) micro-batches, step_tokens tokens."""
+    micro_batches: lists of row indices, the partition of the B rows the update uses. When the step's
+    rows are split over processes (distributed.py), step_counts holds the whole step's rows,
+    micro-batches and tokens (3,), summed over them; by default this process's own."""
     mask = loss_mask.float()
-    B = mask.shape[0] * world  # rows in the whole step
+    if step_counts is None:
+        step_counts = torch.tensor([mask.shape[0], len(micro_batches), mask.sum()])
+    B, batches, tokens = step_counts.tolist()  # the whole step's
     if loss_type == "grpo":
         return mask / mask.sum(dim=1, keepdim=True).clamp(min=1) / B
     if loss_type == "bnpo":
         weights = torch.zeros_like(mask)
         for rows in micro_batches:
-            weights[rows] = mask[rows] / mask[rows].sum().clamp(min=1) / (len(micro_batches) * world)
+            weights[rows] = mask[rows] / mask[rows].sum().clamp(min=1) / batches
         return weights
     if loss_type == "dapo":
-        return mask / (mask.sum() if step_tokens is None else step_tokens).clamp(min=1)
+        return mask / max(tokens, 1)
     if loss_type == "dr_grpo":
         return mask / (B * max_completion_length)
     raise ValueError(f"unknown loss type {loss_type!r}")
@@ -389,10 +391,9 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_
                   else group_advantages(rewards, G, scale=args.scale_rewards))  # (B,)
     if advantage_scale is not None:
         advantages = advantages * advantage_scale
-    # dapo's normalizer counts the whole step's tokens (all ranks'): one all-reduce, only for it
-    step_tokens = distributed.all_reduce_sum(loss_mask.sum().float()) if args.loss_type == "dapo" else None
-    weights = token_weights(loss_mask, args.loss_type, args.max_completion_length, batches,
-                            world=distributed.world_size(), step_tokens=step_tokens)  # (B, T)
+    # the normalizers count the whole step: rows, micro-batches and tokens summed over the ranks (torchrun)
+    step_counts = distributed.all_reduce_sum(torch.tensor([B, len(batches), loss_mask.sum()], dtype=torch.float64))
+    weights = token_weights(loss_mask, args.loss_type, args.max_completion_length, batches, step_counts)  # (B, T)
     per_token = dict(weights=weights, loss_mask=loss_mask.float())
     # EDA reads H_i from the training forward itself, unless a no-grad pass must come first: for old
     # log-probs (num_iterations > 1), or when a micro-batch splits a group (EDA's mean is the group's).
@@ -470,28 +471,48 @@ def dynamic_sampling(model, tokenizer, sampled, rollout, problems, more_problems
     dropped and fresh prompts sampled (and corrected) in their place until P mixed groups are found
     or --max-sampling-rounds more rounds have run; the step then trains on the mixed groups it has
     (all of the first round's if none is mixed). Every row of every round keeps its own generator
-    (rows past the first round's are numbered on). Returns the sampled and the corrected rollouts
-    to train on, their problems, and how many prompts were drawn."""
-    G, P = args.num_generations, len(problems)
+    (rows past the first round's are numbered on). Under torchrun every rank draws the same fresh
+    prompts and samples its share of them, and the ranks exchange the groups they keep, so each
+    holds the step's kept groups in one process's order and trains on its share of them. Returns
+    the sampled and the corrected rollouts to train on, their problems, and how many prompts were
+    drawn."""
+    G, P, pad_id = args.num_generations, len(problems) * distributed.world_size(), tokenizer.pad_token_id
     keep = mixed_groups(rollout.rewards, G)
-    if len(keep) == P:
+    kept_sampled, kept, kept_problems = kept_groups(sampled, rollout, problems, keep, pad_id)  # all ranks'
+    if len(kept_problems) == P:
         return sampled, rollout, problems, P
-    pad_id = tokenizer.pad_token_id
-    kept_sampled, kept, kept_problems = select_groups(sampled, keep), select_groups(rollout, keep), [problems[g] for g in keep]
     drawn = P
     for round_ in range(1, args.max_sampling_rounds + 1):
-        fresh = more_problems(P - len(kept_problems))
-        new_sampled, new = sample_and_correct(model, tokenizer, fresh, seed, args, first_row=drawn * G)
+        fresh = more_problems(P - len(kept_problems))  # the same prompts on every rank
+        share, first = distributed.share(fresh)
+        new_sampled, new = (sample_and_correct(model, tokenizer, share, seed, args, first_row=(drawn + first) * G)
+                            if share else (None, None))
         drawn += len(fresh)
-        found = mixed_groups(new.rewards, G)[:P - len(kept_problems)]
-        kept_sampled = concat_rollouts(kept_sampled, select_groups(new_sampled, found), pad_id)
-        kept = concat_rollouts(kept, select_groups(new, found), pad_id)
-        kept_problems += [fresh[g] for g in found]
+        found = kept_groups(new_sampled, new, share, mixed_groups(new.rewards, G) if share else [], pad_id)
+        take = list(range(min(P - len(kept_problems), len(found[2]))))  # the first mixed groups, in order
+        kept_sampled = concat_rollouts(kept_sampled, select_groups(found[0], take), pad_id)
+        kept = concat_rollouts(kept, select_groups(found[1], take), pad_id)
+        kept_problems += [found[2][g] for g in take]
         if len(kept_problems) == P:
             break
     if not kept_problems:
         return sampled, rollout, problems, drawn
-    return kept_sampled, kept, kept_problems, drawn
+    mine, _ = distributed.share(list(range(len(kept_problems))))  # this rank's share of the groups kept
+    return select_groups(kept_sampled, mine), select_groups(kept, mine), [kept_problems[g] for g in mine], drawn
+
+
+def kept_groups(sampled, rollout, problems, groups, pad_id):
+    """The given groups of this rank's (sampled, corrected) rollouts and problems, joined with every
+    other rank's in rank order: the step's, as one process holds them. A rank with no rollout (None)
+    adds nothing."""
+    parts = distributed.gather(None if sampled is None else
+                               (select_groups(sampled, groups), select_groups(rollout, groups), [problems[g] for g in groups]))
+    parts = [p for p in parts if p is not None]
+    joined_sampled, joined, joined_problems = parts[0]
+    for s, r, probs in parts[1:]:
+        joined_sampled, joined = concat_rollouts(joined_sampled, s, pad_id), concat_rollouts(joined, r, pad_id)
+        joined_problems = joined_problems + probs
+    return joined_sampled, joined, joined_problems
 
 
 def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step, args, master_weights=None, first_row=0,
@@ -904,8 +925,9 @@ def validate_args(args):
         (not args.entropy_band or args.top_entropy_quantile == 1,
          "--entropy-band and --top-entropy-quantile both choose the trained tokens: give one"),
         (args.seed_grpo_alpha >= 0, "--seed-grpo-alpha must be >= 0"),
-        (not args.dynamic_sampling or int(os.environ.get("WORLD_SIZE", "1")) == 1,
-         "--dynamic-sampling runs in one process for now: ranks would draw different numbers of prompts"),
+        (not args.dynamic_sampling or not args.fsdp,
+         "--dynamic-sampling with --fsdp: the ranks may keep unequal numbers of groups, and FSDP needs the same "
+         "number of forward passes on every rank; run it data parallel (no --fsdp)"),
         (args.max_sampling_rounds >= 0, "--max-sampling-rounds must be >= 0"),
         (not args.fsdp or int(os.environ.get("WORLD_SIZE", "1")) > 1,
          "--fsdp shards the state over torchrun's processes: launch with torchrun --nproc-per-node N (N >= 2)"),

@@ -1,5 +1,6 @@
 """distributed.py under torchrun on CPU (gloo, 2 processes): the same update as one process on the
-same prompts, for each loss aggregation with GEC and EDA on, data parallel and sharded (--fsdp, FSDP2);
+same prompts, for each loss aggregation with GEC and EDA on, data parallel and sharded (--fsdp, FSDP2),
+and with DAPO's dynamic sampling;
 resume on 2 ranks equals an uninterrupted run, both ways; a rank that dies ends the run with an error
 instead of a hang. Each launch uses torchrun's
 --standalone rendezvous (a free port of its own), so parallel launches cannot collide.
@@ -24,6 +25,7 @@ from tests.tiny import tiny_model, tiny_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 LAYOUTS = {"ddp": [], "fsdp": ["--fsdp"]}  # data parallel (the whole state on every rank) and FSDP2 (sharded)
+DYNAMIC = ["--dynamic-sampling", "--num-generations", "2"]  # G = 2: steps 3 and 4 drop a group and draw one prompt
 FSDP_PATHS = {"plain": ["--no-fast"], "checkpointing": ["--gradient-checkpointing"]}  # the other forward paths
 
 
@@ -49,6 +51,7 @@ def launched(tmp_path_factory):
     configs = [[str(tmp / f"two-{layout}-{loss}"), common(data, "--max-steps", "2", "--loss-type", loss, *flags)]
                for layout, flags in LAYOUTS.items() for loss in LOSS_TYPES]
     configs.append([str(tmp / "two-fsdp-bf16"), common(data, "--max-steps", "2", "--dtype", "bfloat16", "--fsdp")])
+    configs.append([str(tmp / "two-dynamic"), common(data, "--max-steps", "4", *DYNAMIC)])
     for name, flags in FSDP_PATHS.items():
         configs.append([str(tmp / f"two-fsdp-{name}"), common(data, "--max-steps", "2", "--fsdp", *flags)])
     # resume: beta 0, since a resumed run reloads its reference with --model, which a tiny model built in code has not
@@ -71,13 +74,13 @@ def metrics(directory):
     return [json.loads(line) for line in (Path(directory) / "metrics.jsonl").read_text().splitlines()]
 
 
-def one_process(tmp, data, name, *flags):
+def one_process(tmp, data, name, *flags, steps=2):
     """The same run in this process (once per name)."""
-    if not (tmp / name / "checkpoint-2").exists():
+    if not (tmp / name / f"checkpoint-{steps}").exists():
         tok = tiny_tokenizer()
-        eg.train(args_for(tmp / name, *common(data, "--max-steps", "2", *flags)), model=tiny_model(tok), tokenizer=tok,
-                 progress=False)
-    return weights(tmp / name, 2)
+        eg.train(args_for(tmp / name, *common(data, "--max-steps", str(steps), *flags)), model=tiny_model(tok),
+                 tokenizer=tok, progress=False)
+    return weights(tmp / name, steps)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -100,18 +103,36 @@ def test_two_ranks_give_the_weights_of_one_process(launched, loss_type, layout):
     assert len(m2) == 2 and not list((tmp / f"two-{layout}-{loss_type}").glob("checkpoint-1"))  # rank 0 wrote one of each
 
 
-@pytest.mark.parametrize("path", FSDP_PATHS)
-def test_fsdp_on_the_plain_path_and_under_gradient_checkpointing(launched, path):
-    """--no-fast (the stock forward and LM head, through as_forward) and --gradient-checkpointing under
-    --fsdp: the weights of one process with the same flags, to 1e-6 (a 1e-3 part of the update: the
-    ranks' smaller batches round the stock matmuls differently, and Adam magnifies the tiniest gradients)."""
+def test_dynamic_sampling_on_two_ranks_keeps_the_groups_of_one_process(launched):
+    """--dynamic-sampling, P = 2, G = 2: where a group collapses, every rank draws the same fresh prompt,
+    rank 0 samples it (rank 1's share of one prompt is empty), the ranks exchange their mixed groups and
+    each trains on its share: the prompts drawn, the groups trained and the weights of one process."""
     tmp, data, _ = launched
-    one = one_process(tmp, data, f"one-{path}", *FSDP_PATHS[path])
-    two = weights(tmp / f"two-fsdp-{path}", 2)
+    one = one_process(tmp, data, "one-dynamic", *DYNAMIC, steps=4)
+    two = weights(tmp / "two-dynamic", 4)
+    m1, m2 = metrics(tmp / "one-dynamic"), metrics(tmp / "two-dynamic")
+    assert [m["prompts_drawn"] for m in m1] == [m["prompts_drawn"] for m in m2] and max(m["prompts_drawn"] for m in m1) > 2
+    assert [m["groups_trained"] for m in m2] == [2, 2, 2, 2]
+    for a, b in zip(m1, m2):
+        assert a["reward"] == b["reward"] and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    assert_same_update(one, two)
+
+
+def assert_same_update(one, two):
+    """Weights equal to 1e-6 and within a 1e-3 part of the update from the initial weights (the ranks'
+    smaller batches round some matmuls differently, and Adam magnifies the tiniest gradients)."""
     initial = tiny_model(tiny_tokenizer()).state_dict()
     for k in one:
         assert (two[k] - one[k]).abs().max() <= 1e-3 * (one[k] - initial[k]).abs().max() + 1e-9, k
         assert torch.allclose(two[k], one[k], rtol=1e-6, atol=1e-6), (k, (two[k] - one[k]).abs().max())
+
+
+@pytest.mark.parametrize("path", FSDP_PATHS)
+def test_fsdp_on_the_plain_path_and_under_gradient_checkpointing(launched, path):
+    """--no-fast (the stock forward and LM head, through as_forward) and --gradient-checkpointing under
+    --fsdp: the weights of one process with the same flags."""
+    tmp, data, _ = launched
+    assert_same_update(one_process(tmp, data, f"one-{path}", *FSDP_PATHS[path]), weights(tmp / f"two-fsdp-{path}", 2))
 
 
 def test_fsdp_in_bf16_keeps_fp32_master_shards_and_the_one_process_update(launched):

@@ -260,6 +260,7 @@ def test_contradictory_flags_fail_clearly(argv, message, capsys):
     (["--fsdp", "--use-peft"], "data parallel"),
     (["--fsdp", "--optim", "adamw_torch_8bit"], "adamw_torch_fused only"),
     (["--fsdp", "--compile"], "--no-compile"),
+    (["--fsdp", "--dynamic-sampling"], "run it data parallel"),
 ])
 def test_fsdp_refuses_what_it_does_not_run(argv, message, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
