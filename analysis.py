@@ -324,15 +324,23 @@ def require_matplotlib():
 
 def run_plot(args):
     runs = [read_run(d) for d in args.runs]
+    logged = {key for _, rows in runs for r in rows for key in r}
+    unknown = [key for key in args.metrics if key not in logged]
+    if unknown:
+        fail(f"--metrics {' '.join(unknown)}: not in these runs' metrics.jsonl; they log: {', '.join(sorted(logged))}")
+    panels = PLOTTED + tuple((key, None, key) for key in args.metrics)  # a variant's own metric, one panel each
     plt = require_matplotlib()
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    rows_of_panels = math.ceil(len(panels) / 2)
+    fig, axes = plt.subplots(rows_of_panels, 2, figsize=(11, 3.5 * rows_of_panels), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
     summary = {}
     for (label, rows), directory in zip(runs, args.runs):
         steps = [r["step"] for r in rows]
         name = f"{label} ({Path(directory).name})"
-        keys = [k for solid, dashed, _ in PLOTTED for k in (solid, dashed) if k]
+        keys = [k for solid, dashed, _ in panels for k in (solid, dashed) if k]
         summary[name] = {key: _mean(r[key] for r in rows if r.get(key) is not None) for key in keys}
-        for ax, (solid, dashed, title) in zip(axes.flat, PLOTTED):
+        for ax, (solid, dashed, title) in zip(axes.flat, panels):
             line, = ax.plot(steps, moving_average([r.get(solid) for r in rows], args.smooth), label=name)
             if dashed:
                 ax.plot(steps, moving_average([r.get(dashed) for r in rows], args.smooth), "--", color=line.get_color())
@@ -424,6 +432,8 @@ def build_parser():
     p.add_argument("runs", nargs="+", help="training output dirs (with metrics.jsonl)")
     p.add_argument("--output", default="runs/dynamics.png", help="PNG path")
     p.add_argument("--smooth", type=int, default=3, help="moving-average window in steps (1: raw)")
+    p.add_argument("--metrics", nargs="+", default=[],
+                   help="more panels, one per metrics.jsonl key (e.g. semantic_entropy prompts_drawn updated_fraction)")
 
     p = sub.add_parser("compare", help="the paper's table for several eval dirs")
     p.add_argument("evals", nargs="+", help="eval output dirs (with summary.json)")

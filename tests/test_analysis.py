@@ -101,6 +101,10 @@ def test_plot_writes_a_png(tmp_path):
     summary = analysis.main(["plot", str(tmp_path / "GRPO"), str(tmp_path / "EDGE-GRPO"), "--output", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     assert summary["GRPO (GRPO)"]["adv_var"] == 0.0 and summary["EDGE-GRPO (EDGE-GRPO)"]["adv_var"] == 1.0
+    summary = analysis.main(["plot", str(tmp_path / "GRPO"), "--metrics", "entropy", "--output", str(out)])
+    assert summary["GRPO (GRPO)"]["entropy"] == 0.5 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="--metrics semantic_entropy: not in these runs"):
+        analysis.main(["plot", str(tmp_path / "GRPO"), "--metrics", "semantic_entropy", "--output", str(out)])
 
 
 def test_missing_inputs_fail_clearly(tmp_path):
