@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 LAYOUTS = {"ddp": [], "fsdp": ["--fsdp"]}  # data parallel (the whole state on every rank) and FSDP2 (sharded)
 DYNAMIC = ["--dynamic-sampling", "--num-generations", "2"]  # G = 2: steps 3 and 4 drop a group and draw one prompt
-FSDP_PATHS = {"plain": ["--no-fast"], "checkpointing": ["--gradient-checkpointing"]}  # the other forward paths
+FSDP_PATHS = {"plain": ["--no-fast"], "checkpointing": ["--gradient-checkpointing"],  # the other forward paths
+              "old-logprobs": ["--num-iterations", "2"]}  # and a no-grad pass (gathered) before the update
 
 
 def torchrun(configs, timeout=300):
@@ -128,9 +129,10 @@ def assert_same_update(one, two):
 
 
 @pytest.mark.parametrize("path", FSDP_PATHS)
-def test_fsdp_on_the_plain_path_and_under_gradient_checkpointing(launched, path):
-    """--no-fast (the stock forward and LM head, through as_forward) and --gradient-checkpointing under
-    --fsdp: the weights of one process with the same flags."""
+def test_fsdp_on_every_path(launched, path):
+    """Under --fsdp: --no-fast (the stock forward and LM head, through as_forward), --gradient-checkpointing,
+    and --num-iterations 2 (old log-probs from a gathered no-grad pass, then two updates): the weights
+    of one process with the same flags."""
     tmp, data, _ = launched
     assert_same_update(one_process(tmp, data, f"one-{path}", *FSDP_PATHS[path]), weights(tmp / f"two-fsdp-{path}", 2))
 
