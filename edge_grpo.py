@@ -482,17 +482,18 @@ def dynamic_sampling(model, tokenizer, sampled, rollout, problems, more_problems
     if len(kept_problems) == P:
         return sampled, rollout, problems, P
     drawn = P
-    for round_ in range(1, args.max_sampling_rounds + 1):
+    for _ in range(args.max_sampling_rounds):
         fresh = more_problems(P - len(kept_problems))  # the same prompts on every rank
         share, first = distributed.share(fresh)
         new_sampled, new = (sample_and_correct(model, tokenizer, share, seed, args, first_row=(drawn + first) * G)
                             if share else (None, None))
         drawn += len(fresh)
-        found = kept_groups(new_sampled, new, share, mixed_groups(new.rewards, G) if share else [], pad_id)
-        take = list(range(min(P - len(kept_problems), len(found[2]))))  # the first mixed groups, in order
-        kept_sampled = concat_rollouts(kept_sampled, select_groups(found[0], take), pad_id)
-        kept = concat_rollouts(kept, select_groups(found[1], take), pad_id)
-        kept_problems += [found[2][g] for g in take]
+        found_sampled, found, found_problems = kept_groups(new_sampled, new, share,
+                                                           mixed_groups(new.rewards, G) if share else [], pad_id)
+        take = list(range(min(P - len(kept_problems), len(found_problems))))  # the first mixed groups, in order
+        kept_sampled = concat_rollouts(kept_sampled, select_groups(found_sampled, take), pad_id)
+        kept = concat_rollouts(kept, select_groups(found, take), pad_id)
+        kept_problems += [found_problems[g] for g in take]
         if len(kept_problems) == P:
             break
     if not kept_problems:
