@@ -864,6 +864,7 @@ def parse_args(argv=None):
             fail(f"--resume {first.resume}: no run_config.json there; pass a checkpoint dir (OUTPUT_DIR/checkpoint-N)")
         saved = json.loads(config_path.read_text())
         saved.pop("resume", None)
+        saved.pop("fsdp", None)  # the layout over GPUs is chosen at each launch: a checkpoint resumes on any
         parser.set_defaults(**saved)
     elif first.model in MODEL_ALIASES:
         parser.set_defaults(**MODEL_ALIASES[first.model]["settings"])

@@ -61,6 +61,9 @@ def launched(tmp_path_factory):
                     [str(tmp / f"first-half-{layout}"), common(data, "--max-steps", "2", "--beta", "0", *flags)],
                     [str(tmp / f"resumed-{layout}"),
                      ["--resume", str(tmp / f"first-half-{layout}" / "checkpoint-2"), "--max-steps", "4", *flags]]]
+    # a checkpoint holds the single-process layout: data parallel's resumes sharded
+    configs.append([str(tmp / "resumed-ddp-as-fsdp"),
+                    ["--resume", str(tmp / "first-half-ddp" / "checkpoint-2"), "--max-steps", "4", "--fsdp"]])
     start = time.perf_counter()
     result = torchrun(configs)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -161,6 +164,17 @@ def test_resume_on_two_ranks_equals_an_uninterrupted_run(launched, layout):
                        torch.cat([v.flatten() for v in weights(tmp / f"resumed-{layout}", 4).values()]))
     assert [m["step"] for m in metrics(tmp / f"resumed-{layout}")] == [3, 4]
     assert seconds < 120, seconds  # the launch stays cheap enough for CI
+
+
+def test_a_checkpoint_resumes_on_any_layout(launched):
+    """Saved data parallel, resumed under --fsdp; saved under --fsdp, resumed in one process: the
+    weights of the uninterrupted runs (up to their rounding differences)."""
+    tmp, _, _ = launched
+    assert_same_update(weights(tmp / "straight-fsdp", 4), weights(tmp / "resumed-ddp-as-fsdp", 4))
+    args = args_for(tmp / "resumed-fsdp-in-one", "--resume", str(tmp / "first-half-fsdp" / "checkpoint-2"), "--max-steps", "4")
+    model, tok = eg.load_model_and_tokenizer("tiny", torch.device("cpu"), torch.float32, weights=args.resume)
+    eg.train(args, model=model, tokenizer=tok, progress=False)
+    assert_same_update(weights(tmp / "straight-ddp", 4), weights(tmp / "resumed-fsdp-in-one", 4))
 
 
 def test_a_rank_that_dies_ends_the_run_with_an_error(tmp_path):
