@@ -33,9 +33,14 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 
+def processes():
+    """How many processes torchrun started (1 without torchrun); readable before setup joins them."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def launched():
     """Whether torchrun started this process as one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return processes() > 1
 
 
 def setup(timeout_s):

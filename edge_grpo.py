@@ -37,7 +37,6 @@ import contextlib
 import copy
 import json
 import math
-import os
 import resource
 import time
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ from checkpoints import (MODEL_SOURCES, directory_mb, load_model_and_tokenizer, 
 from data import PAPER_DATA, arithmetic_problems, fail, load_data, next_prompts
 from lora import add_adapters, adapters_disabled, load_adapter
 from precision import OPTIMIZERS, build_optimizer, format_plan, memory_plan, split_master_weights, uses_masters
-from reward import MAX_REWARD, extract_boxed, normalize_answer
+from reward import MAX_REWARD, boxed_answer
 from rollout import (PROMPT_FORMATS, REFLECTION_NEW_TOKENS, build_prompt, concat_rollouts, default_prompt_format,
                      guided_error_correction, sample_with_cache, select_groups, token_logprobs_and_entropy)
 
@@ -117,12 +116,12 @@ def virtual_max_advantages(rewards, G, max_reward=MAX_REWARD, scale=True, eps=NG
 
 def answer_clusters(texts):
     """One cluster id per response: responses whose \\boxed{} answers are the same answer to reward.py's
-    exact-match checker (equal after normalize_answer) share one; a response without a boxed answer
-    is a cluster of its own (as SEED-GRPO's authors treat one without an answer)."""
+    exact-match checker (equal boxed_answer) share one; a response without a boxed answer is a
+    cluster of its own (as SEED-GRPO's authors treat one without an answer)."""
     ids, keys = [], {}
     for i, text in enumerate(texts):
-        answer = extract_boxed(text)
-        key = ("answer", normalize_answer(answer)) if answer is not None else ("none", i)
+        answer = boxed_answer(text)
+        key = ("answer", answer) if answer is not None else ("none", i)
         ids.append(keys.setdefault(key, len(keys)))
     return ids
 
@@ -931,7 +930,7 @@ def validate_args(args):
          "--dynamic-sampling with --fsdp: the ranks may keep unequal numbers of groups, and FSDP needs the same "
          "number of forward passes on every rank; run it data parallel (no --fsdp)"),
         (args.max_sampling_rounds >= 0, "--max-sampling-rounds must be >= 0"),
-        (not args.fsdp or int(os.environ.get("WORLD_SIZE", "1")) > 1,
+        (not args.fsdp or distributed.launched(),
          "--fsdp shards the state over torchrun's processes: launch with torchrun --nproc-per-node N (N >= 2)"),
         (not args.fsdp or not args.use_peft, "--fsdp with --use-peft: LoRA's trained state is small, run it data parallel (no --fsdp)"),
         (not args.fsdp or args.optim == "adamw_torch_fused",
@@ -941,9 +940,9 @@ def validate_args(args):
          "use --no-compile"),
         (0 <= args.overlong_buffer < args.max_completion_length,
          "--overlong-buffer must be >= 0 and below --max-completion-length"),
-        (args.prompts_per_step % int(os.environ.get("WORLD_SIZE", "1")) == 0,
+        (args.prompts_per_step % distributed.processes() == 0,
          f"--prompts-per-step {args.prompts_per_step} must be a multiple of the number of processes "
-         f"({os.environ.get('WORLD_SIZE')}): each takes whole groups"),
+         f"({distributed.processes()}): each takes whole groups"),
     ]
     for ok, message in checks:
         if not ok:

@@ -301,13 +301,14 @@ def gpu_count_table():
     for name, shape in QWEN_MATH_SHAPES.items():
         config = Qwen2Config(**shape)
         for label, method in list(METHODS.items())[:2]:
+            # --fsdp runs the default optimizer only: the other methods get the data-parallel cell alone
+            counts = GPU_COUNTS if method["optim"] == "adamw_torch_fused" else GPU_COUNTS[:1]
             cells = []
-            for n in GPU_COUNTS:
+            for n in counts:
                 total = memory_plan(config, dtype=torch.bfloat16, micro_batch_rows=8, **PAPER_RUN, **method, shards=n)["total"]
                 fits = largest_fitting_micro_batch(config, 80, **method, shards=n)
                 cells.append(f"{total / GB:.1f} ({fits or 'none'})")
-            if method["optim"] != "adamw_torch_fused":  # --fsdp takes the default optimizer only
-                cells[1:] = ["-"] * (len(GPU_COUNTS) - 1)
+            cells += ["-"] * (len(GPU_COUNTS) - len(counts))
             lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

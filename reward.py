@@ -218,13 +218,19 @@ def reference_answer_text(answer):
     return (m.group(2) if m else text).strip()
 
 
+def boxed_answer(completion):
+    """The completion's last boxed answer, normalized (None without one): two completions give the
+    same answer exactly when these are equal, as is_correct compares them."""
+    predicted = extract_boxed(completion)
+    return None if predicted is None else normalize_answer(predicted)
+
+
 def is_correct(completion, answer):
     """True when the completion's last boxed answer equals any acceptable reference, after normalization.
     A reference that is itself boxed is compared by its content."""
-    predicted = extract_boxed(completion)
-    if predicted is None:
+    target = boxed_answer(completion)
+    if target is None:
         return False
-    target = normalize_answer(predicted)
     return any(target == normalize_answer(_unboxed(a)) for a in _as_list(answer) if a is not None)
 
 
