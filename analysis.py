@@ -23,11 +23,12 @@ from pathlib import Path
 
 import torch
 
+from checkpoints import load_model_and_tokenizer, prompt_format_of, resolve_device, resolve_dtype
+from cli import PROMPT_FORMATS
 from data import EVAL_SETS, data_name, fail, load_data
-from checkpoints import load_model_and_tokenizer, resolve_device, resolve_dtype
-from edge_grpo import masked_mean, prompt_format_of
+from edge_grpo import response_entropy
 from reward import MAX_REWARD, extract_boxed
-from rollout import PROMPT_FORMATS, build_prompt, guided_error_correction, rollout_from_texts, sample_rollout, token_logprobs_and_entropy
+from rollout import build_prompt, guided_error_correction, rollout_from_texts, sample_rollout, token_logprobs_and_entropy
 
 # The authors' evaluate_model.py: one sample per problem at temperature 0.1, up to 3000 new tokens.
 EVAL_TEMPERATURE, EVAL_MAX_NEW_TOKENS, EVAL_SAMPLES = 0.1, 3000, 1
@@ -63,7 +64,7 @@ def eval_records(model, tokenizer, prompt_format, problems, benchmark, *, temper
                                                     rollout.attention_mask.to(model.device),
                                                     rollout.completion_mask.to(model.device), temperature=temperature)
         mask = rollout.completion_mask
-        H = masked_mean(entropy.cpu(), mask)  # (B,) mean over the response's tokens
+        H = response_entropy(entropy.cpu(), mask, authors_eda=False)  # (B,) H_i, as the trainer computes it
         for row, text in enumerate(rollout.texts):
             problem = batch[row // samples]
             records.append(dict(benchmark=benchmark, index=start + row // samples, problem=problem["problem"],
@@ -102,6 +103,13 @@ def format_table(rows):
     return "\n".join(lines)
 
 
+def response_stats(records):
+    """Share with a boxed answer, mean length in tokens, share cut off at the length cap."""
+    n = max(len(records), 1)
+    return dict(boxed=sum(r["boxed"] for r in records) / n, mean_length=sum(r["length"] for r in records) / n,
+                truncation_rate=sum(r["truncated"] for r in records) / n)
+
+
 def load_eval_model(args):
     """The model, tokenizer, prompt format (prompt_format_of: a checkpoint's own) and batch size."""
     device = resolve_device(args.device)
@@ -115,15 +123,19 @@ def run_eval(args):
     files = [load_data(spec) for spec in args.data]  # bad data fails before the model loads
     model, tokenizer, prompt_format, batch_size = load_eval_model(args)
     max_new_tokens = args.max_new_tokens or CPU_ALIAS_MAX_NEW_TOKENS.get(args.model, EVAL_MAX_NEW_TOKENS)
-    records = []
+    records, greedy = [], []
     for spec, problems in zip(args.data, files):
         problems = problems[:args.limit] if args.limit else problems
-        print(f"{data_name(spec)}: {len(problems)} problems x {args.samples} samples, T={args.temperature}, "
-              f"up to {max_new_tokens} new tokens, {batch_size} problems per batch, prompt format {prompt_format}",
-              file=sys.stderr)
+        print(f"{data_name(spec)}: {len(problems)} problems x {args.samples} samples, T={args.temperature}"
+              f"{' and greedy' if args.greedy else ''}, up to {max_new_tokens} new tokens, {batch_size} problems per "
+              f"batch, prompt format {prompt_format}", file=sys.stderr)
         records += eval_records(model, tokenizer, prompt_format, problems, data_name(spec),
                                 temperature=args.temperature, max_new_tokens=max_new_tokens, samples=args.samples,
                                 batch_size=batch_size, seed=args.seed)
+        if args.greedy:  # one response per problem at temperature 0, as many rows per call as the sampled pass
+            greedy += eval_records(model, tokenizer, prompt_format, problems, data_name(spec), temperature=0.0,
+                                   max_new_tokens=max_new_tokens, samples=1, batch_size=batch_size * args.samples,
+                                   seed=args.seed)
     out = Path(args.output_dir)
     write_records(out / "records.jsonl", records)
     table, weighted, unweighted = accuracy_table(records)
@@ -131,9 +143,16 @@ def run_eval(args):
                    max_new_tokens=max_new_tokens, samples=args.samples,
                    limit=args.limit, pass_at_1={k: v[0] for k, v in table.items()},
                    problems={k: v[1] for k, v in table.items()}, average_weighted=weighted, average_unweighted=unweighted,
-                   boxed=sum(r["boxed"] for r in records) / len(records))
+                   **response_stats(records))
+    rows = [(f"{args.model} avg@{args.samples}" if args.samples > 1 else args.model, table, weighted)]
+    if args.greedy:
+        write_records(out / "greedy_records.jsonl", greedy)
+        greedy_table, greedy_weighted, greedy_unweighted = accuracy_table(greedy)
+        summary["greedy"] = dict(pass_at_1={k: v[0] for k, v in greedy_table.items()}, average_weighted=greedy_weighted,
+                                 average_unweighted=greedy_unweighted, **response_stats(greedy))
+        rows.append((f"{args.model} greedy", greedy_table, greedy_weighted))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(format_table([(args.model, table, weighted)]))
+    print(format_table(rows))
     print(f"responses: {out / 'records.jsonl'}; summary: {out / 'summary.json'}")
     return summary
 
@@ -413,6 +432,8 @@ def build_parser():
     p.add_argument("--data", nargs="+", default=list(EVAL_SETS),
                    help="problem files (JSONL/JSON) or names fetched once; default: the paper's five benchmarks")
     p.add_argument("--temperature", type=float, default=EVAL_TEMPERATURE, help="sampling temperature (authors: 0.1)")
+    p.add_argument("--greedy", action="store_true",
+                   help="also greedy pass@1: one response per problem at temperature 0 (summary.json's greedy)")
     p.add_argument("--output-dir", default="runs/eval")
     model_flags(p, required=True)
 

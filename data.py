@@ -2,6 +2,8 @@
 data.py: the problems a run trains and evaluates on, and where they come from.
 
   arithmetic_problems   the built-in training set (offline, every GEC branch has what it needs)
+  arithmetic_test_problems
+                        its held-out test split: the same kind of problem, none of the training set's
   load_problems         a JSON array or JSONL of {problem, answer, solution?}; bad rows named by file and line
   fetch_paper_data      the paper's training set and five evaluation sets, downloaded once into a cache
                         directory, checked (rows, fields, and the training file's SHA-256), then read from there
@@ -38,21 +40,50 @@ def fail(message):
 # The built-in set
 
 
-def arithmetic_problems(n=500, seed=1234):
-    """The built-in training set: small sums and products with worked solutions, so every GEC branch
-    (reflection, answer, solution) has what it needs and a 135M model can get some right."""
+ARITHMETIC_TRAIN_ROWS, ARITHMETIC_TRAIN_SEED = 500, 1234
+# The held-out split: 48 problems, sized for the study's budget (replicate.py: 13 evaluations of 48 x 5
+# responses, about 70 s each on 2 CPU cores). Only 9 products are left once the training set's 115 are
+# taken in either order, so the split is those 9 and 39 sums.
+ARITHMETIC_TEST_ROWS, ARITHMETIC_TEST_SEED = 48, 4321
+
+
+def arithmetic_row(a, op, b):
+    value = a + b if op == "+" else a * b
+    return dict(problem=f"What is ${a} {op} {b}$?", answer=str(value),
+                solution=f"We compute ${a} {op} {b} = {value}$. The answer is $\\boxed{{{value}}}$.")
+
+
+def arithmetic_triples(n=ARITHMETIC_TRAIN_ROWS, seed=ARITHMETIC_TRAIN_SEED):
+    """(a, op, b) of the built-in training set: sums of 2..30 and products of 1..12, half each."""
     rng = random.Random(seed)
-    rows = []
+    triples = []
     for _ in range(n):
         a, b = rng.randint(2, 30), rng.randint(2, 30)
         if rng.random() < 0.5:
-            op, value = "+", a + b
+            triples.append((a, "+", b))
         else:
-            a, b = a % 12 + 1, b % 12 + 1
-            op, value = "\\times", a * b
-        rows.append(dict(problem=f"What is ${a} {op} {b}$?", answer=str(value),
-                         solution=f"We compute ${a} {op} {b} = {value}$. The answer is $\\boxed{{{value}}}$."))
-    return rows
+            triples.append((a % 12 + 1, "\\times", b % 12 + 1))
+    return triples
+
+
+def arithmetic_problems(n=ARITHMETIC_TRAIN_ROWS, seed=ARITHMETIC_TRAIN_SEED):
+    """The built-in training set: small sums and products with worked solutions, so every GEC branch
+    (reflection, answer, solution) has what it needs and a 135M model can get some right."""
+    return [arithmetic_row(*t) for t in arithmetic_triples(n, seed)]
+
+
+def arithmetic_test_problems(n=ARITHMETIC_TEST_ROWS, seed=ARITHMETIC_TEST_SEED):
+    """The held-out split (--data arithmetic-test): problems of the training set's kind and ranges,
+    none of whose (a, op, b) the training set holds in either order (3 + 5 held out means 5 + 3 is
+    too: the same fact). Every remaining product, then sums drawn to n rows, in a fixed shuffled order."""
+    seen = set(arithmetic_triples())
+    seen |= {(b, op, a) for a, op, b in seen}
+    products = [(a, "\\times", b) for a in range(1, 13) for b in range(1, 13) if (a, "\\times", b) not in seen]
+    sums = [(a, "+", b) for a in range(2, 31) for b in range(2, 31) if (a, "+", b) not in seen]
+    rng = random.Random(seed)
+    chosen = products[:n] + rng.sample(sums, n - min(n, len(products)))
+    rng.shuffle(chosen)
+    return [arithmetic_row(*t) for t in chosen]
 
 
 # -----------------------------------------------------------------------------
@@ -171,16 +202,20 @@ def arrow_rows(payload, name):
     return pyarrow.ipc.open_stream(payload).read_all().to_pylist()
 
 
+BUILT_IN = {"arithmetic": arithmetic_problems, "arithmetic-test": arithmetic_test_problems}
+
+
 def load_data(spec):
-    """--data: "arithmetic" (the built-in set), one of PAPER_DATA's names (fetched once) or a path."""
-    if spec == "arithmetic":
-        return arithmetic_problems()
+    """--data: "arithmetic" (the built-in set), "arithmetic-test" (its held-out split), one of
+    PAPER_DATA's names (fetched once) or a path."""
+    if spec in BUILT_IN:
+        return BUILT_IN[spec]()
     return load_problems(fetch_paper_data(spec) if spec in PAPER_DATA else spec)
 
 
 def data_name(spec):
     """A short name for tables: the dataset name, or the file's stem."""
-    return spec if spec in PAPER_DATA or spec == "arithmetic" else Path(spec).stem
+    return spec if spec in PAPER_DATA or spec in BUILT_IN else Path(spec).stem
 
 
 # -----------------------------------------------------------------------------

@@ -32,10 +32,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-
-def processes():
-    """How many processes torchrun started (1 without torchrun); readable before setup joins them."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+from cli import processes  # torchrun's WORLD_SIZE, read before any process group exists
 
 
 def launched():

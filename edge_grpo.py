@@ -13,31 +13,33 @@ edge_grpo.py: the EDGE-GRPO trainer. One step:
 
 Dimensions: P prompts per step, G = --num-generations, B = P x G rows, T completion tokens.
 
-Read top to bottom: the algorithm (pure functions), one step, the loop; then the command line and
-the machinery (optimizer and schedule, the memory plan). Elsewhere: rollout.py (sampling,
-scoring, GEC), reward.py, precision.py (bf16 and smaller GPUs), lora.py, fast.py (--fast: the same
-numbers with less time and memory), distributed.py (torchrun), checkpoints.py (loading models,
-checkpoints, resume), data.py.
+Read top to bottom: the algorithm (pure functions, in the order a step uses them, each GRPO-family
+variant right after what it replaces), one step, DAPO's dynamic sampling, the loop; then the
+machinery (optimizer and schedule, the memory plan, main). The flags and their defaults: cli.py.
+Elsewhere: rollout.py (sampling, scoring, GEC), reward.py, precision.py (bf16 and smaller GPUs),
+lora.py, fast.py (--fast: the same numbers with less time and memory), distributed.py (torchrun),
+checkpoints.py (loading models, checkpoints, resume), data.py; replicate.py runs the paper's
+comparison over seeds.
 
-Departures from the authors' code (../shared/PAPER.md), each on purpose:
+Departures from the authors' code (../shared/PAPER.md; README's table has them all), each on purpose:
 - EDA: H_i is the mean entropy over the response's real tokens (theirs averages over padding too),
   detached (theirs lets gradient flow through H_i inside the advantage), floored and its scale
   clamped; --authors-eda restores theirs. The normalizer mean_j H_j is the group's mean: with their
   8 GPUs x 1 completion, their gathered batch was exactly one group, and it is detached in both.
 - Loss aggregation: default "grpo" (per-response token mean, then mean over responses). The authors
   set TRL's "bnpo" (token mean per micro-batch), but with one completion per GPU that is exactly this.
-- --authors-eda: H_i keeps its gradient and the scale is unclamped, as theirs; H_i is the mean over
-  the row's own tokens, which is what their padded mean was with one completion per GPU.
-- Format reward: implemented as intended (see reward.py). GEC: corrected rows keep an EOS, only
-  continued rows are regenerated (see rollout.py).
 """
 
-import argparse
+import cli
+
+if __name__ == "__main__":
+    cli.parse_args()  # a flag error or --help answers now, before torch and transformers load (seconds)
+
 import contextlib
 import copy
+import functools
 import json
 import math
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,48 +48,31 @@ import torch
 
 import distributed
 import fast
-from checkpoints import (MODEL_SOURCES, directory_mb, load_model_and_tokenizer, load_trainer_state,
-                         prepare_output_dir, resolve_device, resolve_dtype, restore_trainer_state, save_checkpoint)
-from data import PAPER_DATA, arithmetic_problems, fail, load_data, next_prompts
+from checkpoints import (directory_mb, load_model_and_tokenizer, load_trainer_state, prepare_output_dir,
+                         prompt_format_of, resolve_device, resolve_dtype, restore_trainer_state, save_checkpoint)
+from cli import LOSS_TYPES, arm_name
+from data import fail, load_data, next_prompts
 from lora import add_adapters, adapters_disabled, load_adapter
-from precision import OPTIMIZERS, build_optimizer, format_plan, memory_plan, split_master_weights, uses_masters
-from reward import MAX_REWARD, boxed_answer
-from rollout import (PROMPT_FORMATS, REFLECTION_NEW_TOKENS, build_prompt, concat_rollouts, default_prompt_format,
-                     guided_error_correction, sample_with_cache, select_groups, token_logprobs_and_entropy)
+from precision import (build_optimizer, check_memory_plan, make_scheduler, peak_memory_mb, resumed_anchor,
+                       split_master_weights, uses_masters)
+from reward import FORMAT_REWARD, MAX_REWARD, boxed_answer, format_reward
+from rollout import (build_prompt, concat_rollouts, decode, guided_error_correction, sample_with_cache, select_groups,
+                     token_logprobs_and_entropy)
 
 # -----------------------------------------------------------------------------
-# Constants
+# Constants (the flags' defaults are in cli.py)
 
 ADVANTAGE_EPS = 1e-4       # A_i = (r_i - mean) / (std + 1e-4): the authors' (TRL's) epsilon
 NGRPO_EPS = 1e-6           # NGRPO's epsilon in the same place (its authors' code)
-NGRPO_CLIP = (0.16, 0.24)  # NGRPO's asymmetric clip range (its authors' training script): --epsilon, --epsilon-high
-SEED_GRPO_ALPHA = 0.0417   # SEED-GRPO's alpha in its authors' code (scale 1 / (1 + alpha SE / log G)): --seed-grpo-alpha
 ENTROPY_FLOOR = 1e-6       # H_i below this is treated as this: a response of certain tokens gives no NaN
 EDA_SCALE_RANGE = (0.1, 10.0)  # mean(H)/H_i clamped here: the bound the authors wrote (commented out) in their EDA
 COLLAPSE_WARN_STEPS = 5    # warn after this many steps in a row with every group collapsed after GEC
-
-# The paper's hyperparameters (../shared/PAPER.md, "Authors' training settings"); 1 epoch of 1000 prompts.
-AUTHORS_SETTINGS = dict(learning_rate=1e-6, num_generations=8, prompts_per_step=1, temperature=0.6, top_p=1.0,
-                        max_completion_length=1024, max_prompt_length=512, gec_reflection_tokens=REFLECTION_NEW_TOKENS,
-                        max_steps=1000, beta=0.0, epsilon=0.2, lr_scheduler_type="linear", warmup_steps=0,
-                        max_grad_norm=1.0, micro_batch_size=8, data="deepscaler_hard-1k")
-# The CPU demo, chosen by measurement (README, "The demo"): small groups, short answers, a learning rate
-# high enough that 135M parameters move within minutes.
-DEMO_SETTINGS = dict(learning_rate=3e-5, num_generations=4, prompts_per_step=2, temperature=1.0, top_p=1.0,
-                     max_completion_length=48, max_prompt_length=256, gec_reflection_tokens=32, max_steps=24,
-                     lr_scheduler_type="constant", micro_batch_size=8)
-MODEL_ALIASES = {  # where their weights come from: checkpoints.MODEL_SOURCES
-    "qwen2.5-math-1.5b": dict(model_id=MODEL_SOURCES["qwen2.5-math-1.5b"]["model_id"], settings=AUTHORS_SETTINGS),
-    "qwen2.5-math-7b": dict(model_id=MODEL_SOURCES["qwen2.5-math-7b"]["model_id"], settings=AUTHORS_SETTINGS),
-    "smollm2-135m": dict(settings=DEMO_SETTINGS),
-}
-
-
-LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")  # TRL's names, with TRL's meanings (token_weights)
+# --reward: what the advantages are computed from (trained_rewards), and that reward's maximum
+REWARD_MAXIMUM = {"exact-match": MAX_REWARD, "format-only": FORMAT_REWARD}
 
 
 # -----------------------------------------------------------------------------
-# The algorithm: pure functions on tensors
+# The algorithm: pure functions on tensors, in pipeline order
 
 
 def group_advantages(rewards, G, scale=True, eps=ADVANTAGE_EPS):
@@ -114,6 +99,23 @@ def virtual_max_advantages(rewards, G, max_reward=MAX_REWARD, scale=True, eps=NG
     return centered.view(-1)
 
 
+def masked_mean(x, mask, dim=-1):
+    """Mean of x over mask == 1 along dim; 0 where the mask is empty."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def entropy_driven_advantages(advantages, entropies, G, floor=ENTROPY_FLOOR, scale_range=EDA_SCALE_RANGE):
+    """(B,), (B,) -> (B,). EDA: A_i' = A_i * mean_group(H) / H_i. Confident responses (low H_i) weigh
+    more, uncertain ones less. H_i is floored so a near-certain response gives no inf, and the scale
+    is clamped to scale_range (None: unclamped, the authors' behaviour). The group mean is detached."""
+    H = entropies.clamp(min=floor).view(-1, G)  # (P, G)
+    scale = H.mean(dim=1, keepdim=True).detach() / H
+    if scale_range is not None:
+        scale = scale.clamp(*scale_range)
+    return advantages * scale.view(-1)
+
+
 def answer_clusters(texts):
     """One cluster id per response: responses whose \\boxed{} answers are the same answer to reward.py's
     exact-match checker (equal boxed_answer) share one; a response without a boxed answer is a
@@ -138,28 +140,11 @@ def semantic_entropy(texts, G):
     return torch.stack(entropies)
 
 
-def semantic_entropy_scale(entropies, G, alpha=SEED_GRPO_ALPHA):
+def semantic_entropy_scale(entropies, G, alpha):
     """(P,) -> (P,). SEED-GRPO (Chen et al. 2025, eq. 6): A_i' = A_i * f(alpha * SE(q) / SE_max), with
-    SE_max = log G and f(x) = 1 / (1 + x), the form of its authors' code: a group whose answers
+    SE_max = log G and f(x) = 1 / (1 + x), the form of its authors' code (their alpha: --seed-grpo-alpha): a group whose answers
     disagree (the model is unsure) moves the policy less; one that agrees keeps its full step."""
     return 1.0 / (1.0 + alpha * entropies / math.log(G))
-
-
-def masked_mean(x, mask, dim=-1):
-    """Mean of x over mask == 1 along dim; 0 where the mask is empty."""
-    mask = mask.to(x.dtype)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
-
-
-def entropy_driven_advantages(advantages, entropies, G, floor=ENTROPY_FLOOR, scale_range=EDA_SCALE_RANGE):
-    """(B,), (B,) -> (B,). EDA: A_i' = A_i * mean_group(H) / H_i. Confident responses (low H_i) weigh
-    more, uncertain ones less. H_i is floored so a near-certain response gives no inf, and the scale
-    is clamped to scale_range (None: unclamped, the authors' behaviour). The group mean is detached."""
-    H = entropies.clamp(min=floor).view(-1, G)  # (P, G)
-    scale = H.mean(dim=1, keepdim=True).detach() / H
-    if scale_range is not None:
-        scale = scale.clamp(*scale_range)
-    return advantages * scale.view(-1)
 
 
 def token_weights(loss_mask, loss_type, max_completion_length, micro_batches, step_counts=None):
@@ -193,24 +178,6 @@ def token_weights(loss_mask, loss_type, max_completion_length, micro_batches, st
     raise ValueError(f"unknown loss type {loss_type!r}")
 
 
-def sequence_log_ratio(logp, old_logp, mask):
-    """(b, T) -> (b, 1): GSPO's sequence-level log importance ratio (Zheng et al. 2025),
-    log s_i = mean_t (log pi(o_t) - log pi_old(o_t)) over the response's tokens, i.e.
-    s_i = (pi(y_i) / pi_old(y_i)) ^ (1 / |y_i|), the length-normalised sequence ratio."""
-    return masked_mean(logp - old_logp, mask)[:, None]
-
-
-def clipped_policy_loss(logp, old_logp, advantages, eps_low, eps_high, sequence_mask=None):
-    """(b, T), (b, T), (b,) -> per-token loss (b, T) and whether the clip was active (b, T).
-    PPO-clip: -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A), ratio per token; with
-    sequence_mask (b, T), GSPO: every token of response i uses its sequence's ratio s_i."""
-    log_ratio = logp - old_logp if sequence_mask is None else sequence_log_ratio(logp, old_logp, sequence_mask)
-    ratio = torch.exp(log_ratio).expand_as(logp)
-    A = advantages[:, None]
-    unclipped, clipped = ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A
-    return -torch.min(unclipped, clipped), clipped < unclipped
-
-
 def high_entropy_tokens(entropy, mask, quantile):
     """(b, T) -> (b, T) 0/1: the tokens whose entropy H_t is in the top `quantile` fraction of the
     masked tokens, the "forking tokens" of Wang et al. 2025 ("Beyond the 80/20 rule": training on the
@@ -233,16 +200,38 @@ def entropy_band_tokens(entropy, mask, low, high):
     return mask.float() * ((H >= lo) & (H <= hi)).float()
 
 
+def sequence_log_ratio(logp, old_logp, mask):
+    """(b, T) -> (b, 1): GSPO's sequence-level log importance ratio (Zheng et al. 2025),
+    log s_i = mean_t (log pi(o_t) - log pi_old(o_t)) over the response's tokens, i.e.
+    s_i = (pi(y_i) / pi_old(y_i)) ^ (1 / |y_i|), the length-normalised sequence ratio."""
+    return masked_mean(logp - old_logp, mask)[:, None]
+
+
+def clipped_policy_loss(logp, old_logp, advantages, eps_low, eps_high, sequence_mask=None):
+    """(b, T), (b, T), (b,) -> per-token loss (b, T) and whether the clip was active (b, T).
+    PPO-clip: -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A), ratio per token; with
+    sequence_mask (b, T), GSPO: every token of response i uses its sequence's ratio s_i."""
+    log_ratio = logp - old_logp if sequence_mask is None else sequence_log_ratio(logp, old_logp, sequence_mask)
+    ratio = torch.exp(log_ratio).expand_as(logp)
+    A = advantages[:, None]
+    unclipped, clipped = ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A
+    return -torch.min(unclipped, clipped), clipped < unclipped
+
+
 def kl_k3(logp, ref_logp):
     """(b, T) -> (b, T): the k3 estimator of KL(pi || pi_ref), exp(d) - d - 1 with d = ref - logp; >= 0."""
     d = ref_logp - logp
     return torch.exp(d) - d - 1
 
 
-def group_variance(x, G):
-    """(B,) -> mean over groups of the sample variance within each group: the paper's Fig. 5
-    quantity (about 1 for a mixed group of std-normalized advantages, 0 for a collapsed one)."""
-    return x.view(-1, G).var(dim=1).mean().item()
+def trained_rewards(rollout, kind="exact-match"):
+    """(B,) the rewards the advantages are computed from. exact-match: reward.py's format + accuracy
+    (0/1/2), as the rollout was scored; format-only: the format part alone, 1 for any boxed answer,
+    right or wrong. GEC still rewrites the wrong responses (it knows the reference), so under
+    format-only the correct answers reach the policy only through the text GEC inserts."""
+    if kind == "format-only":
+        return torch.tensor([format_reward(text) for text in rollout.texts], dtype=rollout.rewards.dtype)
+    return rollout.rewards
 
 
 def overlong_penalty(lengths, max_length, buffer):
@@ -254,6 +243,12 @@ def overlong_penalty(lengths, max_length, buffer):
     return torch.where(lengths <= start, torch.zeros_like(lengths), torch.where(lengths <= max_length, ramp, -torch.ones_like(lengths)))
 
 
+def group_variance(x, G):
+    """(B,) -> mean over groups of the sample variance within each group: the paper's Fig. 5
+    quantity (about 1 for a mixed group of std-normalized advantages, 0 for a collapsed one)."""
+    return x.view(-1, G).var(dim=1).mean().item()
+
+
 def collapsed_groups(rewards, G):
     """(B,) -> (P,) bool: the groups whose rewards are all equal (advantage collapse: no gradient)."""
     r = rewards.view(-1, G)
@@ -263,6 +258,11 @@ def collapsed_groups(rewards, G):
 def zero_std_fraction(rewards, G):
     """Share of groups whose rewards are all equal: advantage collapse."""
     return collapsed_groups(rewards, G).float().mean().item()
+
+
+def mixed_groups(rewards, G):
+    """Indices of the groups whose rewards are not all equal: the ones with a gradient."""
+    return (~collapsed_groups(rewards, G)).nonzero().flatten().tolist()
 
 
 # -----------------------------------------------------------------------------
@@ -293,8 +293,8 @@ def logprobs_and_entropies(model, batch, args, group_size):
     """log p(o_t) and H_t (b, T) of a micro-batch's completion tokens: the fast path (fast.py: each
     group's prompt once, the fused LM head) or the plain one (rollout.py), equal numbers."""
     if args.fast:
-        return fast.token_logprobs_and_entropy(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
-                                               temperature=args.temperature, group_size=group_size)
+        return fast.fused_logprobs_and_entropy(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
+                                                temperature=args.temperature, group_size=group_size)
     return token_logprobs_and_entropy(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
                                       temperature=args.temperature)
 
@@ -385,37 +385,38 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_
     loss_mask = rollout.completion_mask * (rollout.sampled_mask if args.inserted_tokens == "mask" else 1)  # (B, T)
     size = args.micro_batch_size  # a multiple of G keeps whole groups in each micro-batch
     batches = [list(range(s, min(s + size, B))) for s in range(0, B, size)]
-    rewards = rollout.rewards if shaping is None else rollout.rewards + shaping  # (B,)
-    advantages = (virtual_max_advantages(rewards, G, scale=args.scale_rewards) if args.ngrpo
-                  else group_advantages(rewards, G, scale=args.scale_rewards))  # (B,)
+    rewards = trained_rewards(rollout, args.reward) + (0 if shaping is None else shaping)  # (B,)
+    A = (virtual_max_advantages(rewards, G, max_reward=REWARD_MAXIMUM[args.reward], scale=args.scale_rewards) if args.ngrpo
+         else group_advantages(rewards, G, scale=args.scale_rewards))  # (B,) the group advantages A_i
     if advantage_scale is not None:
-        advantages = advantages * advantage_scale
+        A = A * advantage_scale
     # the normalizers count the whole step: rows, micro-batches and tokens summed over the ranks (torchrun)
     step_counts = distributed.all_reduce_sum(torch.tensor([B, len(batches), loss_mask.sum()], dtype=torch.float64))
     weights = token_weights(loss_mask, args.loss_type, args.max_completion_length, batches, step_counts)  # (B, T)
     per_token = dict(weights=weights, loss_mask=loss_mask.float())
-    # EDA reads H_i from the training forward itself, unless a no-grad pass must come first: for old
-    # log-probs (num_iterations > 1), or when a micro-batch splits a group (EDA's mean is the group's).
-    H, final_advantages, fixed_advantages = torch.zeros(B), advantages.clone(), None
+    # A_eda (B,): the advantages the loss uses, after EDA. EDA reads H_i from the training forward itself,
+    # unless a no-grad pass must come first: for old log-probs (num_iterations > 1), or when a micro-batch
+    # splits a group (EDA's mean is the group's); then A_eda is fixed before the first micro-batch.
+    H, A_eda, fixed = torch.zeros(B), A.clone(), False
     if args.num_iterations > 1 or (args.eda and size % G):
         per_token["old_logp"], H = rollout_pass(model, rollout, batches, args)
         if not args.authors_eda:  # the authors' EDA keeps H_i's gradient: from the training forward
-            fixed_advantages = final_advantages = step_advantages(advantages, H, G, args)
+            A_eda, fixed = step_advantages(A, H, G, args), True
     totals = dict(loss=0.0, kl=0.0, clipped=0.0, grad_norm=0.0, updated=0.0)
     for iteration in range(args.num_iterations):
         for rows in batches:
             batch = micro_batch(rollout, rows, per_token, device)
             # (b, T), (b, T); as_forward: under --fsdp, FSDP gathers the LM head and reduces its gradient
             logp, entropy = distributed.as_forward(model, logprobs_and_entropies, batch, args, G)
-            if fixed_advantages is not None:
-                A = fixed_advantages[rows].to(device)
+            if fixed:
+                A_batch = A_eda[rows].to(device)  # (b,)
             else:
-                H_rows = response_entropy(entropy, batch.completion_mask, args.authors_eda)  # (b,)
-                A = step_advantages(advantages[rows].to(device), H_rows, G, args)
+                H_batch = response_entropy(entropy, batch.completion_mask, args.authors_eda)  # (b,)
+                A_batch = step_advantages(A[rows].to(device), H_batch, G, args)  # (b,)
                 if iteration == 0:  # the rollout's policy: what the metrics report
-                    H[rows], final_advantages[rows] = H_rows.detach().float().cpu(), A.detach().float().cpu()
+                    H[rows], A_eda[rows] = H_batch.detach().float().cpu(), A_batch.detach().float().cpu()
             old_logp = batch.per_token.get("old_logp", logp.detach())
-            loss, counts = micro_batch_loss(model, ref_model, batch, logp, entropy, old_logp, A, args, G)
+            loss, counts = micro_batch_loss(model, ref_model, batch, logp, entropy, old_logp, A_batch, args, G)
             loss.backward()
             if master_weights is not None:
                 master_weights.accumulate_gradients()  # this micro-batch's bf16 gradients into the fp32 sums
@@ -429,17 +430,17 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_
     return dict(loss=totals["loss"] / args.num_iterations, kl=totals["kl"] / max(tokens, 1),
                 clip_fraction=totals["clipped"] / max(tokens, 1), grad_norm=totals["grad_norm"],
                 updated_fraction=totals["updated"] / max(tokens, 1),  # < 1 only with --top-entropy-quantile
-                adv_var_before_eda=group_variance(advantages, G), adv_var=group_variance(final_advantages, G),
+                adv_var_before_eda=group_variance(A, G), adv_var=group_variance(A_eda, G),
                 entropy=H.mean().item(),
                 entropy_correct=H[correct].mean().item() if correct.any() else None,
                 entropy_wrong=H[~correct].mean().item() if (~correct).any() else None)
 
 
 def decoding_path(args, model):
-    """rollout.decode's path: "compiled" (a static cache and a torch.compile'd step, fast.py) with
-    --compile, by default on CUDA; else the plain dynamic loop. The same tokens on every path."""
+    """The decoder rollout.py samples with: fast.decode_static on a static cache with a torch.compile'd
+    step under --compile (by default on CUDA), else rollout.decode, the plain loop. The same tokens."""
     compile_ = args.compile if args.compile is not None else next(model.parameters()).device.type == "cuda" and not args.fsdp
-    return "compiled" if args.fast and compile_ else "dynamic"
+    return functools.partial(fast.decode_static, compiled=True) if args.fast and compile_ else decode
 
 
 def sample_and_correct(model, tokenizer, problems, seed, args, first_row=0):
@@ -447,79 +448,25 @@ def sample_and_correct(model, tokenizer, problems, seed, args, first_row=0):
     G = args.num_generations
     prompts = [build_prompt(tokenizer, row["problem"], args.prompt_format) for row in problems]
     answers = [row["answer"] for row in problems]
-    decoding = decoding_path(args, model)
+    decoder = decoding_path(args, model)
     sampled, kv = sample_with_cache(model, tokenizer, prompts, answers, group_size=G,
                                     max_new_tokens=args.max_completion_length, temperature=args.temperature,
-                                    top_p=args.top_p, seed=seed, decoding=decoding, first_row=first_row)
+                                    top_p=args.top_p, seed=seed, decoder=decoder, first_row=first_row)
     if not args.gec:
         return sampled, sampled
     corrected = guided_error_correction(model, tokenizer, sampled, answers, [row["solution"] for row in problems],
                                         seed=seed + 1, kv=kv, forced_reflection=args.forced_reflection,
                                         reflection_tokens=args.gec_reflection_tokens, temperature=args.temperature,
-                                        top_p=args.top_p, decoding=decoding, first_row=first_row)
+                                        top_p=args.top_p, decoder=decoder, first_row=first_row, branches=args.gec_branches)
     return sampled, corrected  # the sampling cache (kv) is freed here, before the update
 
 
-def mixed_groups(rewards, G):
-    """Indices of the groups whose rewards are not all equal: the ones with a gradient."""
-    return (~collapsed_groups(rewards, G)).nonzero().flatten().tolist()
-
-
-def dynamic_sampling(model, tokenizer, sampled, rollout, problems, more_problems, seed, args):
-    """DAPO's dynamic sampling (Yu et al. 2025), after GEC: groups whose rewards are all equal are
-    dropped and fresh prompts sampled (and corrected) in their place until P mixed groups are found
-    or --max-sampling-rounds more rounds have run; the step then trains on the mixed groups it has
-    (all of the first round's if none is mixed). Every row of every round keeps its own generator
-    (rows past the first round's are numbered on). Under torchrun every rank draws the same fresh
-    prompts and samples its share of them, and the ranks exchange the groups they keep, so each
-    holds the step's kept groups in one process's order and trains on its share of them. Returns
-    the sampled and the corrected rollouts to train on, their problems, and how many prompts were
-    drawn."""
-    G, P, pad_id = args.num_generations, len(problems) * distributed.world_size(), tokenizer.pad_token_id
-    keep = mixed_groups(rollout.rewards, G)
-    kept_sampled, kept, kept_problems = kept_groups(sampled, rollout, problems, keep, pad_id)  # all ranks'
-    if len(kept_problems) == P:
-        return sampled, rollout, problems, P
-    drawn = P
-    for _ in range(args.max_sampling_rounds):
-        fresh = more_problems(P - len(kept_problems))  # the same prompts on every rank
-        share, first = distributed.share(fresh)
-        new_sampled, new = (sample_and_correct(model, tokenizer, share, seed, args, first_row=(drawn + first) * G)
-                            if share else (None, None))
-        drawn += len(fresh)
-        found_sampled, found, found_problems = kept_groups(new_sampled, new, share,
-                                                           mixed_groups(new.rewards, G) if share else [], pad_id)
-        take = list(range(min(P - len(kept_problems), len(found_problems))))  # the first mixed groups, in order
-        kept_sampled = concat_rollouts(kept_sampled, select_groups(found_sampled, take), pad_id)
-        kept = concat_rollouts(kept, select_groups(found, take), pad_id)
-        kept_problems += [found_problems[g] for g in take]
-        if len(kept_problems) == P:
-            break
-    if not kept_problems:
-        return sampled, rollout, problems, drawn
-    mine, _ = distributed.share(list(range(len(kept_problems))))  # this rank's share of the groups kept
-    return select_groups(kept_sampled, mine), select_groups(kept, mine), [kept_problems[g] for g in mine], drawn
-
-
-def kept_groups(sampled, rollout, problems, groups, pad_id):
-    """The given groups of this rank's (sampled, corrected) rollouts and problems, joined with every
-    other rank's in rank order: the step's, as one process holds them. A rank with no rollout (None)
-    adds nothing."""
-    parts = distributed.gather(None if sampled is None else
-                               (select_groups(sampled, groups), select_groups(rollout, groups), [problems[g] for g in groups]))
-    parts = [p for p in parts if p is not None]
-    joined_sampled, joined, joined_problems = parts[0]
-    for s, r, probs in parts[1:]:
-        joined_sampled, joined = concat_rollouts(joined_sampled, s, pad_id), concat_rollouts(joined, r, pad_id)
-        joined_problems = joined_problems + probs
-    return joined_sampled, joined, joined_problems
-
-
 def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step, args, master_weights=None, first_row=0,
-               more_problems=None):
-    """Sample, correct, update. Returns the step's metrics, the rollout trained on and its problems. first_row: the index
-    of this process's first row in the step's batch (torchrun: its share of the prompts).
-    more_problems(n): the next n problems of the data, for --dynamic-sampling."""
+               draw=None, position=0):
+    """Sample, correct, update. first_row: the index of this process's first row in the step's batch
+    (torchrun: its share of the prompts). draw(position, n) -> (the next n problems of the data order,
+    the new position), for --dynamic-sampling, which may draw on from `position`. Returns the step's
+    metrics, the rollout trained on, its problems and the data position after the step."""
     G = args.num_generations
     seed = args.seed * 1_000_003 + step * 7919  # a fresh, reproducible seed per step
     t0 = time.perf_counter()
@@ -530,8 +477,8 @@ def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step
         drawn = len(problems)
         first_sampled = sampled  # the policy's own answers to the step's first draw: what the metrics report
         if args.dynamic_sampling:
-            sampled, rollout, problems, drawn = dynamic_sampling(model, tokenizer, sampled, rollout, problems,
-                                                                 more_problems, seed, args)
+            sampled, rollout, problems, drawn, position = dynamic_sampling(model, tokenizer, sampled, rollout, problems,
+                                                                           draw, position, seed, args)
     penalty = torch.zeros(len(rollout.texts))  # (B,) DAPO's length shaping, on the length the policy sampled (before GEC)
     if args.overlong_buffer:
         penalty = overlong_penalty(sampled.completion_mask.sum(1), args.max_completion_length, args.overlong_buffer)
@@ -553,7 +500,8 @@ def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step
         accuracy=(first_sampled.rewards == MAX_REWARD).float().mean().item(),  # the policy's own answers, before GEC
         boxed=(first_sampled.rewards >= 1).float().mean().item(),
         accuracy_after_gec=(rollout.rewards == MAX_REWARD).float().mean().item(),
-        zero_std_before_gec=zero_std_fraction(first_sampled.rewards, G), zero_std_after_gec=zero_std_fraction(rollout.rewards, G),
+        zero_std_before_gec=zero_std_fraction(trained_rewards(first_sampled, args.reward), G),  # collapse of the
+        zero_std_after_gec=zero_std_fraction(trained_rewards(rollout, args.reward), G),         # rewards trained on
         prompts_drawn=drawn, groups_trained=trained_groups,
         gec_actions=actions, **update,
         completion_length=first_sampled.completion_mask.sum(1).float().mean().item(),
@@ -564,13 +512,62 @@ def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step
         overlong_penalty=penalty.mean().item(),
         semantic_entropy=uncertainty.mean().item(),  # SEED-GRPO's SE(q), whether or not --seed-grpo uses it
     )
-    return metrics, rollout, problems
+    return metrics, rollout, problems, position
 
 
-def peak_memory_mb():
-    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+# -----------------------------------------------------------------------------
+# DAPO's dynamic sampling: mixed groups kept, fresh prompts drawn
+
+
+def dynamic_sampling(model, tokenizer, sampled, rollout, problems, draw, position, seed, args):
+    """DAPO's dynamic sampling (Yu et al. 2025), after GEC: groups whose rewards are all equal are
+    dropped and fresh prompts sampled (and corrected) in their place until P mixed groups are found
+    or --max-sampling-rounds more rounds have run; the step then trains on the mixed groups it has
+    (all of the first round's if none is mixed). Every row of every round keeps its own generator
+    (rows past the first round's are numbered on). Under torchrun every rank draws the same fresh
+    prompts and samples its share of them, and the ranks exchange the groups they keep, so each
+    holds the step's kept groups in one process's order and trains on its share of them. draw(position,
+    n): the next n problems of the data order from position, and the position after them. Returns the
+    sampled and the corrected rollouts to train on, their problems, how many prompts were drawn, and
+    the data position."""
+    G, P, pad_id = args.num_generations, len(problems) * distributed.world_size(), tokenizer.pad_token_id
+    keep = mixed_groups(trained_rewards(rollout, args.reward), G)
+    kept_sampled, kept, kept_problems = kept_groups(sampled, rollout, problems, keep, pad_id)  # all ranks'
+    if len(kept_problems) == P:
+        return sampled, rollout, problems, P, position
+    drawn = P
+    for _ in range(args.max_sampling_rounds):
+        fresh, position = draw(position, P - len(kept_problems))  # the same prompts on every rank
+        share, first = distributed.share(fresh)
+        new_sampled, new = (sample_and_correct(model, tokenizer, share, seed, args, first_row=(drawn + first) * G)
+                            if share else (None, None))
+        drawn += len(fresh)
+        found_sampled, found, found_problems = kept_groups(new_sampled, new, share,
+                                                           mixed_groups(trained_rewards(new, args.reward), G) if share else [], pad_id)
+        take = list(range(min(P - len(kept_problems), len(found_problems))))  # the first mixed groups, in order
+        kept_sampled = concat_rollouts(kept_sampled, select_groups(found_sampled, take), pad_id)
+        kept = concat_rollouts(kept, select_groups(found, take), pad_id)
+        kept_problems += [found_problems[g] for g in take]
+        if len(kept_problems) == P:
+            break
+    if not kept_problems:
+        return sampled, rollout, problems, drawn, position
+    mine, _ = distributed.share(list(range(len(kept_problems))))  # this rank's share of the groups kept
+    return select_groups(kept_sampled, mine), select_groups(kept, mine), [kept_problems[g] for g in mine], drawn, position
+
+
+def kept_groups(sampled, rollout, problems, groups, pad_id):
+    """The given groups of this rank's (sampled, corrected) rollouts and problems, joined with every
+    other rank's in rank order: the step's, as one process holds them. A rank with no rollout (None)
+    adds nothing."""
+    parts = distributed.gather(None if sampled is None else
+                               (select_groups(sampled, groups), select_groups(rollout, groups), [problems[g] for g in groups]))
+    parts = [p for p in parts if p is not None]
+    joined_sampled, joined, joined_problems = parts[0]
+    for s, r, probs in parts[1:]:
+        joined_sampled, joined = concat_rollouts(joined_sampled, s, pad_id), concat_rollouts(joined, r, pad_id)
+        joined_problems = joined_problems + probs
+    return joined_sampled, joined, joined_problems
 
 
 # -----------------------------------------------------------------------------
@@ -578,7 +575,7 @@ def peak_memory_mb():
 
 
 def load_training_data(args):
-    return load_data(args.data) if args.data else arithmetic_problems()
+    return load_data(args.data or "arithmetic")
 
 
 def drop_long_prompts(problems, tokenizer, args):
@@ -604,9 +601,28 @@ def format_samples(rollout, problems, count=2):
     return lines
 
 
-def train(args, model=None, tokenizer=None, progress=True):
-    """The whole run. model/tokenizer may be given (tests pass a tiny model); otherwise loaded."""
-    from tqdm import tqdm
+@dataclass
+class Run:
+    """One run as set_up leaves it: the model and what trains it, the data and where the run stands in it."""
+    args: object                # the parsed flags (cli.py)
+    model: torch.nn.Module      # the policy (LoRA-adapted, FSDP-sharded or split from its fp32 masters)
+    tokenizer: object
+    ref_model: object           # pi_ref for --beta > 0, else None
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    master_weights: object      # precision.MasterWeights under mixed precision, else None
+    anchor: object              # the learning-rate schedule's anchor of a resumed run (lr_factor), else None
+    problems: list              # the training set, long prompts left out
+    start: int                  # the first step to run: 0, or a resumed checkpoint's step
+    position: int               # where in the data order the next prompts are drawn (data.next_prompts)
+    metrics_path: Path
+    lead: bool                  # rank 0: it writes metrics and checkpoints, and prints
+
+
+def set_up(args, model=None, tokenizer=None):
+    """Everything before the first step: data, the resumed state, the process group, the model (loaded
+    unless given: tests pass a tiny one) with its adapters, reference, masters or shards, the fast
+    path, the optimizer and its schedule."""
     problems = load_training_data(args)  # bad data fails here, before any model is loaded
     state = load_trainer_state(args.resume) if args.resume else None
     start, position = (state["step"], state["position"]) if state else (0, 0)
@@ -632,7 +648,7 @@ def train(args, model=None, tokenizer=None, progress=True):
     else:
         master_weights = split_master_weights(model, dtype, device, masters=uses_masters(args.optim, dtype))
     if device.type == "cuda":
-        check_memory_plan(model, dtype, args, device)
+        check_memory_plan(model.config, dtype, args, device, shards=distributed.world_size() if args.fsdp else 1)
     problems = drop_long_prompts(problems, tokenizer, args)
     if args.fast:  # the same numbers with less time and memory (fast.py); its process-wide settings named here
         enabled = fast.enable(model)
@@ -647,62 +663,79 @@ def train(args, model=None, tokenizer=None, progress=True):
         restore_trainer_state(state, optimizer, scheduler)
         if args.fsdp:  # the checkpoint holds whole moments: each rank keeps its shard
             distributed.shard_optimizer_state(optimizer)
-    output_dir = Path(args.output_dir)
-    ranks = distributed.world_size()
     if lead:
-        (output_dir / "config.json").write_text(json.dumps(dict(vars(args), arm=arm_name(args)), indent=2))
+        (Path(args.output_dir) / "config.json").write_text(json.dumps(dict(vars(args), arm=arm_name(args)), indent=2))
+        ranks = distributed.world_size()
         print(f"{arm_name(args)}: {args.model} on {args.data or 'the built-in arithmetic set'} ({len(problems)} problems), "
               f"P={args.prompts_per_step} x G={args.num_generations}, {args.max_steps} steps, device {device}, {dtype}, "
               f"prompt format {args.prompt_format}" + (f", {ranks} processes" if ranks > 1 else ""))
-    history, collapsed_streak, unended_streak = [], 0, 0
-    bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not progress or not lead,
-               dynamic_ncols=True)
+    return Run(args, model, tokenizer, ref_model, optimizer, scheduler, master_weights, anchor, problems, start, position,
+               metrics_path, lead)
 
-    def save(step):  # rank 0 writes; under --fsdp every rank first helps gather the shards
-        model_state, optimizer_state = distributed.full_state(model, optimizer) if args.fsdp else (None, None)
-        if lead:
-            return save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, anchor, position, args,
-                                   master_weights, model_state=model_state, optimizer_state=optimizer_state)
 
-    def more_problems(n):  # --dynamic-sampling draws on in the data order
-        nonlocal position
-        fresh, position = next_prompts(problems, position, n, args.seed)
-        return fresh
-
+def train(args, model=None, tokenizer=None, progress=True):
+    """The whole run: set up, then one train_step per step, each step's metrics appended to
+    metrics.jsonl as it happens, checkpoints every --save-steps and at the end. Returns the metrics."""
+    from tqdm import tqdm
+    run = set_up(args, model, tokenizer)
+    draw = lambda position, n: next_prompts(run.problems, position, n, args.seed)  # --dynamic-sampling draws on
+    history = []
+    bar = tqdm(range(run.start, args.max_steps), initial=run.start, total=args.max_steps,
+               disable=not progress or not run.lead, dynamic_ncols=True)
     for step in bar:
-        batch, position = next_prompts(problems, position, args.prompts_per_step, args.seed)
+        batch, run.position = draw(run.position, args.prompts_per_step)
         mine, first_prompt = distributed.share(batch)  # this rank's whole groups
-        metrics, rollout, mine = train_step(model, ref_model, tokenizer, optimizer, scheduler, mine, step, args,
-                                            master_weights, first_row=first_prompt * args.num_generations,
-                                            more_problems=more_problems)
-        metrics = distributed.combine_metrics(metrics)
-        if lead:
-            with metrics_path.open("a") as f:  # appended and flushed as it happens: an interrupted run keeps every line
-                f.write(json.dumps(metrics) + "\n")
-        history.append(metrics)
-        bar.set_postfix(reward=f"{metrics['reward_before_gec']:.2f}->{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}",
-                        collapsed=f"{metrics['zero_std_before_gec']:.2f}->{metrics['zero_std_after_gec']:.2f}",
-                        H=f"{metrics['entropy']:.2f}", s=f"{metrics['seconds']:.1f}")
-        if lead and args.log_completions_steps and (step + 1) % args.log_completions_steps == 0:
-            bar.write("\n".join([f"step {step + 1} samples:"] + format_samples(rollout, mine)))
-        collapsed_streak = collapsed_streak + 1 if metrics["zero_std_after_gec"] == 1.0 else 0
-        unended_streak = unended_streak + 1 if metrics["truncation_rate"] == 1.0 else 0
-        if collapsed_streak == COLLAPSE_WARN_STEPS and lead:
-            bar.write(f"WARNING: every group has had identical rewards for {COLLAPSE_WARN_STEPS} steps: advantages are all 0, "
-                      "nothing is learned (advantage collapse). Try --gec, more --num-generations, or easier data.")
-        if unended_streak == COLLAPSE_WARN_STEPS and lead:
-            bar.write(f"WARNING: no completion has ended for {COLLAPSE_WARN_STEPS} steps: raise --max-completion-length.")
+        metrics, rollout, mine, run.position = train_step(
+            run.model, run.ref_model, run.tokenizer, run.optimizer, run.scheduler, mine, step, args, run.master_weights,
+            first_row=first_prompt * args.num_generations, draw=draw, position=run.position)
+        history.append(distributed.combine_metrics(metrics))
+        if run.lead:
+            report_step(run, bar, history, rollout, mine)
         if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < args.max_steps:
-            saved = save(step + 1)
-            if lead:
+            saved = save(run, step + 1)
+            if run.lead:
                 bar.write(f"checkpoint: {saved} ({directory_mb(saved):,.0f} MB)")
             distributed.barrier()
-    checkpoint = save(args.max_steps)
-    if lead:
-        if history:
-            print(summary(history, args, checkpoint))
+    checkpoint = save(run, args.max_steps)
+    if run.lead and history:
+        print(summary(history, args, checkpoint))
     distributed.barrier()
     return history
+
+
+def save(run, step):
+    """OUTPUT_DIR/checkpoint-STEP, written by rank 0; under --fsdp every rank first helps gather the shards."""
+    model_state, optimizer_state = distributed.full_state(run.model, run.optimizer) if run.args.fsdp else (None, None)
+    if run.lead:
+        return save_checkpoint(Path(run.args.output_dir), step, run.model, run.tokenizer, run.optimizer, run.scheduler,
+                               run.anchor, run.position, run.args, run.master_weights, model_state=model_state,
+                               optimizer_state=optimizer_state)
+
+
+def report_step(run, bar, history, rollout, problems):
+    """The step's metrics line (appended and flushed as it happens: an interrupted run keeps every line),
+    the progress bar, sample completions every --log-completions-steps, and the two loud warnings."""
+    metrics, args = history[-1], run.args
+    with run.metrics_path.open("a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    bar.set_postfix(reward=f"{metrics['reward_before_gec']:.2f}->{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}",
+                    collapsed=f"{metrics['zero_std_before_gec']:.2f}->{metrics['zero_std_after_gec']:.2f}",
+                    H=f"{metrics['entropy']:.2f}", s=f"{metrics['seconds']:.1f}")
+    if args.log_completions_steps and metrics["step"] % args.log_completions_steps == 0:
+        bar.write("\n".join([f"step {metrics['step']} samples:"] + format_samples(rollout, problems)))
+    if streak(history, "zero_std_after_gec", 1.0) == COLLAPSE_WARN_STEPS:
+        bar.write(f"WARNING: every group has had identical rewards for {COLLAPSE_WARN_STEPS} steps: advantages are all 0, "
+                  "nothing is learned (advantage collapse). Try --gec, more --num-generations, or easier data.")
+    if streak(history, "truncation_rate", 1.0) == COLLAPSE_WARN_STEPS:
+        bar.write(f"WARNING: no completion has ended for {COLLAPSE_WARN_STEPS} steps: raise --max-completion-length.")
+
+
+def streak(history, key, value):
+    """How many of the last steps in a row have metrics[key] == value."""
+    n = 0
+    while n < len(history) and history[-1 - n][key] == value:
+        n += 1
+    return n
 
 
 def reference_model(model, args, device, dtype):
@@ -740,301 +773,29 @@ def summary(history, args, checkpoint):
 
 
 # -----------------------------------------------------------------------------
-# Command line
-
-
-def build_parser():
-    p = argparse.ArgumentParser(description="EDGE-GRPO: GRPO with guided error correction and entropy-driven advantages.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="smollm2-135m", help=f"alias ({', '.join(MODEL_ALIASES)}), hub id or local path; an alias brings its settings")
-    g.add_argument("--data", default=None, help=f"JSON array or JSONL with problem, answer, optional solution, or a name fetched once "
-                   f"({', '.join(PAPER_DATA)}); none: the built-in arithmetic set (the qwen aliases: deepscaler_hard-1k)")
-    g.add_argument("--prompt-format", choices=("auto",) + PROMPT_FORMATS, default="auto",
-                   help="bare problem, or with the step-by-step instruction; auto: by model family (the authors' choice)")
-    g.add_argument("--output-dir", default=None, help="metrics.jsonl, config.json and checkpoints go here; none: runs/ARM "
-                   "(runs/edge-grpo, runs/grpo, runs/forced-reflection, ...)")
-    g.add_argument("--overwrite-output-dir", action="store_true", help="start afresh in an --output-dir that holds a run")
-    g.add_argument("--resume", default=None, help="a checkpoint dir to continue from (its config is the default; flags override)")
-    g.add_argument("--seed", type=int, default=0, help="seeds data order, sampling and GEC")
-    g = p.add_argument_group("method (defaults: EDGE-GRPO; --no-gec --no-eda: vanilla GRPO)")
-    g.add_argument("--gec", action=argparse.BooleanOptionalAction, default=True, help="guided error correction of wrong responses")
-    g.add_argument("--forced-reflection", action="store_true", help="the paper's baseline: reflection cue + continuation for every wrong response, no guidance")
-    g.add_argument("--eda", action=argparse.BooleanOptionalAction, default=True, help="entropy-driven advantage A_i * mean(H)/H_i")
-    g.add_argument("--authors-eda", action="store_true",
-                   help="EDA as the authors' code: gradient through H_i, mean(H)/H_i unclamped (H_i still floored at 1e-6 against NaN)")
-    g.add_argument("--scale-rewards", action=argparse.BooleanOptionalAction, default=True, help="divide advantages by the group std (off: mean-only)")
-    g.add_argument("--inserted-tokens", choices=("train", "mask"), default="train", help="train GEC's inserted text like sampled text (authors) or leave it out of the loss")
-    g.add_argument("--gec-reflection-tokens", type=int, default=REFLECTION_NEW_TOKENS, help="max new tokens after the reflection cue")
-    g = p.add_argument_group("sampling")
-    g.add_argument("--num-generations", type=int, default=8, help="G, responses per prompt (>= 2)")
-    g.add_argument("--prompts-per-step", type=int, default=1, help="P, prompts per optimizer step")
-    g.add_argument("--max-completion-length", type=int, default=1024, help="max new tokens per response")
-    g.add_argument("--max-prompt-length", type=int, default=512, help="longer prompts are skipped (counted in metrics)")
-    g.add_argument("--temperature", type=float, default=0.6, help="sampling temperature; 0 is greedy")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1.0 is off")
-    g = p.add_argument_group("optimization")
-    g.add_argument("--learning-rate", type=float, default=1e-6, help="AdamW peak learning rate")
-    g.add_argument("--lr-scheduler-type", choices=("linear", "constant"), default="linear", help="decay to 0 over the run, or constant")
-    g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup from 0, in optimizer steps (Hugging Face's schedule)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 is off")
-    g.add_argument("--max-steps", type=int, default=1000, help="rollout steps (each does --num-iterations optimizer updates)")
-    g.add_argument("--beta", type=float, default=0.0, help="KL coefficient to a frozen reference (k3); 0 builds no reference model")
-    g.add_argument("--epsilon", type=float, default=0.2, help="PPO clip range, lower side (and upper unless --epsilon-high)")
-    g.add_argument("--epsilon-high", type=float, default=None, help="PPO clip range, upper side; none: --epsilon")
-    g.add_argument("--loss-type", choices=LOSS_TYPES, default="grpo",
-                   help="as TRL: grpo: per-response token mean; bnpo: token mean per micro-batch; dapo: token mean over the "
-                        "step; dr_grpo: sum / (B x max length)")
-    g.add_argument("--num-iterations", type=int, default=1, help="updates per rollout (>1 stores old log-probs)")
-    g = p.add_argument_group("GRPO-family variants (README, \"The GRPO family\")")
-    g.add_argument("--dr-grpo", action="store_true",
-                   help="Dr. GRPO (Liu et al. 2025): no std scaling and the constant normalizer (= --no-scale-rewards "
-                        "--loss-type dr_grpo)")
-    g.add_argument("--ngrpo", action="store_true",
-                   help="NGRPO (Nan et al. 2025): group statistics with a virtual maximum-reward response, and its asymmetric "
-                        "clip (default --epsilon 0.16 --epsilon-high 0.24, which flags given override)")
-    g.add_argument("--importance-sampling-level", choices=("token", "sequence"), default="token",
-                   help="sequence: GSPO (Zheng et al. 2025), one length-normalised ratio per response, clipped as a whole "
-                        "(the paper clips at --epsilon 3e-4 --epsilon-high 4e-4)")
-    g.add_argument("--dynamic-sampling", action="store_true",
-                   help="DAPO: groups whose rewards are all equal after GEC are replaced by fresh prompts until P mixed "
-                        "groups are found (metric prompts_drawn)")
-    g.add_argument("--max-sampling-rounds", type=int, default=3, help="--dynamic-sampling: extra sampling rounds per step at most")
-    g.add_argument("--overlong-buffer", type=int, default=0,
-                   help="DAPO's soft overlong punishment: the reward falls linearly by up to 1 over the last N tokens before "
-                        "--max-completion-length (DAPO: 4096 of 20480); 0: off")
-    g.add_argument("--top-entropy-quantile", type=float, default=1.0,
-                   help="train only the tokens whose entropy is in this top fraction of each micro-batch's tokens "
-                        "(Wang et al. 2025: 0.2); 1.0: every token")
-    g.add_argument("--entropy-band", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
-                   help="train only the tokens whose entropy lies between these quantiles of each micro-batch's tokens "
-                        "(SPINE's forking tokens without the noisiest top, e.g. 0.8 0.98); 0.8 1.0 = --top-entropy-quantile 0.2")
-    g.add_argument("--seed-grpo", action="store_true",
-                   help="SEED-GRPO (Chen et al. 2025): each group's advantages x 1 / (1 + alpha SE / log G), SE the semantic "
-                        "entropy of its answers (clustered by reward.py's exact match); metric semantic_entropy")
-    g.add_argument("--seed-grpo-alpha", type=float, default=SEED_GRPO_ALPHA,
-                   help="--seed-grpo's alpha (its authors' code: 0.0417; the paper: 0.02)")
-    g.add_argument("--micro-batch-size", type=int, default=8, help="rows per forward/backward; a multiple of G lets EDA reuse the training forward")
-    g = p.add_argument_group("system and logging")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, mps")
-    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="compute dtype; bfloat16 keeps fp32 master weights and AdamW moments (precision.py); auto: "
-                        "bfloat16 on GPU, float32 on CPU")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
-    g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
-                   help="the speed and memory machinery (fast.py), same numbers; --no-fast: the plain reference path")
-    g.add_argument("--ddp-timeout", type=int, default=1800,
-                   help="torchrun: seconds a rank waits for the others before the run fails (Hugging Face's name)")
-    g.add_argument("--fsdp", nargs="?", const="full_shard", choices=("full_shard",), default=None,
-                   help="torchrun: shard the fp32 weights, their gradients and AdamW's moments over the processes "
-                        "(FSDP2), for a state one GPU cannot hold (the 7B); Hugging Face's --fsdp full_shard")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode on a static KV cache with a torch.compile'd step (same tokens); default: on with CUDA, "
-                        "off on CPU (a compile costs about a minute there); needs --fast")
-    g = p.add_argument_group("smaller GPUs (precision.py, lora.py)")
-    g.add_argument("--optim", choices=OPTIMIZERS, default="adamw_torch_fused",
-                   help="adamw_torch_fused: fp32 moments (and fp32 masters under bf16); adamw_torch_8bit: torchao's 8-bit "
-                        "moments; adamw_torch_8bit_sr: 8-bit moments and bf16 weights updated with stochastic rounding, "
-                        "no masters (needs bf16)")
-    g.add_argument("--use-peft", action="store_true", help="train LoRA adapters only (peft); not the paper's full fine-tune")
-    g.add_argument("--lora-r", type=int, default=16, help="LoRA rank r")
-    g.add_argument("--lora-alpha", type=int, default=32, help="LoRA scale alpha (the update is alpha / r x B A)")
-    g.add_argument("--lora-dropout", type=float, default=0.0,
-                   help="dropout on the adapters' input (TRL's default is 0.05; 0 keeps the scored policy the sampled one)")
-    g.add_argument("--lora-target-modules", nargs="+", default=None,
-                   help="module names to adapt, or all-linear; none: peft's default for the family (q_proj v_proj)")
-    g.add_argument("--save-merged-model", action="store_true",
-                   help="LoRA: checkpoints also hold the merged model that from_pretrained loads (else the adapter only)")
-    g.add_argument("--save-steps", type=int, default=100, help="checkpoint every N steps, and at the end (0: only at the end)")
-    g.add_argument("--save-total-limit", type=int, default=2, help="keep the newest N checkpoints (0: keep all)")
-    g.add_argument("--log-completions-steps", type=int, default=5, help="print sample completions every N steps (0: never)")
-    return p
-
-
-def parse_args(argv=None):
-    """Two passes: the first finds --model / --resume, whose settings become the defaults; the
-    second lets every flag given on the command line override them."""
-    parser = build_parser()
-    first, _ = parser.parse_known_args(argv)
-    if first.resume:
-        config_path = Path(first.resume) / "run_config.json"
-        if not config_path.is_file():
-            fail(f"--resume {first.resume}: no run_config.json there; pass a checkpoint dir (OUTPUT_DIR/checkpoint-N)")
-        saved = json.loads(config_path.read_text())
-        saved.pop("resume", None)
-        saved.pop("fsdp", None)  # the layout over GPUs is chosen at each launch: a checkpoint resumes on any
-        parser.set_defaults(**saved)
-    elif first.model in MODEL_ALIASES:
-        parser.set_defaults(**MODEL_ALIASES[first.model]["settings"])
-    if first.dr_grpo:  # a recipe: its two settings become the defaults (given flags that contradict it fail)
-        parser.set_defaults(loss_type="dr_grpo", scale_rewards=False)
-    if first.ngrpo and not first.resume:  # its clip range becomes the default
-        parser.set_defaults(epsilon=NGRPO_CLIP[0], epsilon_high=NGRPO_CLIP[1])
-    args = parser.parse_args(argv)
-    validate_args(args)
-    args.prompt_format = prompt_format_of(args.model, args.prompt_format)  # saved with the run and every checkpoint
-    args.output_dir = args.output_dir or str(Path("runs") / arm_name(args).lower().replace(" + ", "-").replace(" ", "-"))
-    return args
-
-
-def prompt_format_of(model, requested="auto"):
-    """The one place the prompt format is decided, for training, resume and evaluation: as requested;
-    else the one a training checkpoint saved (its run_config.json); else the authors' choice for the
-    model's family (its hub id, for an alias)."""
-    if requested != "auto":
-        return requested
-    saved_path = Path(model) / "run_config.json"
-    saved = json.loads(saved_path.read_text()).get("prompt_format") if saved_path.is_file() else None
-    if saved in PROMPT_FORMATS:
-        return saved
-    return default_prompt_format(MODEL_ALIASES.get(model, {}).get("model_id", model))
-
-
-def validate_args(args):
-    """Contradictions and impossible values, before anything is loaded."""
-    G = args.num_generations
-    checks = [
-        (G >= 2, f"--num-generations {G}: a group needs at least 2 responses (its std is undefined for 1)"),
-        (args.prompts_per_step >= 1, "--prompts-per-step must be at least 1"),
-        (args.max_steps >= 1, "--max-steps must be at least 1"),
-        (args.max_completion_length >= 1, "--max-completion-length must be at least 1"),
-        (args.num_iterations >= 1, "--num-iterations must be at least 1"),
-        (args.micro_batch_size >= 1, "--micro-batch-size must be at least 1"),
-        (args.learning_rate > 0, "--learning-rate must be positive"),
-        (args.temperature >= 0, "--temperature must be >= 0"),
-        (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
-        (args.epsilon >= 0 and (args.epsilon_high is None or args.epsilon_high >= 0), "--epsilon and --epsilon-high must be >= 0"),
-        (args.beta >= 0, "--beta must be >= 0"),
-        (args.gec or not args.forced_reflection, "--forced-reflection is a mode of GEC: it contradicts --no-gec"),
-        (args.eda or not args.authors_eda, "--authors-eda changes EDA: it contradicts --no-eda"),
-        (not args.authors_eda or args.micro_batch_size % G == 0,
-         f"--authors-eda needs whole groups per micro-batch: --micro-batch-size {args.micro_batch_size} is not a multiple of G={G}"),
-        (args.gec_reflection_tokens >= 1, "--gec-reflection-tokens must be at least 1"),
-        (args.save_steps >= 0 and args.save_total_limit >= 0, "--save-steps and --save-total-limit must be >= 0"),
-        (args.warmup_steps >= 0, "--warmup-steps must be >= 0"),
-        (args.optim != "adamw_torch_8bit_sr" or args.dtype != "float32",
-         "--optim adamw_torch_8bit_sr rounds bf16 weights stochastically: it needs --dtype bfloat16 (or auto)"),
-        (args.lora_r >= 1 and 0 <= args.lora_dropout < 1, "--lora-r must be >= 1 and --lora-dropout in [0, 1)"),
-        (args.use_peft or not args.save_merged_model, "--save-merged-model merges LoRA adapters: it needs --use-peft"),
-        (args.fast or not args.compile, "--compile is part of the fast path: it contradicts --no-fast"),
-        (not args.dr_grpo or (args.loss_type == "dr_grpo" and not args.scale_rewards),
-         "--dr-grpo means --loss-type dr_grpo and --no-scale-rewards: it contradicts the --loss-type or --scale-rewards given"),
-        (0 < args.top_entropy_quantile <= 1, "--top-entropy-quantile must be in (0, 1]"),
-        (not args.entropy_band or 0 <= args.entropy_band[0] < args.entropy_band[1] <= 1,
-         "--entropy-band LOW HIGH: quantiles with 0 <= LOW < HIGH <= 1"),
-        (not args.entropy_band or args.top_entropy_quantile == 1,
-         "--entropy-band and --top-entropy-quantile both choose the trained tokens: give one"),
-        (args.seed_grpo_alpha >= 0, "--seed-grpo-alpha must be >= 0"),
-        (not args.dynamic_sampling or not args.fsdp,
-         "--dynamic-sampling with --fsdp: the ranks may keep unequal numbers of groups, and FSDP needs the same "
-         "number of forward passes on every rank; run it data parallel (no --fsdp)"),
-        (args.max_sampling_rounds >= 0, "--max-sampling-rounds must be >= 0"),
-        (not args.fsdp or distributed.launched(),
-         "--fsdp shards the state over torchrun's processes: launch with torchrun --nproc-per-node N (N >= 2)"),
-        (not args.fsdp or not args.use_peft, "--fsdp with --use-peft: LoRA's trained state is small, run it data parallel (no --fsdp)"),
-        (not args.fsdp or args.optim == "adamw_torch_fused",
-         f"--fsdp runs with --optim adamw_torch_fused only for now (its fp32 shards are the masters), not {args.optim}"),
-        (not args.fsdp or not args.compile,
-         "--compile with --fsdp: FSDP's hooks run around every layer of the decoding step, which is not compiled here; "
-         "use --no-compile"),
-        (0 <= args.overlong_buffer < args.max_completion_length,
-         "--overlong-buffer must be >= 0 and below --max-completion-length"),
-        (args.prompts_per_step % distributed.processes() == 0,
-         f"--prompts-per-step {args.prompts_per_step} must be a multiple of the number of processes "
-         f"({distributed.processes()}): each takes whole groups"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            fail(message)
-
-
-def arm_name(args):
-    """The paper's three arms (and the fourth, EDA without GEC)."""
-    if not args.gec:
-        return "GRPO + EDA" if args.eda else "GRPO"
-    if args.forced_reflection:
-        return "forced reflection + EDA" if args.eda else "forced reflection"
-    return "EDGE-GRPO" if args.eda else "GRPO + GEC"
-
-
-# -----------------------------------------------------------------------------
-# Machinery: the optimizer and its schedule
+# Machinery: the optimizer (its schedule: precision.py)
 
 
 def make_optimizer(model, args, device, master_weights=None):
     """--optim (precision.build_optimizer) over the model's trainable parameters, or over their fp32
-    masters when the model computes in bf16."""
+    masters when the model computes in bf16; under --fast its moments allocated up front."""
     params = master_weights.masters if master_weights else [p for p in model.parameters() if p.requires_grad]
-    return build_optimizer(params, args.optim, args.learning_rate, args.weight_decay, device)
-
-
-def lr_factor(k, total, warmup_steps, kind, anchor=None):
-    """The learning rate of optimizer update k (0-based) as a fraction of --learning-rate, Hugging
-    Face's schedules (get_linear_schedule_with_warmup, get_constant_schedule_with_warmup): k / W
-    during the W warmup updates (0 at the first), then 1 (constant) or a linear decay that reaches 0
-    at update `total`. anchor = (k0, f0): a run resumed with another --max-steps continues from the
-    factor f0 it had reached at update k0 and decays linearly to 0 at the new total, instead of
-    jumping to where the new total's schedule would be (Hugging Face's Trainer jumps)."""
-    if k < warmup_steps:
-        return k / warmup_steps
-    if kind == "constant":
-        return 1.0
-    if anchor is not None and k >= anchor[0]:
-        k0, f0 = anchor
-        return max(0.0, f0 * (total - k) / max(total - k0, 1))
-    return max(0.0, (total - k) / max(total - warmup_steps, 1))
-
-
-def make_scheduler(optimizer, args, anchor=None):
-    total = args.max_steps * args.num_iterations
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda k: lr_factor(k, total, args.warmup_steps, args.lr_scheduler_type, anchor))
-
-
-def resumed_anchor(state, args):
-    """The anchor of lr_factor for a resumed run: the saved one, or, when --max-steps changed under a
-    linear schedule, the factor the run had reached at its checkpoint."""
-    saved_total, anchor = state["schedule"]["total"], state["schedule"]["anchor"]
-    total = args.max_steps * args.num_iterations
-    if saved_total == total or args.lr_scheduler_type != "linear":
-        return anchor
-    k0 = state["scheduler"]["last_epoch"]
-    f0 = lr_factor(k0, saved_total, args.warmup_steps, "linear", anchor)
-    print(f"--max-steps changed ({saved_total // args.num_iterations} -> {args.max_steps}): the learning rate goes on "
-          f"from {f0 * args.learning_rate:.3g} and decays linearly to 0 at step {args.max_steps}")
-    if f0 == 0:
-        print("WARNING: the resumed schedule had already decayed to 0: no update will change the weights. "
-              "Pass --lr-scheduler-type constant (or a fresh run) to train on.")
-    return (k0, f0)
+    optimizer = build_optimizer(params, args.optim, args.learning_rate, args.weight_decay, device)
+    if args.fast and args.optim == "adamw_torch_fused":
+        fast.preallocate_adamw_state(optimizer)
+    return optimizer
 
 
 # -----------------------------------------------------------------------------
-# Machinery: the memory plan, main
+# Machinery: the arguments, main
 
 
-def run_memory_plan(config, dtype, args):
-    """precision.memory_plan for this run's settings."""
-    rows = args.prompts_per_step * args.num_generations
-    return memory_plan(config, dtype=dtype, beta=args.beta, rows=rows, group_size=args.num_generations,
-                       prompt_tokens=args.max_prompt_length,
-                       completion_tokens=args.max_completion_length + (args.gec_reflection_tokens if args.gec else 0),
-                       micro_batch_rows=min(args.micro_batch_size, rows), optim=args.optim,
-                       lora_rank=args.lora_r if args.use_peft else 0, lora_targets=args.lora_target_modules,
-                       shards=distributed.world_size() if args.fsdp else 1)
-
-
-def check_memory_plan(model, dtype, args, device):
-    """Prints the plan and fails now, not with an out-of-memory error an hour in, when it cannot fit."""
-    plan = run_memory_plan(model.config, dtype, args)
-    available = torch.cuda.get_device_properties(device).total_memory
-    masters = ", fp32 masters" if uses_masters(args.optim, dtype) else ""
-    masters += f", state sharded over {distributed.world_size()} GPUs" if args.fsdp else ""
-    print(f"memory plan ({dtype}{masters}, {args.optim}{', LoRA' if args.use_peft else ''}):\n{format_plan(plan, available)}")
-    if plan["total"] > available:
-        fail(f"the run needs about {plan['total'] / 1e9:.0f} GB and {device} has {available / 1e9:.0f} GB: lower "
-             "--micro-batch-size, --max-completion-length or --num-generations, use --gradient-checkpointing, "
-             "--optim adamw_torch_8bit_sr, --use-peft, --fsdp over more GPUs, or a GPU with more memory")
+def parse_args(argv=None):
+    """The run's arguments (cli.parse_args), with the prompt format decided once from the model
+    (checkpoints.prompt_format_of), saved with the run and every checkpoint."""
+    args = cli.parse_args(argv)
+    args.prompt_format = prompt_format_of(args.model, args.prompt_format)
+    return args
 
 
 def main(argv=None):

@@ -5,12 +5,16 @@ Everything here computes the same numbers as the plain path (rollout.token_logpr
 stock modules, log_softmax through ordinary autograd, one backward per micro-batch); tests/test_fast.py
 holds them equal. What it buys on the 135M demo (2 CPU cores) is logged in README's performance section.
 
-  token_logprobs_and_entropy  each group's prompt runs once (its keys/values repeated for the G
-                              completions) and gets a backward of its own (backward_separately);
-                              the LM head is one autograd Function with a closed-form backward,
-                              over chunks of rows, in fp32 (LogprobAndEntropy)
+  fused_logprobs_and_entropy  rollout.token_logprobs_and_entropy's twin: each group's prompt runs
+                              once (its keys/values repeated for the G completions) and gets a
+                              backward of its own (backward_separately); the LM head is one autograd
+                              Function with a closed-form backward, over chunks of rows, in fp32
+                              (LogprobAndEntropy)
   lean_activations            SwiGLU MLPs, RMSNorms and embeddings through Functions that keep less
                               for backward; embedding and head gradients written straight into .grad
+  decode_static               rollout.decode's twin on a static KV cache, its step compiled with --compile
+  preallocate_adamw_state     AdamW's moments in flat buffers before the first step, not scattered
+                              among its activations
   enable                      the above, plus the two process-wide settings, named in one start-up line:
                               TRANSFORMERS_SDPA_FORCE_GQA=1 on CPU and glibc's malloc kept from
                               handing freed blocks back to the kernel (keep_freed_memory)
@@ -25,8 +29,10 @@ import types
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from transformers import DynamicCache
 
+from precision import flat_views
 from rollout import LOGIT_CHUNK_ROWS, real_positions, sample_next_token, shares_prompts
 
 KEEP_BLOCKS_BELOW = 16 << 20  # bytes: freed blocks under this stay in the process (keep_freed_memory)
@@ -51,7 +57,7 @@ def enable(model):
 # Scoring: each group's prompt once, the LM head one closed-form Function
 
 
-def token_logprobs_and_entropy(model, input_ids, attention_mask, completion_mask, temperature=1.0,
+def fused_logprobs_and_entropy(model, input_ids, attention_mask, completion_mask, temperature=1.0,
                                chunk_rows=LOGIT_CHUNK_ROWS, group_size=1):
     """input_ids, attention_mask (B, Tp + T) with the completion in the last T columns; completion_mask
     (B, T) picks the positions to score. Returns log-probs (B, T) and entropies (B, T), 0 off the mask.
@@ -409,6 +415,27 @@ def decode_static(model, cache, mask, step_ids, *, max_new_tokens, temperature, 
     fed = column  # columns whose keys/values are in the cache
     kv = DynamicCache([(layer.keys[:B, :, :fed], layer.values[:B, :, :fed]) for layer in static.layers], config=model.config)
     return ids, (kv, full[:B, :fed])
+
+
+# -----------------------------------------------------------------------------
+# Memory: AdamW's state allocated up front
+
+
+def preallocate_adamw_state(optimizer):
+    """torch's AdamW (--optim adamw_torch_fused) creates its two moments lazily, a tensor per parameter
+    scattered among the first step's activations, where they leave holes later steps cannot fill
+    (peak memory of the 135M demo on CPU -100 MB when they are not). Here they are zeros in two flat
+    buffers (precision.flat_views), as AdamW would make them, before the first step: the same update."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    # one buffer needs one dtype and device; sharded parameters (--fsdp) get theirs from FSDP
+    if not isinstance(optimizer, torch.optim.AdamW) or len({(p.dtype, p.device) for p in params}) != 1 \
+            or isinstance(params[0], DTensor):
+        return False
+    fused = optimizer.param_groups[0]["fused"]
+    for p, exp_avg, exp_avg_sq in zip(params, flat_views(params)[1], flat_views(params)[1]):
+        step = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")  # as AdamW makes it
+        optimizer.state[p].update(step=step, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    return True
 
 
 # -----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ B (out, r) trained; B starts at 0, so step 0 is the base model exactly. What it 
 - checkpoints hold the adapter (checkpoint-N/adapter/, the layout peft's PeftModel.from_pretrained
   reads) and, with --save-merged-model, the merged model that from_pretrained loads on its own.
 Our speed machinery keeps working, with two exceptions checked here: the LM head and the
-embedding are read as plain weights by rollout.py's fused functions, so they cannot be adapted; an
+embedding are read as plain weights by fast.py's fused functions, so they cannot be adapted; an
 MLP whose down_proj is adapted falls back to the stock MLP (fast.lean_activations).
 
 peft is imported only when --use-peft is given.

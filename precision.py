@@ -18,7 +18,9 @@ Nearly the same; bf16 weights keep generation and a compiled decoding step on pl
 and our fused autograd functions need no autocast rules. For Qwen2.5-Math-1.5B (1.54 B parameters)
 that is 31 GB before activations, for the 7B (7.6 B) 152 GB: memory_plan prints the whole budget.
 
---dtype bfloat16 runs the same code on CPU, which is how the tests check it.
+--dtype bfloat16 runs the same code on CPU, which is how the tests check it. Also here: the
+learning-rate schedule (Hugging Face's warmup, then constant or linear decay; make_scheduler) and the
+memory plan's check against the GPU at start-up (check_memory_plan).
 
 Smaller GPUs (--optim, --use-peft): the same loop with less state per parameter (bytes):
   adamw_torch_fused   (default)  bf16 weights 2 + gradients 2 + fp32 masters 4 + their gradients 4 + moments 8 = 20
@@ -35,11 +37,14 @@ so updates far below bf16's spacing still move a weight by lr on average; round-
 """
 
 import importlib
+import resource
 import sys
 from dataclasses import dataclass
 
 import torch
 from torch.distributed.tensor import DTensor
+
+from data import fail
 
 # Rows of logits the LM head materializes at once, in fp32 (rollout.LOGIT_CHUNK_ROWS).
 LOGIT_CHUNK_ROWS = 512
@@ -127,7 +132,6 @@ def master_state_dict(model, master_weights):
 # -----------------------------------------------------------------------------
 # The optimizer: where its state lives and in how many bits
 
-OPTIMIZERS = ("adamw_torch_fused", "adamw_torch_8bit", "adamw_torch_8bit_sr")  # Hugging Face's names, + _sr
 MOMENT_BYTES = {"adamw_torch_fused": 8, "adamw_torch_8bit": 2, "adamw_torch_8bit_sr": 2}  # both moments, per parameter
 
 
@@ -142,7 +146,6 @@ def require(module, flag):
     try:
         return importlib.import_module(module)
     except ImportError:
-        from data import fail
         package = module.split(".")[0]
         fail(f"{flag} needs {package}: pip install {package}")
 
@@ -150,10 +153,8 @@ def require(module, flag):
 def build_optimizer(params, optim, learning_rate, weight_decay, device):
     """AdamW over params (the trainable parameters, or their fp32 masters), by --optim:
     adamw_torch_fused: torch's fused AdamW, one kernel over all parameters; on CPU it steps 135M
-      parameters in 0.09 s instead of 0.54 s (the per-tensor loop). Its two moments and the gradients
-      live in flat buffers (flat_views), allocated once before the first step instead of a tensor
-      per parameter scattered among the first step's activations, where they leave holes later
-      steps cannot fill (peak memory of the 135M demo on CPU -100 MB).
+      parameters in 0.09 s instead of 0.54 s (the per-tensor loop). Under --fast its two moments
+      live in flat buffers allocated before the first step (fast.preallocate_adamw_state).
     adamw_torch_8bit: torchao's AdamW8bit: each moment in 8 bits with a scale per block of 256 values
       (tensors under 4096 values stay fp32); the arithmetic is fp32, compiled once per shape.
     adamw_torch_8bit_sr: the same on bf16 weights, the result rounded stochastically.
@@ -169,12 +170,51 @@ def build_optimizer(params, optim, learning_rate, weight_decay, device):
     if len({(p.dtype, p.device) for p in params}) == 1 and not isinstance(params[0], DTensor):
         if params[0].grad is None:  # masters come with theirs (split_master_weights)
             attach_flat_grads(params)
-        if optim == "adamw_torch_fused":
-            fused = optimizer.param_groups[0]["fused"]
-            for p, exp_avg, exp_avg_sq in zip(params, flat_views(params)[1], flat_views(params)[1]):
-                step = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")  # as AdamW makes it
-                optimizer.state[p].update(step=step, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
     return optimizer
+
+
+# -----------------------------------------------------------------------------
+# The learning-rate schedule (Hugging Face's), and where a resumed run takes it up
+
+
+def lr_factor(k, total, warmup_steps, kind, anchor=None):
+    """The learning rate of optimizer update k (0-based) as a fraction of --learning-rate, Hugging
+    Face's schedules (get_linear_schedule_with_warmup, get_constant_schedule_with_warmup): k / W
+    during the W warmup updates (0 at the first), then 1 (constant) or a linear decay that reaches 0
+    at update `total`. anchor = (k0, f0): a run resumed with another --max-steps continues from the
+    factor f0 it had reached at update k0 and decays linearly to 0 at the new total, instead of
+    jumping to where the new total's schedule would be (Hugging Face's Trainer jumps)."""
+    if k < warmup_steps:
+        return k / warmup_steps
+    if kind == "constant":
+        return 1.0
+    if anchor is not None and k >= anchor[0]:
+        k0, f0 = anchor
+        return max(0.0, f0 * (total - k) / max(total - k0, 1))
+    return max(0.0, (total - k) / max(total - warmup_steps, 1))
+
+
+def make_scheduler(optimizer, args, anchor=None):
+    total = args.max_steps * args.num_iterations
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: lr_factor(k, total, args.warmup_steps, args.lr_scheduler_type, anchor))
+
+
+def resumed_anchor(state, args):
+    """The anchor of lr_factor for a resumed run: the saved one, or, when --max-steps changed under a
+    linear schedule, the factor the run had reached at its checkpoint."""
+    saved_total, anchor = state["schedule"]["total"], state["schedule"]["anchor"]
+    total = args.max_steps * args.num_iterations
+    if saved_total == total or args.lr_scheduler_type != "linear":
+        return anchor
+    k0 = state["scheduler"]["last_epoch"]
+    f0 = lr_factor(k0, saved_total, args.warmup_steps, "linear", anchor)
+    print(f"--max-steps changed ({saved_total // args.num_iterations} -> {args.max_steps}): the learning rate goes on "
+          f"from {f0 * args.learning_rate:.3g} and decays linearly to 0 at step {args.max_steps}")
+    if f0 == 0:
+        print("WARNING: the resumed schedule had already decayed to 0: no update will change the weights. "
+              "Pass --lr-scheduler-type constant (or a fresh run) to train on.")
+    return (k0, f0)
 
 
 # -----------------------------------------------------------------------------
@@ -311,6 +351,37 @@ def gpu_count_table():
             cells += ["-"] * (len(GPU_COUNTS) - len(counts))
             lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def run_memory_plan(config, dtype, args, shards=1):
+    """memory_plan for a run's settings (edge_grpo.py's flags); shards: processes under --fsdp."""
+    rows = args.prompts_per_step * args.num_generations
+    return memory_plan(config, dtype=dtype, beta=args.beta, rows=rows, group_size=args.num_generations,
+                       prompt_tokens=args.max_prompt_length,
+                       completion_tokens=args.max_completion_length + (args.gec_reflection_tokens if args.gec else 0),
+                       micro_batch_rows=min(args.micro_batch_size, rows), optim=args.optim,
+                       lora_rank=args.lora_r if args.use_peft else 0, lora_targets=args.lora_target_modules,
+                       shards=shards)
+
+
+def check_memory_plan(config, dtype, args, device, shards=1):
+    """Prints the plan and fails now, not with an out-of-memory error an hour in, when it cannot fit."""
+    plan = run_memory_plan(config, dtype, args, shards)
+    available = torch.cuda.get_device_properties(device).total_memory
+    masters = ", fp32 masters" if uses_masters(args.optim, dtype) else ""
+    masters += f", state sharded over {shards} GPUs" if args.fsdp else ""
+    print(f"memory plan ({dtype}{masters}, {args.optim}{', LoRA' if args.use_peft else ''}):\n{format_plan(plan, available)}")
+    if plan["total"] > available:
+        fail(f"the run needs about {plan['total'] / 1e9:.0f} GB and {device} has {available / 1e9:.0f} GB: lower "
+             "--micro-batch-size, --max-completion-length or --num-generations, use --gradient-checkpointing, "
+             "--optim adamw_torch_8bit_sr, --use-peft, --fsdp over more GPUs, or a GPU with more memory")
+
+
+def peak_memory_mb():
+    """The step's peak: CUDA's allocator where a GPU ran, else the process's peak resident set."""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 if __name__ == "__main__":

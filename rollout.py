@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from cli import GEC_BRANCHES, PROMPT_FORMATS
 from reward import MAX_REWARD, reference_answer_text, reward
 
 # -----------------------------------------------------------------------------
@@ -41,9 +42,8 @@ from reward import MAX_REWARD, reference_answer_text, reward
 STEP_BY_STEP = "\nPlease reason step by step, and put your final answer within \\boxed{}.\n\n"
 REFLECTION_CUE = " Wait! Something is wrong here."
 ANSWER_SENTENCE = "\nWait! Something is wrong here. After verification, the correct answer is \\boxed{{{answer}}}."
-P_REFLECTION, P_ANSWER = 0.5, 0.25   # and P_SOLUTION = 1 - 0.5 - 0.25 = 0.25
+BRANCH_PROBABILITY = dict(reflection=0.5, answer=0.25, solution=0.25)  # of GEC_BRANCHES (cli.py, --gec-branches)
 GEC_MAX_PROMPT_TOKENS = 256          # GEC only for prompts shorter than this (their condition)
-REFLECTION_NEW_TOKENS = 256          # budget of the continuation after the reflection cue
 # Rows of the (N, V) logit matrix materialized at once while scoring: 512 x 151,936 (Qwen) x 4 bytes
 # is 311 MB per tensor, instead of the 5 GB of a whole 8 x 1024 x V batch.
 LOGIT_CHUNK_ROWS = 512
@@ -79,7 +79,6 @@ class Rollout:
 # 1. Prompts
 
 
-PROMPT_FORMATS = ("bare", "step-by-step")
 
 
 def default_prompt_format(model_name):
@@ -209,19 +208,14 @@ def sample_next_token(logits, temperature, top_p, generator):
 
 
 @torch.no_grad()
-def decode(model, cache, mask, step_ids, *, max_new_tokens, temperature, top_p, generator, stop_ids, pad_id,
-           decoding="dynamic"):
+def decode(model, cache, mask, step_ids, *, max_new_tokens, temperature, top_p, generator, stop_ids, pad_id):
     """The sampling loop. cache: keys/values of everything before step_ids (B, S), the tokens fed
     first (left-padded when S > 1); mask (B, cache + S). Each step feeds one token per row; a row
     that has produced a stop id gets pad_id after it; the loop ends when every row has stopped.
     Returns the new ids (B, T <= max_new_tokens) and kv = (cache, its mask), from which rows can be
-    continued (guided_error_correction). decoding: "dynamic" is this loop, the cache growing a
-    token at a time; "static" and "compiled" run fast.decode_static (the same tokens, faster)."""
-    if decoding != "dynamic":
-        from fast import decode_static
-        return decode_static(model, cache, mask, step_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_p=top_p, generator=generator, stop_ids=stop_ids, pad_id=pad_id,
-                             compiled=decoding == "compiled")
+    continued (guided_error_correction). The cache grows a token at a time. Every function here that
+    decodes takes the decoder as an argument (decoder=decode): fast.decode_static has this signature
+    and gives the same tokens on a static cache, compiled or not (--compile)."""
     stops = torch.tensor(stop_ids, device=mask.device)
     done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)  # (B,)
     new = []
@@ -242,7 +236,7 @@ def decode(model, cache, mask, step_ids, *, max_new_tokens, temperature, top_p, 
 
 
 def generate(model, input_ids, attention_mask, *, max_new_tokens, temperature, top_p, seed, stop_ids, pad_id,
-             group_size=1, decoding="dynamic", first_row=0):
+             group_size=1, decoder=decode, first_row=0):
     """Completions (B, T <= max_new_tokens) of left-padded prompts (B, Tp), and the kv to continue
     them (see decode). Each row samples from its own generator, seeded by (seed, first_row + its
     index): the same seed gives the same samples. group_size: groups of G identical prompts are
@@ -250,10 +244,10 @@ def generate(model, input_ids, attention_mask, *, max_new_tokens, temperature, t
     device = model.device
     mask = attention_mask.to(device)
     cache = prefill(model, input_ids.to(device), mask, group_size)
-    return decode(model, cache, mask, input_ids[:, -1:].to(device), max_new_tokens=max_new_tokens,
+    return decoder(model, cache, mask, input_ids[:, -1:].to(device), max_new_tokens=max_new_tokens,
                   temperature=temperature, top_p=top_p,
                   generator=row_generators(seed, range(first_row, first_row + input_ids.shape[0]), device),
-                  stop_ids=stop_ids, pad_id=pad_id, decoding=decoding)
+                  stop_ids=stop_ids, pad_id=pad_id)
 
 
 def _encode(tokenizer, text):
@@ -265,15 +259,15 @@ def pad_id_of(tokenizer):
 
 
 def sample_rollout(model, tokenizer, prompts, answers, *, group_size, max_new_tokens, temperature=1.0,
-                   top_p=1.0, seed=0, decoding="dynamic", first_row=0):
+                   top_p=1.0, seed=0, decoder=decode, first_row=0):
     """G = group_size completions for each prompt, sampled together, scored by reward.py. first_row:
     the index of this batch's first row in the step's whole batch (a torchrun rank's share)."""
     return sample_with_cache(model, tokenizer, prompts, answers, group_size=group_size, max_new_tokens=max_new_tokens,
-                             temperature=temperature, top_p=top_p, seed=seed, decoding=decoding, first_row=first_row)[0]
+                             temperature=temperature, top_p=top_p, seed=seed, decoder=decoder, first_row=first_row)[0]
 
 
 def sample_with_cache(model, tokenizer, prompts, answers, *, group_size, max_new_tokens, temperature=1.0,
-                      top_p=1.0, seed=0, decoding="dynamic", first_row=0):
+                      top_p=1.0, seed=0, decoder=decode, first_row=0):
     """sample_rollout, and the sampling pass's KV cache with its mask, from which guided_error_correction
     continues rows without running prompt and response through the model again."""
     encoded = tokenizer(prompts, padding=True, padding_side="left", add_special_tokens=False,
@@ -283,7 +277,7 @@ def sample_with_cache(model, tokenizer, prompts, answers, *, group_size, max_new
     stop_ids = stop_token_ids(tokenizer, model)
     completion_ids, kv = generate(model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
                                   temperature=temperature, top_p=top_p, seed=seed, stop_ids=stop_ids,
-                                  pad_id=pad_id_of(tokenizer), group_size=group_size, decoding=decoding,
+                                  pad_id=pad_id_of(tokenizer), group_size=group_size, decoder=decoder,
                                   first_row=first_row)  # (B, T)
     completion_mask, truncated = completion_mask_from_eos(completion_ids, stop_ids)
     texts = tokenizer.batch_decode(completion_ids * completion_mask + pad_id_of(tokenizer) * (1 - completion_mask),
@@ -392,24 +386,32 @@ def token_logprobs_and_entropy(model, input_ids, attention_mask, completion_mask
 # 4. Guided error correction
 
 
-def choose_gec_actions(needs_fix, has_solution, prompt_too_long, generator, forced_reflection=False):
+def choose_gec_actions(needs_fix, has_solution, prompt_too_long, generator, forced_reflection=False,
+                       branches=GEC_BRANCHES):
     """One action per row, from one uniform draw per row (every row draws, so row i's choice does not
     depend on the others; generator: one Generator, or one per row, row_generators). needs_fix, has_solution, prompt_too_long: (B,) bool.
     GEC: reflection with p 1/2, answer with p 1/4, solution with p 1/4 (answer when there is no
-    solution). Forced reflection (the paper's baseline): reflection for every row that needs a fix."""
+    solution). Forced reflection (the paper's baseline): reflection for every row that needs a fix.
+    branches: the ones allowed (--gec-branches, a control of the study); a removed branch's share goes
+    to the others in proportion to theirs, and a row without a solution falls back to answer, else
+    reflection, else is skipped."""
     u = uniforms(generator, len(needs_fix)).squeeze(1)  # (B,)
+    weights = [BRANCH_PROBABILITY[b] if b in branches else 0.0 for b in GEC_BRANCHES]
+    p_reflection, p_answer = weights[0] / sum(weights), weights[1] / sum(weights)  # 1/2, 1/4 with all three
     actions = []
     for row, draw in enumerate(u.tolist()):
         if not needs_fix[row]:
             actions.append("none")
         elif prompt_too_long[row]:
             actions.append("skipped")
-        elif forced_reflection or draw < P_REFLECTION:
+        elif forced_reflection or draw < p_reflection:
             actions.append("reflection")
-        elif draw < P_REFLECTION + P_ANSWER or not has_solution[row]:
+        elif draw < p_reflection + p_answer:
             actions.append("answer")
-        else:
+        elif has_solution[row]:
             actions.append("solution")
+        else:  # the solution branch, for a problem without a solution
+            actions.append(next((b for b in ("answer", "reflection") if b in branches), "skipped"))
     return actions
 
 
@@ -484,7 +486,7 @@ def cached_contexts(model, rollout, kv, ids, rows, kept_lengths, pad_id):
 
 
 def continue_rows(model, rollout, kv, ids, sampled, kept, rows, *, seed, reflection_tokens, temperature, top_p,
-                  stop_ids, pad_id, decoding="dynamic", first_row=0):
+                  stop_ids, pad_id, decoder=decode, first_row=0):
     """The policy goes on after the reflection cue, for `rows` only, in one decoding loop: from the
     sampling cache when there is one (kv), else from a fresh prefill of prompt + response + cue.
     The new tokens are appended to ids (sampled flag 1), in place."""
@@ -494,9 +496,9 @@ def continue_rows(model, rollout, kv, ids, sampled, kept, rows, *, seed, reflect
         contexts = [rollout.prompt_ids[row][rollout.prompt_mask[row].bool()].tolist() + ids[row] for row in rows]
         context_ids, mask = (t.to(model.device) for t in left_pad(contexts, pad_id))
         cache, step_ids = prefill(model, context_ids, mask, group_size=1), context_ids[:, -1:]
-    continuation, _ = decode(model, cache, mask, step_ids, max_new_tokens=reflection_tokens, temperature=temperature,
+    continuation, _ = decoder(model, cache, mask, step_ids, max_new_tokens=reflection_tokens, temperature=temperature,
                              top_p=top_p, generator=row_generators(seed, [first_row + row for row in rows], model.device),
-                             stop_ids=stop_ids, pad_id=pad_id, decoding=decoding)  # (len(rows), T')
+                             stop_ids=stop_ids, pad_id=pad_id)  # (len(rows), T')
     continuation_mask, _ = completion_mask_from_eos(continuation, stop_ids)
     for k, row in enumerate(rows):
         new = continuation[k, :int(continuation_mask[k].sum())].tolist()
@@ -520,9 +522,9 @@ def rescore(tokenizer, rollout, actions, ids, sampled, answers, stop_ids, pad_id
                    group_size=G)
 
 
-def guided_error_correction(model, tokenizer, rollout, answers, solutions, *, seed, kv=None, forced_reflection=False,
-                            reflection_tokens=REFLECTION_NEW_TOKENS, temperature=1.0, top_p=1.0, decoding="dynamic",
-                            first_row=0):
+def guided_error_correction(model, tokenizer, rollout, answers, solutions, *, seed, reflection_tokens, kv=None,
+                            forced_reflection=False, temperature=1.0, top_p=1.0, decoder=decode, first_row=0,
+                            branches=GEC_BRANCHES):
     """GEC: rewrite every response with r_i < MAX_REWARD, then re-score; returns a new Rollout.
     answers, solutions: one per prompt (a solution may be None or ''); kv: the sampling pass's cache
     (sample_with_cache), if any. Tokens GEC inserts (the cue, the answer sentence, the solution,
@@ -533,11 +535,12 @@ def guided_error_correction(model, tokenizer, rollout, answers, solutions, *, se
         needs_fix=(rollout.rewards < MAX_REWARD).tolist(),
         has_solution=[bool(solutions[row // G]) for row in range(B)],
         prompt_too_long=(rollout.prompt_mask.sum(dim=1) >= GEC_MAX_PROMPT_TOKENS).tolist(),
-        generator=row_generators(seed, range(first_row, first_row + B)), forced_reflection=forced_reflection)
+        generator=row_generators(seed, range(first_row, first_row + B)), forced_reflection=forced_reflection,
+        branches=branches)
     ids, sampled, kept = rewrite_rows(tokenizer, rollout, actions, answers, solutions, stop_ids)
     reflecting = [row for row in range(B) if actions[row] == "reflection"]
     if reflecting:
         continue_rows(model, rollout, kv, ids, sampled, kept, reflecting, seed=seed + 1,
                       reflection_tokens=reflection_tokens, temperature=temperature, top_p=top_p, stop_ids=stop_ids,
-                      pad_id=pad_id, decoding=decoding, first_row=first_row)
+                      pad_id=pad_id, decoder=decoder, first_row=first_row)
     return rescore(tokenizer, rollout, actions, ids, sampled, answers, stop_ids, pad_id)

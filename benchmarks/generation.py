@@ -41,9 +41,12 @@ def load(model_name, device):
 
 def run_one(model_name, path, rows, new_tokens, device_name, repeats=2):
     """Decodes rows x new_tokens (after one warm-up run, which compiles on the compiled path)."""
+    import functools
     import torch
     import fast
-    from rollout import generate
+    from rollout import decode, generate
+    decoder = dict(dynamic=decode, static=functools.partial(fast.decode_static, compiled=False),
+                   compiled=functools.partial(fast.decode_static, compiled=True))[path]
     device = torch.device(device_name)
     model, _ = load(model_name, device)
     model.eval()
@@ -54,7 +57,7 @@ def run_one(model_name, path, rows, new_tokens, device_name, repeats=2):
     def once(seed):
         start = time.perf_counter()
         ids, _ = generate(model, prompt, mask, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0, seed=seed,
-                          stop_ids=[-1], pad_id=0, group_size=rows, decoding=path)  # -1: no row ever stops
+                          stop_ids=[-1], pad_id=0, group_size=rows, decoder=decoder)  # -1: no row ever stops
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start, ids

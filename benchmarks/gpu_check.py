@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import edge_grpo as eg  # noqa: E402
 from data import arithmetic_problems, next_prompts  # noqa: E402
-from precision import QWEN_MATH_SHAPES, split_master_weights  # noqa: E402
+from precision import QWEN_MATH_SHAPES, run_memory_plan, split_master_weights  # noqa: E402
 import fast  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def check(name, model, tokenizer, args, device):
     master_weights = split_master_weights(model, torch.bfloat16)
     initial = [m.detach().clone() for m in master_weights.masters]
     fast.enable(model)
-    plan = eg.run_memory_plan(model.config, torch.bfloat16, run_args)
+    plan = run_memory_plan(model.config, torch.bfloat16, run_args)
     optimizer = eg.make_optimizer(model, run_args, device, master_weights)
     scheduler = eg.make_scheduler(optimizer, run_args)
     problems, position, rows = arithmetic_problems(), 0, []

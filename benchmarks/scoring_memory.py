@@ -1,5 +1,5 @@
 """
-Peak memory of scoring (fast.token_logprobs_and_entropy): in chunks of rows, in one chunk, and the
+Peak memory of scoring (fast.fused_logprobs_and_entropy): in chunks of rows, in one chunk, and the
 usual way (full logits from the model, log_softmax, autograd), for reference.
 
 Each measurement runs in a fresh process and reports the growth of its peak RSS over the RSS just
@@ -26,7 +26,7 @@ def peak_rss_mb():
 def measure(batch, tokens, vocab, chunk_rows, grad):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    from fast import token_logprobs_and_entropy
+    from fast import fused_logprobs_and_entropy
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
@@ -42,7 +42,7 @@ def measure(batch, tokens, vocab, chunk_rows, grad):
             logp = logp_all.gather(-1, ids[:, prompt:, None]).squeeze(-1)
             entropy = -(logp_all.exp() * logp_all).sum(-1)
         else:
-            logp, entropy = token_logprobs_and_entropy(model, ids, mask, completion_mask, chunk_rows=chunk_rows)
+            logp, entropy = fused_logprobs_and_entropy(model, ids, mask, completion_mask, chunk_rows=chunk_rows)
         if grad:
             (logp.sum() + entropy.sum()).backward()
     return peak_rss_mb() - before

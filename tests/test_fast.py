@@ -4,6 +4,7 @@ numerics, the allocator setting; and --fast against --no-fast on whole training 
 Run: python -m pytest tests/test_fast.py"""
 
 import copy
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,9 @@ import pytest
 import torch
 
 import edge_grpo as eg
+import fast
 import rollout
-from fast import EmbeddingIntoGrad, LogprobAndEntropy, lean_activations, token_logprobs_and_entropy
+from fast import EmbeddingIntoGrad, LogprobAndEntropy, lean_activations, fused_logprobs_and_entropy
 from rollout import build_prompt, sample_rollout
 from tests.test_rollout import sample
 from tests.tiny import qwen_tokenizer, sharpened, tiny_model, tiny_qwen2, tiny_tokenizer
@@ -71,7 +73,7 @@ def test_chunked_equals_unchunked_values_and_gradients(model, tok):
     results = []
     for chunk_rows in (3, 10_000):
         model.zero_grad()
-        logp, entropy = token_logprobs_and_entropy(model, r.input_ids, r.attention_mask, r.completion_mask,
+        logp, entropy = fused_logprobs_and_entropy(model, r.input_ids, r.attention_mask, r.completion_mask,
                                                    chunk_rows=chunk_rows)
         (logp.sum() + entropy.sum()).backward()
         results.append((logp.detach(), entropy.detach(), model.model.layers[0].mlp.up_proj.weight.grad.clone()))
@@ -88,7 +90,7 @@ def test_shared_prompt_prefix_equals_the_plain_forward(model, tok):
     results = []
     for group_size in (1, 4):
         model.zero_grad()
-        logp, entropy = token_logprobs_and_entropy(model, r.input_ids, r.attention_mask, r.completion_mask,
+        logp, entropy = fused_logprobs_and_entropy(model, r.input_ids, r.attention_mask, r.completion_mask,
                                                    group_size=group_size)
         (logp.sum() - 0.5 * entropy.sum()).backward()
         results.append((logp.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()]))
@@ -112,14 +114,14 @@ def test_shared_prompts_accumulate_over_micro_batches_like_one_plain_backward(to
     r = sample(model, tok, seed=17, G=4)
     params = list(model.parameters())
     model.zero_grad()
-    logp, entropy = token_logprobs_and_entropy(model, r.input_ids, r.attention_mask, r.completion_mask, group_size=1)
+    logp, entropy = fused_logprobs_and_entropy(model, r.input_ids, r.attention_mask, r.completion_mask, group_size=1)
     (logp.sum() - 0.5 * entropy.sum()).backward()
     reference = [p.grad.clone() for p in params]
     model.zero_grad()
     accumulations = []
     hooks = [p.register_post_accumulate_grad_hook(lambda p: accumulations.append(p)) for p in params]
     for rows in ([0, 1, 2, 3], [4, 5, 6, 7]):
-        logp, entropy = token_logprobs_and_entropy(model, r.input_ids[rows], r.attention_mask[rows],
+        logp, entropy = fused_logprobs_and_entropy(model, r.input_ids[rows], r.attention_mask[rows],
                                                    r.completion_mask[rows], group_size=4)
         (logp.sum() - 0.5 * entropy.sum()).backward()
     for hook in hooks:
@@ -148,7 +150,7 @@ def test_lean_activations_same_numbers_less_memory_for_backward(tok):
             kept.setdefault(t.untyped_storage().data_ptr(), t)
             return t
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            logp, entropy = token_logprobs_and_entropy(model, r.input_ids, r.attention_mask, r.completion_mask)
+            logp, entropy = fused_logprobs_and_entropy(model, r.input_ids, r.attention_mask, r.completion_mask)
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         kept_values = sum(t.numel() for ptr, t in kept.items() if ptr not in params)
         (logp.sum() - 0.5 * entropy.sum()).backward()
@@ -172,7 +174,7 @@ def test_lean_activations_under_gradient_checkpointing(tok):
         lean_activations(model)
         if checkpointing:
             (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-        logp, entropy = token_logprobs_and_entropy(model, r.input_ids, r.attention_mask, r.completion_mask, group_size=4)
+        logp, entropy = fused_logprobs_and_entropy(model, r.input_ids, r.attention_mask, r.completion_mask, group_size=4)
         (logp.sum() - 0.5 * entropy.sum()).backward()
         grads.append([p.grad for p in model.parameters()])
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads))
@@ -234,7 +236,7 @@ def test_qwen2_scoring_and_lean_routing_equal_stock_modules(qtok, tied):
     m = r.completion_mask.bool()
     grads = []
     for model in (stock, lean):
-        logp, entropy = token_logprobs_and_entropy(model, r.input_ids, r.attention_mask, r.completion_mask,
+        logp, entropy = fused_logprobs_and_entropy(model, r.input_ids, r.attention_mask, r.completion_mask,
                                                    temperature=0.6, group_size=4)
         assert torch.allclose(logp[m].double(), ref.gather(-1, r.completion_ids[..., None]).squeeze(-1)[m], atol=1e-5)
         assert torch.allclose(entropy[m].double(), -(ref.exp() * ref).sum(-1)[m], atol=1e-5)
@@ -295,7 +297,7 @@ def test_fast_scoring_equals_the_plain_path(arch):
     results = []
     for model, score in ((plain, lambda m: rollout.token_logprobs_and_entropy(m, r.input_ids, r.attention_mask,
                                                                                r.completion_mask, temperature=0.7)),
-                         (lean, lambda m: token_logprobs_and_entropy(m, r.input_ids, r.attention_mask, r.completion_mask,
+                         (lean, lambda m: fused_logprobs_and_entropy(m, r.input_ids, r.attention_mask, r.completion_mask,
                                                                      temperature=0.7, group_size=4))):
         logp, entropy = score(model)
         (logp.sum() - 0.3 * entropy.sum()).backward()
@@ -364,19 +366,24 @@ def test_a_new_per_token_quantity_on_the_plain_path(model, tok):
 # ----------------------------------------------------------------------------- decoding: static cache, compiled step
 
 
+DECODERS = dict(dynamic=rollout.decode, static=functools.partial(fast.decode_static, compiled=False),
+                compiled=functools.partial(fast.decode_static, compiled=True))
+
+
 def rollout_and_gec(model, tok, decoding, top_p=1.0):
     """A sampled rollout (8 rows, 20 tokens, some truncated) and GEC's continuation of 5 of its rows
     (3 are marked correct and left alone): 5 rows decode in a static batch of 8."""
     import dataclasses
     from reward import MAX_REWARD
+    decoder = DECODERS[decoding]
     prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"), build_prompt(tok, "Compute 12*3 please.", "step-by-step")]
     r, kv = rollout.sample_with_cache(model, tok, prompts, ["2", "36"], group_size=4, max_new_tokens=20, temperature=1.0,
-                                      top_p=top_p, seed=3, decoding=decoding)
+                                      top_p=top_p, seed=3, decoder=decoder)
     rewards = r.rewards.clone()
     rewards[[0, 3, 6]] = MAX_REWARD
     corrected = rollout.guided_error_correction(model, tok, dataclasses.replace(r, rewards=rewards), ["2", "36"],
                                                 ["two", None], seed=5, kv=kv, forced_reflection=True, reflection_tokens=7,
-                                                top_p=top_p, decoding=decoding)
+                                                top_p=top_p, decoder=decoder)
     assert corrected.actions.count("reflection") == 5
     return r.completion_ids, corrected.completion_ids
 
@@ -414,7 +421,8 @@ def test_compiled_decoding_gives_the_tokens_of_the_dynamic_loop(arch):
 def test_the_decoding_path_follows_the_flags(tmp_path):
     from tests.test_edge_grpo import args_for
     model = tiny_model(tiny_tokenizer())
-    assert eg.decoding_path(args_for(tmp_path), model) == "dynamic"  # CPU: no compile by default
-    assert eg.decoding_path(args_for(tmp_path, "--compile"), model) == "compiled"
+    assert eg.decoding_path(args_for(tmp_path), model) is rollout.decode  # CPU: no compile by default
+    compiled = eg.decoding_path(args_for(tmp_path, "--compile"), model)
+    assert compiled.func is fast.decode_static and compiled.keywords == dict(compiled=True)
     with pytest.raises(SystemExit, match="--compile"):
         args_for(tmp_path, "--no-fast", "--compile")

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import edge_grpo as eg
 import lora
-from fast import lean_activations, token_logprobs_and_entropy
+from fast import lean_activations, fused_logprobs_and_entropy
 from tests.test_edge_grpo import PROBLEMS, args_for, mixed_rollout, write_jsonl
 from tests.tiny import qwen_tokenizer, tiny_model, tiny_qwen2, tiny_tokenizer
 
@@ -49,7 +49,7 @@ def hand_merged(model, base):
 
 
 def scores(model, rollout):
-    return token_logprobs_and_entropy(model, rollout.input_ids, rollout.attention_mask, rollout.completion_mask,
+    return fused_logprobs_and_entropy(model, rollout.input_ids, rollout.attention_mask, rollout.completion_mask,
                                       group_size=rollout.group_size)
 
 

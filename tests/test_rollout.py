@@ -242,7 +242,7 @@ def rollout_from_texts(tok, prompts, texts, G, model=None):
     return make_rollout(tok, model or tiny_model(tok), prompts, texts, ["2", "36"], G)
 
 
-def test_gec_rewrites_wrong_rows_and_only_regenerates_continued_ones(model, tok, monkeypatch):
+def test_gec_rewrites_wrong_rows_and_only_regenerates_continued_ones(model, tok):
     G = 8
     prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"), build_prompt(tok, "Compute 12*3.", "step-by-step")]
     texts = ["so \\boxed{2}", "it is 3", "\\boxed{3}", "hmm", "x", "1+1=2", "\\boxed{5}", "no"] + \
@@ -253,9 +253,8 @@ def test_gec_rewrites_wrong_rows_and_only_regenerates_continued_ones(model, tok,
 
     import rollout
     calls = []
-    real_decode = rollout.decode
-    monkeypatch.setattr(rollout, "decode", lambda model, cache, mask, *a, **kw: calls.append(mask) or real_decode(model, cache, mask, *a, **kw))
-    after = guided_error_correction(model, tok, before, ["2", "36"], solutions, seed=4, reflection_tokens=6)
+    counting = lambda model, cache, mask, *a, **kw: calls.append(mask) or rollout.decode(model, cache, mask, *a, **kw)
+    after = guided_error_correction(model, tok, before, ["2", "36"], solutions, seed=4, reflection_tokens=6, decoder=counting)
 
     assert after.actions[0] == "none"
     assert torch.equal(after.completion_ids[0, :before.completion_mask[0].sum()],
@@ -379,7 +378,7 @@ def test_decoding_uses_the_current_cache_api():
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         rollout = sample(tiny_model(tok), tok, seed=0)
-        fast.token_logprobs_and_entropy(tiny_model(tok), rollout.input_ids, rollout.attention_mask,
+        fast.fused_logprobs_and_entropy(tiny_model(tok), rollout.input_ids, rollout.attention_mask,
                                         rollout.completion_mask, group_size=4)  # the fast path runs prompts with a cache
 
 

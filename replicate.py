@@ -1,0 +1,481 @@
+"""
+replicate.py: the paper's comparison (its Table 2) as a seeded, controlled study on held-out problems.
+
+  python replicate.py                                   # the paper's 4 arms x 3 seeds on the CPU demo, then the held-out eval
+  python replicate.py --arms paper controls --seeds 5   # + the controls: which part of EDGE-GRPO does the work?
+  python replicate.py --model qwen2.5-math-1.5b --data deepscaler_hard-1k --eval-data math500 --seeds 3   # on a GPU
+  python replicate.py --arms grpo edge-grpo -- --learning-rate 1e-5    # flags after -- go to every run
+
+Every arm is edge_grpo.py with its flags (PAPER_ARMS, CONTROLS), trained by edge_grpo.train and
+evaluated by `analysis.py eval`: this file trains and evaluates nothing itself, it holds the design
+around them.
+- Paired seeds: for seed s every arm sees the same prompts in the same order and starts from the
+  same per-row generators, so arms are compared seed by seed.
+- Held-out problems: arithmetic-test shares no (a, op, b) with the training set (data.py).
+- Statistics: mean and sample std over seeds; the paired difference to GRPO with a t interval over
+  seeds (n - 1 degrees of freedom). An interval that holds 0 says the study cannot tell the arm
+  from GRPO, and the table says so.
+- Resumable: a run whose evaluation exists is skipped, a trained one only evaluated, an interrupted
+  one resumed from its newest checkpoint.
+
+Out: OUTPUT_DIR/ARM/seed-S/ (the run: metrics.jsonl, config.json, its final checkpoint without the
+optimizer state once evaluated; eval/: records and summary.json), OUTPUT_DIR/base/eval/ (the model
+before training), results.json (every number per arm and seed), table.md, curves.png.
+"""
+
+import argparse
+import copy
+import json
+import math
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import analysis
+import edge_grpo
+from checkpoints import checkpoint_dirs, load_model_and_tokenizer
+from data import EVAL_SETS, fail
+
+# -----------------------------------------------------------------------------
+# The design: arms, seeds, what is measured
+
+PAPER_ARMS = {  # the paper's Table 2 rows: label -> edge_grpo.py flags
+    "GRPO": ["--no-gec", "--no-eda"],
+    "GRPO + forced reflection": ["--forced-reflection", "--no-eda"],
+    "GRPO + forced reflection + EDA": ["--forced-reflection"],
+    "EDGE-GRPO": [],
+}
+CONTROLS = {  # each one change, and the question it answers
+    "EDA only": ["--no-gec"],                                   # does EDA help without GEC?
+    "GEC only": ["--no-eda"],                                   # does GEC help without EDA?
+    "GEC, inserted text masked": ["--inserted-tokens", "mask"],  # is the gain the policy copying GEC's text?
+    "GEC without the answer branch": ["--gec-branches", "reflection", "solution"],  # ... the appended answer?
+    "format-only reward": ["--reward", "format-only"],          # does the correctness signal matter at all?
+}
+ARM_GROUPS = {"paper": PAPER_ARMS, "controls": CONTROLS}
+BASELINE = "GRPO"  # the paired differences are taken to this arm
+EVAL_SAMPLES = 4   # avg@k: k responses per problem at the eval temperature, sized for the CPU budget (README)
+CURVES = (("adv_var", None, "advantage variance (Fig. 5)", "mean within-group variance"),
+          ("zero_std_after_gec", "zero_std_before_gec", "collapsed groups: trained on (solid), before GEC (dashed)",
+           "share of groups"),
+          ("entropy", None, "mean response entropy H_i", "nats per token"),
+          ("accuracy", None, "policy's own accuracy (training prompts, before GEC)", "share correct"))
+
+
+def slug(label):
+    """"GRPO + forced reflection" -> "grpo-forced-reflection": the arm's directory and its name on the command line."""
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+
+
+def chosen_arms(names):
+    """--arms: group names (paper, controls) or arm names as slugs, in the order given; GRPO first,
+    since every other arm is compared with it."""
+    every = {**PAPER_ARMS, **CONTROLS}
+    by_slug = {slug(label): label for label in every}
+    arms = {}
+    for name in names:
+        if name in ARM_GROUPS:
+            arms.update(ARM_GROUPS[name])
+        elif name in by_slug:
+            arms[by_slug[name]] = every[by_slug[name]]
+        else:
+            fail(f"--arms {name}: not a group ({', '.join(ARM_GROUPS)}) or an arm ({', '.join(by_slug)})")
+    return {BASELINE: PAPER_ARMS[BASELINE], **arms}
+
+
+# -----------------------------------------------------------------------------
+# The statistics: pure functions of per-seed numbers
+
+# t_{0.975, df}: the two-sided 95 % quantile of Student's t for df = 1..30 (standard tables).
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_quantile_975(df):
+    """t_{0.975, df}: the table up to 30, beyond it the Cornish-Fisher expansion around z = 1.96."""
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def mean_and_std(values):
+    """Mean and sample standard deviation (ddof = 1; None for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return mean, std
+
+
+def paired_difference(arm, baseline):
+    """arm, baseline: {seed: value}. The mean over the seeds both have of d_s = arm_s - baseline_s and
+    its 95 % interval, mean +- t_{0.975, n-1} x sd(d) / sqrt(n) (None with one seed)."""
+    seeds = sorted(set(arm) & set(baseline))
+    d = [arm[s] - baseline[s] for s in seeds]
+    mean, std = mean_and_std(d)
+    half = t_quantile_975(len(d) - 1) * std / math.sqrt(len(d)) if std is not None else None
+    return dict(mean=mean, low=None if half is None else mean - half, high=None if half is None else mean + half, n=len(d))
+
+
+# -----------------------------------------------------------------------------
+# One run: train (or resume, or skip), evaluate, trim
+
+
+def study_settings(opts, extra):
+    """The edge_grpo.py settings every run shares (the model's recipe, --max-steps, the flags after
+    --), resolved once: the steps, the sampling temperature and length the evaluation reuses."""
+    return edge_grpo.parse_args(base_argv(opts, extra))
+
+
+def base_argv(opts, extra):
+    return (["--model", opts.model] + (["--data", opts.data] if opts.data else [])
+            + (["--max-steps", str(opts.max_steps)] if opts.max_steps else []) + list(extra))
+
+
+def run_args(directory, flags, seed, opts, extra, resume=None):
+    """edge_grpo.py's arguments for one arm and seed: a checkpoint halfway (so an interrupted run
+    resumes), only the newest kept, no samples printed."""
+    settings = study_settings(opts, extra)
+    argv = base_argv(opts, extra) + ["--seed", str(seed), "--output-dir", str(directory),
+                                     "--save-steps", str(max(1, settings.max_steps // 2)), "--save-total-limit", "1",
+                                     "--log-completions-steps", "0"] + flags
+    return edge_grpo.parse_args((["--resume", str(resume)] if resume else ["--overwrite-output-dir"]) + argv)
+
+
+def train_run(directory, flags, seed, opts, extra, base):
+    """The run's final checkpoint, training (or resuming) it when it is not there. base(): the
+    untrained model and tokenizer, loaded once for the study. Returns the checkpoint and what was done."""
+    max_steps = study_settings(opts, extra).max_steps
+    final = directory / f"checkpoint-{max_steps}"
+    if final.is_dir():
+        return final, "trained before"
+    started = [c for c in checkpoint_dirs(directory) if int(c.name.split("-")[-1]) < max_steps]
+    if started:  # interrupted: go on from the newest checkpoint (train loads its weights)
+        args, model, tokenizer, done = run_args(directory, flags, seed, opts, extra, resume=started[-1]), None, None, "resumed"
+    else:
+        args, done = run_args(directory, flags, seed, opts, extra), "trained"
+        model, tokenizer = base()
+        model = copy.deepcopy(model)
+    torch.manual_seed(seed)  # as edge_grpo.main does
+    edge_grpo.train(args, model=model, tokenizer=tokenizer, progress=False)
+    return final, done
+
+
+def evaluate(model_path, directory, opts, settings):
+    """analysis.py eval of one model on the held-out sets: avg@k at the eval temperature and greedy
+    pass@1, with the same seed for every model. Skipped when its summary.json exists (written last)."""
+    summary_path = directory / "summary.json"
+    if summary_path.is_file():
+        return json.loads(summary_path.read_text()), False
+    temperature = settings.temperature if opts.eval_temperature is None else opts.eval_temperature
+    argv = ["eval", "--model", str(model_path), "--data", *opts.eval_data, "--samples", str(opts.eval_samples),
+            "--greedy", "--temperature", str(temperature), "--output-dir", str(directory), "--seed", "0",
+            "--max-new-tokens", str(opts.eval_max_new_tokens or settings.max_completion_length)]
+    if opts.eval_limit:
+        argv += ["--limit", str(opts.eval_limit)]
+    return analysis.main(argv), True
+
+
+def trim_checkpoint(checkpoint, keep_weights):
+    """After the evaluation the optimizer state (two fp32 moments, 2/3 of a checkpoint) is dropped;
+    with --no-keep-weights the weights too (the run's metrics and evaluation stay)."""
+    if not keep_weights:
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    else:
+        (checkpoint / "trainer_state.pt").unlink(missing_ok=True)
+
+
+# -----------------------------------------------------------------------------
+# What each run measured
+
+
+def quarter_mean(rows, key, last):
+    """The mean of key over the first (last=False) or last quarter of the steps, as edge_grpo's summary."""
+    k = max(1, len(rows) // 4)
+    values = [r[key] for r in (rows[-k:] if last else rows[:k]) if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def run_numbers(rows, summary, G):
+    """One run's row of results.json: its held-out evaluation and its training dynamics."""
+    def mean(key):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        return sum(values) / len(values) if values else None
+    corrected = sum(sum(r["gec_actions"][a] for a in ("reflection", "answer", "solution")) for r in rows)
+    # GEC leaves correct rows alone, so the rows it made correct are the rise in correct rows it causes
+    made_correct = sum((r["accuracy_after_gec"] - r["accuracy"]) * r["groups_trained"] * G for r in rows)
+    greedy = summary["greedy"]
+    return dict(
+        heldout_avg_at_k=summary["average_weighted"], heldout_greedy=greedy["average_weighted"],
+        heldout_boxed=summary["boxed"], heldout_mean_length=summary["mean_length"],
+        heldout_truncation_rate=summary["truncation_rate"], heldout_greedy_boxed=greedy["boxed"],
+        heldout_greedy_mean_length=greedy["mean_length"], heldout_greedy_truncation_rate=greedy["truncation_rate"],
+        steps=len(rows), collapsed_before_gec=mean("zero_std_before_gec"), collapsed_after_gec=mean("zero_std_after_gec"),
+        adv_var=mean("adv_var"), entropy_final=quarter_mean(rows, "entropy", last=True),
+        own_accuracy_first=quarter_mean(rows, "accuracy", last=False), own_accuracy_last=quarter_mean(rows, "accuracy", last=True),
+        own_boxed_first=quarter_mean(rows, "boxed", last=False), own_boxed_last=quarter_mean(rows, "boxed", last=True),
+        seconds_per_step=mean("seconds"), gec_corrected_rows=corrected,
+        gec_correct_share=made_correct / corrected if corrected else None,
+        gec_actions={a: sum(r["gec_actions"][a] for r in rows) for a in ("reflection", "answer", "solution", "skipped")},
+    )
+
+
+# -----------------------------------------------------------------------------
+# The report: results.json, table.md, curves.png
+
+
+def fmt(value, spec=".1f", scale=1.0):
+    return "-" if value is None else format(value * scale, spec)
+
+
+def mean_cell(values, spec=".1f", scale=1.0):
+    """mean ± sample std over seeds."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    mean, std = mean_and_std(values)
+    return fmt(mean, spec, scale) + ("" if std is None else f" ± {format(std * scale, spec)}")
+
+
+def difference_cell(diff, scale=100.0):
+    if diff["low"] is None:
+        return f"{diff['mean'] * scale:+.1f} (1 seed: no interval)"
+    cell = f"{diff['mean'] * scale:+.1f} [{diff['low'] * scale:+.1f}, {diff['high'] * scale:+.1f}]"
+    return cell + (" ≈ GRPO" if diff["low"] <= 0 <= diff["high"] else "")
+
+
+def arm_rows(results, label):
+    return {r["seed"]: r for r in results["runs"] if r["arm"] == label}
+
+
+def format_table(results):
+    """The paper's Table 2 layout, one row per arm: held-out accuracy mean ± std over seeds, the
+    paired difference to GRPO with its 95 % interval, then the training dynamics."""
+    s = results["settings"]
+    k, n_seeds = s["eval_samples"], len(s["seeds"])
+    base = results["base"]
+    lines = [f"# EDGE-GRPO study: held-out accuracy on {', '.join(s['eval_data'])} ({base['problems']} problems)",
+             "",
+             f"{s['model']}, {s['max_steps']} steps per run, seeds {', '.join(map(str, s['seeds']))}; avg@{k} at "
+             f"T = {s['eval_temperature']} and greedy pass@1, up to {s['eval_max_new_tokens']} new tokens. "
+             f"Accuracies in %, mean ± sample std over {n_seeds} seeds; Δ: the paired difference to GRPO (seed by "
+             f"seed), mean [95 % t interval, {n_seeds - 1} df]; \"≈ GRPO\": the interval holds 0, this study cannot "
+             f"tell the arm from GRPO.",
+             "",
+             f"| arm | avg@{k} | Δ avg@{k} vs GRPO | greedy | Δ greedy vs GRPO | boxed % (avg@{k}) | collapsed groups % "
+             f"before / after GEC | advantage variance | entropy, last quarter | own accuracy %, first -> last quarter | "
+             f"s/step |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+             f"| base model (untrained) | {fmt(base['heldout_avg_at_k'])} | | {fmt(base['heldout_greedy'])} | | "
+             f"{fmt(base['heldout_boxed'], '.0f', 100)} | | | | | |"]
+    baseline = arm_rows(results, BASELINE)
+    for label in s["arms"]:
+        rows = arm_rows(results, label)
+        if not rows:
+            continue
+        col = lambda key, spec=".1f", scale=1.0: mean_cell([r[key] for r in rows.values()], spec, scale)
+        if label == BASELINE:
+            delta_k = delta_g = "-"
+        else:
+            delta_k = difference_cell(paired_difference({s_: r["heldout_avg_at_k"] / 100 for s_, r in rows.items()},
+                                                        {s_: r["heldout_avg_at_k"] / 100 for s_, r in baseline.items()}))
+            delta_g = difference_cell(paired_difference({s_: r["heldout_greedy"] / 100 for s_, r in rows.items()},
+                                                        {s_: r["heldout_greedy"] / 100 for s_, r in baseline.items()}))
+        lines.append(f"| {label} | {col('heldout_avg_at_k')} | {delta_k} | {col('heldout_greedy')} | {delta_g} | "
+                     f"{col('heldout_boxed', '.0f', 100)} | {col('collapsed_before_gec', '.0f', 100)} / "
+                     f"{col('collapsed_after_gec', '.0f', 100)} | {col('adv_var', '.2f')} | {col('entropy_final', '.2f')} | "
+                     f"{col('own_accuracy_first', '.0f', 100)} -> {col('own_accuracy_last', '.0f', 100)} | "
+                     f"{col('seconds_per_step')} |")
+    noise = binomial_noise(results)
+    lines += ["", f"One evaluation's own noise: a held-out accuracy near {noise['accuracy']:.0f} % on {noise['problems']} "
+              f"problems has a binomial standard error of about {noise['se']:.1f} points (per problem, not per response)."]
+    if n_seeds < 2:
+        lines.append("With one seed there is no spread and no interval: this run cannot tell arms apart.")
+    total = results["seconds_all_calls"]
+    lines.append(f"Study time: {results['seconds'] / 60:.1f} min this call" + (
+        f", {total / 60:.1f} min of training and evaluation over all calls" if total else "")
+        + f"; runs and evaluations in {s['output_dir']}.")
+    return "\n".join(lines) + "\n"
+
+
+def binomial_noise(results):
+    accuracies = [r["heldout_avg_at_k"] for r in results["runs"]] or [results["base"]["heldout_avg_at_k"]]
+    p = sum(accuracies) / len(accuracies) / 100
+    n = results["base"]["problems"]
+    return dict(accuracy=100 * p, problems=n, se=100 * math.sqrt(p * (1 - p) / max(n, 1)))
+
+
+def plot_curves(results, histories, path, smooth=3):
+    """The Fig. 5 panels over training steps: the mean over seeds with a band of +- one std, one colour per arm."""
+    try:
+        plt = analysis.require_matplotlib()
+    except SystemExit as e:
+        print(f"{e} (no curves.png)", file=sys.stderr)
+        return None
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for label in results["settings"]["arms"]:
+        runs = [histories[(label, seed)] for seed in results["settings"]["seeds"] if (label, seed) in histories]
+        if not runs:
+            continue
+        colour = None
+        for ax, (solid, dashed, title, ylabel) in zip(axes.flat, CURVES):
+            for key, style in ((solid, "-"), (dashed, "--")):
+                if key is None:
+                    continue
+                curves = [analysis.moving_average([r.get(key) for r in rows], smooth) for rows in runs]
+                steps = min(len(c) for c in curves)
+                mean = [sum(c[t] for c in curves) / len(curves) for t in range(steps)]
+                std = [mean_and_std([c[t] for c in curves])[1] or 0.0 for t in range(steps)]
+                x = list(range(1, steps + 1))
+                line, = ax.plot(x, mean, style, color=colour, label=label if style == "-" and ax is axes.flat[0] else None)
+                colour = line.get_color()
+                if style == "-":
+                    ax.fill_between(x, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
+                                    color=colour, alpha=0.15, linewidth=0)
+            ax.set_title(title, fontsize=11)
+            ax.set_xlabel("training step")
+            ax.set_ylabel(ylabel)
+    s = results["settings"]
+    fig.suptitle(f"EDGE-GRPO study: {s['model']}, mean over {len(s['seeds'])} seeds (band: ± 1 std), "
+                 f"moving average over {smooth} steps", fontsize=12)
+    fig.legend(loc="lower center", ncol=min(4, len(s["arms"])), frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.96))  # the legend below the panels, never over a curve
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# The study
+
+
+def run_study(opts, extra):
+    """Every arm x seed, seed by seed (a study stopped early still holds paired comparisons), then the
+    report. Returns results.json's content and what was done (counts of trained, resumed, evaluated,
+    skipped runs), so a caller can check that a second call redoes nothing."""
+    started = time.perf_counter()
+    out = Path(opts.output_dir)
+    arms = chosen_arms(opts.arms)
+    seeds = list(range(opts.seeds))
+    settings = study_settings(opts, extra)
+    for label, flags in arms.items():  # every arm's flags checked before anything runs
+        run_args(out / slug(label) / "seed-0", flags, 0, opts, extra)
+    loaded = {}
+
+    def base():
+        if "model" not in loaded:
+            loaded["model"] = load_model_and_tokenizer(opts.model, torch.device("cpu"), torch.float32)
+        return loaded["model"]
+
+    done = dict(trained=0, resumed=0, evaluated=0, skipped=0)
+    t0 = time.perf_counter()
+    base_summary, evaluated = evaluate(opts.model, out / "base" / "eval", opts, settings)
+    if evaluated:
+        (out / "base" / "timing.json").write_text(json.dumps(dict(seconds_eval=time.perf_counter() - t0)))
+    done["evaluated"] += evaluated
+    runs, histories, timings = [], {}, []
+    plan = [(seed, label) for seed in seeds for label in arms]
+    for number, (seed, label) in enumerate(plan, 1):
+        directory = out / slug(label) / f"seed-{seed}"
+        t0 = time.perf_counter()
+        if (directory / "eval" / "summary.json").is_file():
+            summary, action = json.loads((directory / "eval" / "summary.json").read_text()), "skipped"
+        else:
+            checkpoint, action = train_run(directory, arms[label], seed, opts, extra, base)
+            t1 = time.perf_counter()
+            summary, _ = evaluate(checkpoint, directory / "eval", opts, settings)
+            trim_checkpoint(checkpoint, opts.keep_weights)
+            (directory / "timing.json").write_text(json.dumps(dict(action=action, seconds_train=t1 - t0,
+                                                                   seconds_eval=time.perf_counter() - t1)))
+            done["evaluated"] += 1
+        if action in done:  # trained, resumed or skipped; "trained before": only evaluated now
+            done[action] += 1
+        _, rows = analysis.read_run(directory)
+        histories[(label, seed)] = rows
+        timing = json.loads((directory / "timing.json").read_text()) if (directory / "timing.json").is_file() else {}
+        runs.append(dict(arm=label, seed=seed, directory=str(directory), **run_numbers(rows, summary, settings.num_generations),
+                         seconds_train=timing.get("seconds_train"), seconds_eval=timing.get("seconds_eval")))
+        seconds = time.perf_counter() - t0
+        if action != "skipped":
+            timings.append(seconds)
+        left = len(plan) - number
+        eta = f", ETA {left * sum(timings) / len(timings) / 60:.0f} min" if timings and left else ""
+        print(f"[{number}/{len(plan)}] {label}, seed {seed}: {action} in {seconds:.0f} s; held-out avg@{opts.eval_samples} "
+              f"{summary['average_weighted']:.1f}%, greedy {summary['greedy']['average_weighted']:.1f}%; {left} to go{eta}",
+              flush=True)
+    results = dict(
+        settings=dict(model=opts.model, data=opts.data or "arithmetic", eval_data=opts.eval_data, arms=list(arms),
+                      flags={label: flags for label, flags in arms.items()}, extra_flags=list(extra), seeds=seeds,
+                      max_steps=settings.max_steps, eval_samples=opts.eval_samples,
+                      eval_temperature=settings.temperature if opts.eval_temperature is None else opts.eval_temperature,
+                      eval_max_new_tokens=opts.eval_max_new_tokens or settings.max_completion_length,
+                      output_dir=str(out), keep_weights=opts.keep_weights),
+        base=dict(heldout_avg_at_k=base_summary["average_weighted"], heldout_greedy=base_summary["greedy"]["average_weighted"],
+                  heldout_boxed=base_summary["boxed"], problems=sum(base_summary["problems"].values())),
+        runs=runs, seconds=time.perf_counter() - started,
+        seconds_all_calls=sum((r["seconds_train"] or 0) + (r["seconds_eval"] or 0) for r in runs) + json.loads(
+            (out / "base" / "timing.json").read_text())["seconds_eval"] if (out / "base" / "timing.json").is_file() else None)
+    results["comparisons"] = {label: dict(
+        avg_at_k=paired_difference({r["seed"]: r["heldout_avg_at_k"] for r in runs if r["arm"] == label},
+                                   {r["seed"]: r["heldout_avg_at_k"] for r in runs if r["arm"] == BASELINE}),
+        greedy=paired_difference({r["seed"]: r["heldout_greedy"] for r in runs if r["arm"] == label},
+                                 {r["seed"]: r["heldout_greedy"] for r in runs if r["arm"] == BASELINE}))
+        for label in arms if label != BASELINE}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    table = format_table(results)
+    (out / "table.md").write_text(table)
+    curves = plot_curves(results, histories, out / "curves.png")
+    print("\n" + table)
+    print(f"results: {out / 'results.json'}; table: {out / 'table.md'}" + (f"; curves: {curves}" if curves else ""))
+    return results, done
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="The EDGE-GRPO paper's comparison: arms x seeds, evaluated on held-out "
+                                            "problems. Flags after -- go to every run of edge_grpo.py.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    p.add_argument("--arms", nargs="+", default=["paper"],
+                   help=f"groups ({', '.join(ARM_GROUPS)}) or arms ({', '.join(slug(a) for a in {**PAPER_ARMS, **CONTROLS})}); "
+                        "GRPO always runs, as the baseline")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1, the same for every arm")
+    p.add_argument("--model", default="smollm2-135m", help="as edge_grpo.py --model (an alias brings its settings)")
+    p.add_argument("--data", default=None, help="training data, as edge_grpo.py --data; none: the built-in arithmetic set")
+    p.add_argument("--eval-data", nargs="+", default=None,
+                   help="held-out sets, as analysis.py eval --data; none: arithmetic-test for the built-in set, else "
+                        f"the paper's five ({', '.join(EVAL_SETS)})")
+    p.add_argument("--max-steps", type=int, default=0, help="steps per run; 0: the model's settings (the demo: 24)")
+    p.add_argument("--eval-samples", type=int, default=EVAL_SAMPLES, help="k of avg@k")
+    p.add_argument("--eval-temperature", type=float, default=None,
+                   help="temperature of avg@k; none: the runs' sampling temperature (greedy pass@1 is measured too)")
+    p.add_argument("--eval-max-new-tokens", type=int, default=0, help="0: the runs' --max-completion-length")
+    p.add_argument("--eval-limit", type=int, default=0, help="first N problems of each held-out set (0: all)")
+    p.add_argument("--output-dir", default="runs/replicate")
+    p.add_argument("--keep-weights", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep each run's final weights once evaluated (its optimizer state is always dropped)")
+    return p
+
+
+def parse_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    opts = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if opts.seeds < 1:
+        fail("--seeds must be at least 1")
+    if opts.eval_samples < 1:
+        fail("--eval-samples must be at least 1")
+    opts.eval_data = opts.eval_data or (["arithmetic-test"] if opts.data in (None, "arithmetic") else list(EVAL_SETS))
+    return opts, extra
+
+
+def main(argv=None):
+    opts, extra = parse_args(argv)
+    return run_study(opts, extra)
+
+
+if __name__ == "__main__":
+    main()
