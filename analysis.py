@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from checkpoints import load_model_and_tokenizer, prompt_format_of, resolve_device, resolve_dtype
-from cli import PROMPT_FORMATS
+from cli import PROMPT_FORMATS, parse_known_or_fail
 from data import EVAL_SETS, data_name, fail, load_data
 from edge_grpo import response_entropy
 from reward import MAX_REWARD, extract_boxed
@@ -91,15 +91,18 @@ def accuracy_table(records):
 
 
 def format_table(rows):
-    """rows: [(label, {benchmark: (acc, n)}, weighted)] -> text, one column per benchmark then Avg."""
+    """rows: [(label, {benchmark: (acc, n)}, weighted)] -> text, one column per benchmark then Avg.
+    Labels and benchmark names are never cut: they say which model and which set."""
     names = sorted({name for _, table, _ in rows for name in table})
-    header = f"{'model':<28}" + "".join(f"{n[:12]:>13}" for n in names) + f"{'Avg':>9}"
+    first = max([len("model")] + [len(label) for label, _, _ in rows]) + 2
+    widths = [max(len(n), 8) + 2 for n in names]
+    header = f"{'model':<{first}}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths)) + f"{'Avg':>9}"
     lines = [header, "-" * len(header)]
     for label, table, weighted in rows:
-        cells = "".join(f"{table[n][0]:>12.2f} " if n in table else f"{'-':>13}" for n in names)
-        lines.append(f"{label[:27]:<28}{cells}{weighted:>9.2f}")
-    counts = "".join(f"{'n=' + str(rows[0][1][n][1]) if n in rows[0][1] else '':>13}" for n in names)
-    lines.append(f"{'':<28}{counts}   Avg weighted by problem count")
+        cells = "".join(f"{table[n][0]:>{w}.2f}" if n in table else f"{'-':>{w}}" for n, w in zip(names, widths))
+        lines.append(f"{label:<{first}}{cells}{weighted:>9.2f}")
+    counts = "".join(f"{'n=' + str(rows[0][1][n][1]) if n in rows[0][1] else '':>{w}}" for n, w in zip(names, widths))
+    lines.append(f"{'':<{first}}{counts}   Avg weighted by problem count")
     return "\n".join(lines)
 
 
@@ -108,6 +111,14 @@ def response_stats(records):
     n = max(len(records), 1)
     return dict(boxed=sum(r["boxed"] for r in records) / n, mean_length=sum(r["length"] for r in records) / n,
                 truncation_rate=sum(r["truncated"] for r in records) / n)
+
+
+def default_max_new_tokens(model):
+    """The authors' 3000 new tokens, or a CPU alias's budget: for the alias, and for a checkpoint of a
+    run that trained it (its run_config.json names the model the run started from)."""
+    run_config = Path(model) / "run_config.json"
+    trained_from = json.loads(run_config.read_text()).get("model") if run_config.is_file() else model
+    return CPU_ALIAS_MAX_NEW_TOKENS.get(trained_from, EVAL_MAX_NEW_TOKENS)
 
 
 def load_eval_model(args):
@@ -122,7 +133,7 @@ def load_eval_model(args):
 def run_eval(args):
     files = [load_data(spec) for spec in args.data]  # bad data fails before the model loads
     model, tokenizer, prompt_format, batch_size = load_eval_model(args)
-    max_new_tokens = args.max_new_tokens or CPU_ALIAS_MAX_NEW_TOKENS.get(args.model, EVAL_MAX_NEW_TOKENS)
+    max_new_tokens = args.max_new_tokens or default_max_new_tokens(args.model)
     records, greedy = [], []
     for spec, problems in zip(args.data, files):
         problems = problems[:args.limit] if args.limit else problems
@@ -223,7 +234,7 @@ def run_entropy(args):
             fail("entropy needs --records FILE, or --model and --data to sample fresh responses")
         problems = load_data(args.data)[:args.limit or None]
         model, tokenizer, prompt_format, batch_size = load_eval_model(args)
-        max_new_tokens = args.max_new_tokens or CPU_ALIAS_MAX_NEW_TOKENS.get(args.model, EVAL_MAX_NEW_TOKENS)
+        max_new_tokens = args.max_new_tokens or default_max_new_tokens(args.model)
         records = []
         for t in args.temperatures:
             records += eval_records(model, tokenizer, prompt_format, problems, data_name(args.data), temperature=t,
@@ -306,10 +317,12 @@ def run_reflection(args):
 # plot (Fig. 5) and compare
 
 
-# (key drawn solid, key drawn dashed or None, panel title)
-PLOTTED = (("adv_var", None, "advantage variance (after EDA)"), ("entropy", None, "mean response entropy H"),
-           ("accuracy", None, "policy accuracy (its own answers, before GEC)"),
-           ("zero_std_after_gec", "zero_std_before_gec", "collapsed groups: after GEC (solid), before (dashed)"))
+# (key drawn solid, key drawn dashed or None, panel title, y-axis label)
+PLOTTED = (("adv_var", None, "advantage variance (after EDA)", "mean within-group variance"),
+           ("entropy", None, "mean response entropy H", "nats per token"),
+           ("accuracy", None, "policy accuracy (its own answers, before GEC)", "share correct"),
+           ("zero_std_after_gec", "zero_std_before_gec", "collapsed groups: after GEC (solid), before (dashed)",
+            "share of groups"))
 
 
 def read_run(directory):
@@ -347,7 +360,7 @@ def run_plot(args):
     unknown = [key for key in args.metrics if key not in logged]
     if unknown:
         fail(f"--metrics {' '.join(unknown)}: not in these runs' metrics.jsonl; they log: {', '.join(sorted(logged))}")
-    panels = PLOTTED + tuple((key, None, key) for key in args.metrics)  # a variant's own metric, one panel each
+    panels = PLOTTED + tuple((key, None, key, key) for key in args.metrics)  # a variant's own metric, one panel each
     plt = require_matplotlib()
     rows_of_panels = math.ceil(len(panels) / 2)
     fig, axes = plt.subplots(rows_of_panels, 2, figsize=(11, 3.5 * rows_of_panels), squeeze=False)
@@ -357,17 +370,19 @@ def run_plot(args):
     for (label, rows), directory in zip(runs, args.runs):
         steps = [r["step"] for r in rows]
         name = f"{label} ({Path(directory).name})"
-        keys = [k for solid, dashed, _ in panels for k in (solid, dashed) if k]
+        keys = [k for solid, dashed, _, _ in panels for k in (solid, dashed) if k]
         summary[name] = {key: _mean(r[key] for r in rows if r.get(key) is not None) for key in keys}
-        for ax, (solid, dashed, title) in zip(axes.flat, panels):
-            line, = ax.plot(steps, moving_average([r.get(solid) for r in rows], args.smooth), label=name)
+        for ax, (solid, dashed, title, ylabel) in zip(axes.flat, panels):
+            line, = ax.plot(steps, moving_average([r.get(solid) for r in rows], args.smooth),
+                            label=name if ax is axes.flat[0] else None)
             if dashed:
                 ax.plot(steps, moving_average([r.get(dashed) for r in rows], args.smooth), "--", color=line.get_color())
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("step")
-    axes.flat[0].legend()
+            ax.set_ylabel(ylabel)
     fig.suptitle(f"training dynamics (moving average over {args.smooth} steps)")
-    fig.tight_layout()
+    fig.legend(loc="lower center", ncol=min(3, len(runs)), frameon=False)  # below the panels, over no curve
+    fig.tight_layout(rect=(0, 0.02 + 0.03 * math.ceil(len(runs) / 3), 1, 1))
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -384,10 +399,13 @@ def plot_entropy_histogram(records, path):
         print(f"{e} (skipping the histogram)", file=sys.stderr)
         return
     fig, ax = plt.subplots(figsize=(6, 4))
+    everything = [r["entropy"] for r in records]
+    low, high = min(everything), max(everything)
+    bins = [low + (high - low) * k / 30 for k in range(31)] if high > low else 30  # one set of bins for both classes
     for label, correct in (("correct", True), ("wrong", False)):
         values = [r["entropy"] for r in records if r["correct"] == correct]
         if values:
-            ax.hist(values, bins=30, alpha=0.6, label=f"{label} ({len(values)})")
+            ax.hist(values, bins=bins, alpha=0.6, label=f"{label} ({len(values)})")
     ax.set_xlabel("mean token entropy H_i")
     ax.set_ylabel("responses")
     ax.legend()
@@ -412,12 +430,13 @@ def run_compare(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="Evaluation and the EDGE-GRPO paper's analyses.")
+    parser = argparse.ArgumentParser(description="Evaluation and the EDGE-GRPO paper's analyses.", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_flags(p, required):
         p.add_argument("--model", required=required, help="alias, hub id, local path or training checkpoint dir")
-        p.add_argument("--max-new-tokens", type=int, default=None, help=f"default {EVAL_MAX_NEW_TOKENS} (authors); smollm2-135m: 512")
+        p.add_argument("--max-new-tokens", type=int, default=None,
+                       help=f"default {EVAL_MAX_NEW_TOKENS} (authors); smollm2-135m and its checkpoints: 512")
         p.add_argument("--samples", type=int, default=EVAL_SAMPLES, help="responses per problem")
         p.add_argument("--batch-size", type=int, default=0,
                        help=f"problems per generate call; 0: by device ({', '.join(f'{k} {v}' for k, v in EVAL_BATCH_SIZE.items())})")
@@ -428,7 +447,7 @@ def build_parser():
         p.add_argument("--device", default="auto")
         p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
 
-    p = sub.add_parser("eval", help="pass@1 on problem files, the paper's table")
+    p = sub.add_parser("eval", help="pass@1 on problem files, the paper's table", allow_abbrev=False)
     p.add_argument("--data", nargs="+", default=list(EVAL_SETS),
                    help="problem files (JSONL/JSON) or names fetched once; default: the paper's five benchmarks")
     p.add_argument("--temperature", type=float, default=EVAL_TEMPERATURE, help="sampling temperature (authors: 0.1)")
@@ -437,32 +456,34 @@ def build_parser():
     p.add_argument("--output-dir", default="runs/eval")
     model_flags(p, required=True)
 
-    p = sub.add_parser("entropy", help="Fig. 3: entropy of correct vs wrong responses")
+    p = sub.add_parser("entropy", help="Fig. 3: entropy of correct vs wrong responses", allow_abbrev=False)
     p.add_argument("--records", help="records.jsonl from eval (else --model and --data sample fresh)")
     p.add_argument("--data", help="one problem file or dataset name, for fresh responses")
     p.add_argument("--temperatures", type=float, nargs="+", default=[EVAL_TEMPERATURE], help="for fresh responses")
     p.add_argument("--output-dir", default="runs/analysis")
     model_flags(p, required=False)
 
-    p = sub.add_parser("reflection", help="Fig. 2: reflection vs accuracy; forced reflection with --model")
+    p = sub.add_parser("reflection", help="Fig. 2: reflection vs accuracy; forced reflection with --model", allow_abbrev=False)
     p.add_argument("--records", required=True, help="records.jsonl from eval")
     p.add_argument("--output-dir", default="runs/analysis")
     model_flags(p, required=False)
 
-    p = sub.add_parser("plot", help="Fig. 5: training curves of one or more runs")
+    p = sub.add_parser("plot", help="Fig. 5: training curves of one or more runs", allow_abbrev=False)
     p.add_argument("runs", nargs="+", help="training output dirs (with metrics.jsonl)")
     p.add_argument("--output", default="runs/dynamics.png", help="PNG path")
     p.add_argument("--smooth", type=int, default=3, help="moving-average window in steps (1: raw)")
     p.add_argument("--metrics", nargs="+", default=[],
                    help="more panels, one per metrics.jsonl key (e.g. semantic_entropy prompts_drawn updated_fraction)")
 
-    p = sub.add_parser("compare", help="the paper's table for several eval dirs")
+    p = sub.add_parser("compare", help="the paper's table for several eval dirs", allow_abbrev=False)
     p.add_argument("evals", nargs="+", help="eval output dirs (with summary.json)")
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    args = parse_known_or_fail(parser, argv, options_of=lambda args: subcommands[args.command])
     return dict(eval=run_eval, entropy=run_entropy, reflection=run_reflection, plot=run_plot,
                 compare=run_compare)[args.command](args)
 

@@ -11,6 +11,7 @@ defined here and imported by the modules that implement them.
 """
 
 import argparse
+import difflib
 import json
 import os
 from pathlib import Path
@@ -56,9 +57,12 @@ def processes():
 # The parser, the recipes, the rules
 
 
-def build_parser():
-    p = argparse.ArgumentParser(description="EDGE-GRPO: GRPO with guided error correction and entropy-driven advantages.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser(add_help=True):
+    p = argparse.ArgumentParser(description="EDGE-GRPO: GRPO with guided error correction and entropy-driven advantages. "
+                                            "The defaults shown are what runs with the --model (and --resume) given: an "
+                                            "alias brings its settings (python edge_grpo.py --model qwen2.5-math-1.5b "
+                                            "--help shows the paper's).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, add_help=add_help, allow_abbrev=False)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="smollm2-135m", help=f"alias ({', '.join(MODEL_ALIASES)}), hub id or local path; an alias brings its settings")
     g.add_argument("--data", default=None, help=f"JSON array or JSONL with problem, answer, optional solution, or a name fetched once "
@@ -173,10 +177,11 @@ def build_parser():
 
 def parse_args(argv=None):
     """Two passes: the first finds --model / --resume, whose settings become the defaults; the
-    second lets every flag given on the command line override them. --prompt-format may stay auto:
-    the trainer decides it from the model (checkpoints.prompt_format_of)."""
+    second lets every flag given on the command line override them, and --help shows the defaults
+    that will run. --prompt-format may stay auto: the trainer decides it from the model
+    (checkpoints.prompt_format_of)."""
+    first, _ = build_parser(add_help=False).parse_known_args(argv)
     parser = build_parser()
-    first, _ = parser.parse_known_args(argv)
     if first.resume:
         config_path = Path(first.resume) / "run_config.json"
         if not config_path.is_file():
@@ -191,10 +196,33 @@ def parse_args(argv=None):
         parser.set_defaults(loss_type="dr_grpo", scale_rewards=False)
     if first.ngrpo and not first.resume:  # its clip range becomes the default
         parser.set_defaults(epsilon=NGRPO_CLIP[0], epsilon_high=NGRPO_CLIP[1])
-    args = parser.parse_args(argv)
+    args = parse_known_or_fail(parser, argv)
     validate_args(args)
     args.output_dir = args.output_dir or str(Path("runs") / arm_name(args).lower().replace(" + ", "-").replace(" ", "-"))
     return args
+
+
+def parse_known_or_fail(parser, argv, options_of=None):
+    """parser.parse_args, but an unknown flag fails naming the flags it may have meant (abbreviations
+    are off: --lr is not taken for --lr-scheduler-type). options_of(args): the parser whose flags to
+    suggest from (a subcommand's), by default parser."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        options = [s for a in (options_of(args) if options_of else parser)._actions for s in a.option_strings]
+        given = unknown[0].split("=")[0]
+        meant = close_flags(given, options) if given.startswith("--") else []
+        fail(f"unrecognized argument {unknown[0]}" + (f": did you mean {' or '.join(meant)}?" if meant else "")
+             + " (--help lists every flag)")
+    return args
+
+
+def close_flags(given, options):
+    """Flags a mistyped one may have meant: the flag whose words' initials it is (--lr: --learning-rate),
+    the nearest spellings (--num-generation: --num-generations), flags that begin with it."""
+    initials = [o for o in options if o.startswith("--") and "".join(w[0] for w in o[2:].split("-")) == given[2:]]
+    near = difflib.get_close_matches(given, options, n=3, cutoff=0.75)
+    begun = [o for o in options if o.startswith(given)]
+    return list(dict.fromkeys(initials + near + begun))[:3]
 
 
 def validate_args(args):

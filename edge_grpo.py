@@ -622,10 +622,16 @@ class Run:
 def set_up(args, model=None, tokenizer=None):
     """Everything before the first step: data, the resumed state, the process group, the model (loaded
     unless given: tests pass a tiny one) with its adapters, reference, masters or shards, the fast
-    path, the optimizer and its schedule."""
+    path, the optimizer and its schedule. None when a resumed run has nothing left to do."""
     problems = load_training_data(args)  # bad data fails here, before any model is loaded
     state = load_trainer_state(args.resume) if args.resume else None
     start, position = (state["step"], state["position"]) if state else (0, 0)
+    if start > args.max_steps:  # it would save the checkpoint's weights as step --max-steps, then prune real ones
+        fail(f"--resume {args.resume} is at step {start}, past --max-steps {args.max_steps}: pass a --max-steps above "
+             f"{start} to train on, or resume a checkpoint from before step {args.max_steps}")
+    if start == args.max_steps:
+        print(f"nothing to do: {args.resume} is at step {start} = --max-steps; pass a larger --max-steps to train on")
+        return None
     rank_device = distributed.setup(args.ddp_timeout)  # under torchrun: join the group, one GPU per rank
     lead = distributed.rank() == 0  # rank 0 writes metrics and checkpoints, and prints
     metrics_path = prepare_output_dir(args, start) if lead else Path(args.output_dir) / "metrics.jsonl"
@@ -678,6 +684,8 @@ def train(args, model=None, tokenizer=None, progress=True):
     metrics.jsonl as it happens, checkpoints every --save-steps and at the end. Returns the metrics."""
     from tqdm import tqdm
     run = set_up(args, model, tokenizer)
+    if run is None:
+        return []
     draw = lambda position, n: next_prompts(run.problems, position, n, args.seed)  # --dynamic-sampling draws on
     history = []
     bar = tqdm(range(run.start, args.max_steps), initial=run.start, total=args.max_steps,

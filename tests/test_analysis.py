@@ -161,3 +161,56 @@ def test_errors_name_the_program_that_failed(tmp_path):
     done = subprocess.run([sys.executable, "analysis.py", "entropy", "--records", str(tmp_path / "none.jsonl")], cwd=root,
                           capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.startswith("analysis.py: error: ")
+
+
+# ----------------------------------------------------------------------------- traps a new user hit (issue 27)
+
+def test_tables_never_cut_a_model_name(tmp_path, capsys):
+    """A checkpoint's name identifies the model: runs/edge-grpo/checkpoint-24 must not print as ...checkpoint-2."""
+    name = "runs/edge-grpo/checkpoint-24"
+    text = analysis.format_table([(name, {"olympiadbench": (12.5, 8)}, 12.5), ("base", {"olympiadbench": (1.0, 8)}, 1.0)])
+    assert f"{name} " in text and "olympiadbench" in text
+    lines = text.splitlines()
+    assert len({len(line) for line in lines[:2]}) == 1 and lines[2].index("12.50") == lines[3].index(" 1.00")  # aligned
+    evals = tmp_path / "runs" / "edge-grpo" / "eval-checkpoint-24"
+    evals.mkdir(parents=True)
+    (evals / "summary.json").write_text(json.dumps(dict(model=name, pass_at_1={"math500": 10.0}, problems={"math500": 5},
+                                                        average_weighted=10.0)))
+    analysis.main(["compare", str(evals)])
+    assert f"{name} (eval-checkpoint-24)" in capsys.readouterr().out
+
+
+def test_a_checkpoint_of_the_cpu_alias_gets_the_alias_budget(tmp_path, monkeypatch):
+    """smollm2-135m is evaluated with 512 new tokens, not the authors' 3000: so is a checkpoint of its run."""
+    checkpoint = tmp_path / "checkpoint-24"
+    checkpoint.mkdir()
+    (checkpoint / "run_config.json").write_text(json.dumps(dict(model="smollm2-135m", prompt_format="step-by-step")))
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps(dict(problem="1+1?", answer="2")) + "\n")
+    asked = []
+    monkeypatch.setattr(analysis, "load_eval_model", lambda args: (None, None, "step-by-step", 8))
+    monkeypatch.setattr(analysis, "eval_records", lambda *a, **k: asked.append(k["max_new_tokens"]) or [record("one", 0, True, 0.5)])
+    summary = analysis.main(["eval", "--model", str(checkpoint), "--data", str(data), "--output-dir", str(tmp_path / "ev")])
+    assert asked == [512] and summary["max_new_tokens"] == 512
+    (checkpoint / "run_config.json").write_text(json.dumps(dict(model="Qwen/Qwen2.5-Math-1.5B")))
+    analysis.main(["eval", "--model", str(checkpoint), "--data", str(data), "--output-dir", str(tmp_path / "ev2")])
+    assert asked[-1] == analysis.EVAL_MAX_NEW_TOKENS == 3000
+
+
+def test_plots_label_their_axes_keep_the_legend_off_the_curves_and_share_bins(tmp_path, monkeypatch):
+    matplotlib = pytest.importorskip("matplotlib")
+    figures, bins = [], []
+    real_save, real_hist = matplotlib.figure.Figure.savefig, matplotlib.axes.Axes.hist
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: figures.append(self) or real_save(self, *a, **k))
+    monkeypatch.setattr(matplotlib.axes.Axes, "hist", lambda self, x, **k: bins.append(k.get("bins")) or real_hist(self, x, **k))
+    run = tmp_path / "GRPO"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(dict(step=s, adv_var=0.5, entropy=0.5, accuracy=0.1,
+                                                               zero_std_before_gec=0.5, zero_std_after_gec=0.0)) + "\n" for s in (1, 2)))
+    analysis.main(["plot", str(run), "--output", str(tmp_path / "fig.png")])
+    panels = [ax for ax in figures[-1].axes if ax.get_visible() and ax.axison]
+    assert len(panels) == 4 and all(ax.get_ylabel() for ax in panels)
+    assert figures[-1].legends and all(ax.get_legend() is None for ax in panels)  # one legend, outside the panels
+    analysis.plot_entropy_histogram(RECORDS, tmp_path / "hist.png")
+    assert len(bins) == 2 and isinstance(bins[0], list) and bins[0] == bins[1]  # correct and wrong on the same bins
+    assert bins[0][0] == 0.2 and bins[0][-1] == pytest.approx(1.2)

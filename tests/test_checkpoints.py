@@ -102,3 +102,22 @@ def test_a_checkpoint_saved_with_the_gguf_config_loads_as_a_plain_model(embedded
     loaded.save_pretrained(embedded_tiny / "again")
     for p, q in zip(model.parameters(), loaded.parameters()):
         assert torch.equal(p, q)
+
+
+def test_resume_never_rewrites_a_checkpoint_as_an_earlier_step(tok, tmp_path):
+    """--resume checkpoint-4 --max-steps 2 used to save checkpoint-4's weights as checkpoint-2 and prune
+    real ones; now it is refused before anything is written. Resuming a finished run has nothing to do."""
+    data = write_jsonl(tmp_path / "data.jsonl", PROBLEMS)
+    out = tmp_path / "out"
+    eg.train(args_for(out, "--data", str(data), "--max-steps", "4", "--save-steps", "2", "--save-total-limit", "2"),
+             model=tiny_model(tok), tokenizer=tok, progress=False)
+    before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    metrics = (out / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit, match="past --max-steps 2"):
+        eg.train(eg.parse_args(["--resume", str(out / "checkpoint-4"), "--max-steps", "2"]), model=tiny_model(tok),
+                 tokenizer=tok, progress=False)
+    assert [p.name for p in checkpoint_dirs(out)] == ["checkpoint-2", "checkpoint-4"]
+    assert eg.train(eg.parse_args(["--resume", str(out / "checkpoint-4")]), model=tiny_model(tok), tokenizer=tok,
+                    progress=False) == []  # at step 4 of 4: nothing to do
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    assert (out / "metrics.jsonl").read_text() == metrics

@@ -4,6 +4,7 @@ the import graph has no circle, nothing imports a room above it).
 Run: python -m pytest tests/test_cli.py"""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,34 @@ def test_the_import_graph_has_no_circle_and_no_import_upward():
         for imported in project_imports(ROOT / f"{name}.py"):
             assert floor[imported] < floor[name], f"{name}.py imports {imported}.py, which is not below it"
     assert "fast" not in project_imports(ROOT / "rollout.py")  # the plain room never reaches into its fast twin
+
+
+# ----------------------------------------------------------------------------- traps a new user hit (issue 27)
+
+@pytest.mark.parametrize("argv, meant", [(["--lr", "1e-5"], "--learning-rate"), (["--num-generation", "4"], "--num-generations"),
+                                         (["--max-step", "3"], "--max-steps")])
+def test_no_abbreviations_and_a_typo_names_the_flag_meant(argv, meant):
+    """--lr was taken for --lr-scheduler-type and --num-generation silently for --num-generations."""
+    import edge_grpo as eg
+    with pytest.raises(SystemExit, match=f"unrecognized argument {argv[0]}: did you mean {meant}"):
+        eg.parse_args(argv)
+
+
+def test_a_flag_error_answers_before_torch_loads():
+    code = ("import runpy, sys\nsys.argv = ['edge_grpo.py', '--lr', '1e-5']\n"
+            "try:\n    runpy.run_path('edge_grpo.py', run_name='__main__')\nexcept SystemExit as e:\n"
+            "    assert 'did you mean --learning-rate' in str(e), e\n    assert 'torch' not in sys.modules, 'torch loaded first'\n"
+            "else:\n    raise AssertionError('no error')\n")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_help_shows_the_defaults_that_run():
+    """python edge_grpo.py runs the demo's settings (the default model's alias): --help says so; with
+    the paper's alias it shows the paper's."""
+    def default_of(flag, *argv):
+        text = subprocess.run([sys.executable, "edge_grpo.py", *argv, "--help"], cwd=ROOT, capture_output=True, text=True,
+                              env={"COLUMNS": "200", "PATH": ""}, check=True).stdout
+        return re.search(rf"\n  {flag} [A-Z_]+\s+[^(]*\(default: ([^)]*)\)", text).group(1)
+    assert default_of("--learning-rate") == "3e-05" and default_of("--max-completion-length") == "48"
+    assert default_of("--learning-rate", "--model", "qwen2.5-math-1.5b") == "1e-06"
+    assert default_of("--max-completion-length", "--model", "qwen2.5-math-1.5b") == "1024"
