@@ -7,6 +7,7 @@ JSON summary (and where a picture helps, a PNG) into --output-dir.
   python analysis.py reflection --records runs/eval/records.jsonl     # Fig. 2: reflection and accuracy
   python analysis.py plot runs/grpo runs/edge-grpo                    # Fig. 5: advantage variance, entropy
   python analysis.py compare runs/eval-base runs/eval-trained          # the paper's results table
+  python analysis.py gec --completions runs/edge-grpo/completions.jsonl  # what GEC did, by branch
 
 It computes nothing rollout.py, reward.py or edge_grpo.py already compute: sampling, entropy, GEC's
 forced reflection, rewards, model loading and data loading are theirs. Records are one JSON line per
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import load_model_and_tokenizer, prompt_format_of, resolve_device, resolve_dtype
+from checkpoints import load_model_and_tokenizer, prompt_format_of, read_metrics, resolve_device, resolve_dtype
 from cli import PROMPT_FORMATS, parse_known_or_fail
 from data import EVAL_SETS, data_name, fail, load_data
 from edge_grpo import response_entropy
@@ -330,7 +331,7 @@ def read_run(directory):
     metrics_path = directory / "metrics.jsonl"
     if not metrics_path.is_file():
         fail(f"{directory}: no metrics.jsonl (a training --output-dir is expected)")
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = read_metrics(metrics_path)  # a last line cut off mid-write is dropped
     config_path = directory / "config.json"
     label = json.loads(config_path.read_text()).get("arm", directory.name) if config_path.is_file() else directory.name
     return label, rows
@@ -413,6 +414,36 @@ def plot_entropy_histogram(records, path):
     fig.savefig(path, dpi=110)
 
 
+def gec_stats(lines):
+    """completions.jsonl's rows by GEC action: how many, the share that ends with the right answer
+    (the maximum reward) before and after GEC, and the mean advantage after EDA."""
+    by_action = defaultdict(list)
+    for line in lines:
+        by_action[line["gec_action"]].append(line)
+    rewritten = [line for line in lines if line["gec_action"] not in ("none", "skipped")]
+    stats = {action: dict(rows=len(rows), correct_before=_mean(r["sampled_reward"] == MAX_REWARD for r in rows),
+                          correct_after=_mean(r["reward"] == MAX_REWARD for r in rows),
+                          mean_advantage_eda=_mean(r["advantage_eda"] for r in rows)) for action, rows in sorted(by_action.items())}
+    return dict(rows=len(lines), rewritten=len(rewritten),
+                rewritten_correct_after=_mean(r["reward"] == MAX_REWARD for r in rewritten), actions=stats)
+
+
+def run_gec(args):
+    path = Path(args.completions)
+    if not path.is_file():
+        fail(f"--completions {path}: no such file (a training run writes OUTPUT_DIR/completions.jsonl every "
+             f"--log-completions-steps)")
+    lines = read_metrics(path)  # the same JSON lines, a cut-off last one dropped
+    result = gec_stats(lines)
+    fmt = lambda v: "-" if v is None else f"{100 * v:.0f}%"
+    print(f"{result['rows']} rows, {result['rewritten']} rewritten by GEC; of those, {fmt(result['rewritten_correct_after'])} "
+          f"end with the right answer")
+    for action, s in result["actions"].items():
+        print(f"  {action:>10}: {s['rows']:>5} rows, correct before {fmt(s['correct_before'])}, after {fmt(s['correct_after'])}, "
+              f"mean advantage after EDA {s['mean_advantage_eda']:+.3f}")
+    return result
+
+
 def run_compare(args):
     rows = []
     for directory in args.evals:
@@ -475,6 +506,10 @@ def build_parser():
     p.add_argument("--metrics", nargs="+", default=[],
                    help="more panels, one per metrics.jsonl key (e.g. semantic_entropy prompts_drawn updated_fraction)")
 
+    p = sub.add_parser("gec", help="what GEC did: rows per action and the share that ends right (completions.jsonl)",
+                       allow_abbrev=False)
+    p.add_argument("--completions", required=True, help="a training run's completions.jsonl")
+
     p = sub.add_parser("compare", help="the paper's table for several eval dirs", allow_abbrev=False)
     p.add_argument("evals", nargs="+", help="eval output dirs (with summary.json)")
     return parser
@@ -484,7 +519,7 @@ def main(argv=None):
     parser = build_parser()
     subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     args = parse_known_or_fail(parser, argv, options_of=lambda args: subcommands[args.command])
-    return dict(eval=run_eval, entropy=run_entropy, reflection=run_reflection, plot=run_plot,
+    return dict(eval=run_eval, entropy=run_entropy, reflection=run_reflection, plot=run_plot, gec=run_gec,
                 compare=run_compare)[args.command](args)
 
 

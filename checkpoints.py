@@ -14,12 +14,14 @@ import json
 import os
 import random
 import shutil
+import signal
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cli import PROMPT_FORMATS
+from cli import PROMPT_FORMATS, read_run_config
 from data import fail
 from lora import base_model_of, is_adapter_checkpoint, load_merged, merged_state_dict, save_adapter
 from precision import master_state_dict
@@ -63,17 +65,34 @@ def load_model_and_tokenizer(name, device, dtype, weights=None):
     else:
         if weights is None and not alias and not Path(name).exists() and "/" not in name:
             fail(f"--model {name}: not an alias ({', '.join(MODEL_SOURCES)}), a local path, or a hub id (owner/name)")
+        local = Path(source).is_dir()
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
+        except Exception as e:  # not on disk and the hub unreachable or unknown; a damaged tokenizer.json
+            fail(damaged(Path(source) / "tokenizer.json", e) if local else f"--model {name}: could not load {source}: {e}")
+        try:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **unquantized_config(source))
-        except OSError as e:  # not on disk and the hub unreachable or unknown
-            fail(f"--model {name}: could not load {source}: {str(e).splitlines()[0]}")
+        except Exception as e:  # a truncated model.safetensors: SafetensorError; config.json: JSONDecodeError
+            fail(damaged(Path(source) / "model.safetensors", e) if local else f"--model {name}: could not load {source}: {e}")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     for module in model.modules():  # RL scores the sampling policy itself: no dropout noise
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     return model.to(device=device, dtype=dtype), tokenizer
+
+
+def reference_model(model, args, device, dtype):
+    """pi_ref for --beta > 0 (None at 0): the initial policy, frozen, in dtype on device, copied from the
+    fp32 model (on resume, reloaded rather than copied from the trained one); under LoRA the model
+    itself with its adapters off (edge_grpo.reference_policy), no second copy. Under --fsdp every rank holds
+    it whole."""
+    if args.beta == 0:
+        return None
+    if args.use_peft:
+        return model
+    ref_model = load_model_and_tokenizer(args.model, device, dtype)[0] if args.resume else copy.deepcopy(model)
+    return ref_model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def load_embedded_gguf(package, filename):
@@ -105,7 +124,7 @@ def prompt_format_of(model, requested="auto"):
     if requested != "auto":
         return requested
     saved_path = Path(model) / "run_config.json"
-    saved = json.loads(saved_path.read_text()).get("prompt_format") if saved_path.is_file() else None
+    saved = read_run_config(saved_path).get("prompt_format") if saved_path.is_file() else None
     if saved in PROMPT_FORMATS:
         return saved
     return default_prompt_format(MODEL_SOURCES.get(model, {}).get("model_id", model))
@@ -128,11 +147,11 @@ def unquantized_config(source):
 # Runs and checkpoints out
 
 
-def prepare_output_dir(args, start):
+def prepare_output_dir(args):
     """A fresh run refuses a directory that holds another run's metrics or checkpoints (Hugging Face's
-    --overwrite-output-dir clears them); a resumed run keeps its metrics up to its checkpoint's step
-    and drops the lines of steps it will redo. Called before the model loads: nothing is lost to a
-    refused run. Returns the metrics path."""
+    --overwrite-output-dir clears them). Called before the model loads: nothing is lost to a refused
+    run. What an interrupted save or prune left (.checkpoint-N.tmp, .checkpoint-N.deleting) is removed.
+    Returns the metrics path; a resumed run trims it once its checkpoint has loaded (trim_metrics)."""
     output_dir = Path(args.output_dir)
     metrics_path = output_dir / "metrics.jsonl"
     if not args.resume and (metrics_path.exists() or checkpoint_dirs(output_dir)):
@@ -140,52 +159,111 @@ def prepare_output_dir(args, start):
             fail(f"--output-dir {output_dir} holds a run (metrics.jsonl or checkpoints): pass --overwrite-output-dir "
                  f"to start afresh there, --resume {output_dir}/checkpoint-N to continue it, or another --output-dir")
         metrics_path.unlink(missing_ok=True)
-        for old in checkpoint_dirs(output_dir):
-            shutil.rmtree(old)
-    if args.resume and metrics_path.exists():
-        kept = [line for line in metrics_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
-        metrics_path.write_text("".join(line + "\n" for line in kept))
+        for old in checkpoint_dirs(output_dir, complete_only=False):
+            remove_dir(old)
+    for leftover in list(output_dir.glob(".checkpoint-*.tmp")) + list(output_dir.glob(".checkpoint-*.deleting")):
+        shutil.rmtree(leftover, ignore_errors=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     return metrics_path
+
+
+def read_metrics(path):
+    """metrics.jsonl's rows. A last line cut off mid-write (a full disk, a kill) is dropped, and said;
+    a bad line before the last is an error naming it."""
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number < len(lines):
+                fail(f"{path}:{number}: not valid JSON ({e.msg}); only a cut-off last line is dropped by itself")
+            print(f"{path}:{number}: the last line was cut off mid-write; dropped")
+    return rows
+
+
+def trim_metrics(metrics_path, start):
+    """A resumed run keeps its metrics up to its checkpoint's step and drops the lines of the steps it
+    will redo (and a cut-off last line), rewriting the file atomically."""
+    if not metrics_path.exists():
+        return
+    kept = [row for row in read_metrics(metrics_path) if row["step"] <= start]
+    tmp = metrics_path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    os.replace(tmp, metrics_path)
+
+
+def all_finite(state_dict):
+    return all(torch.isfinite(t).all() for t in state_dict.values() if torch.is_tensor(t) and t.is_floating_point())
 
 
 def save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, anchor, position, args, master_weights=None,
                     model_state=None, optimizer_state=None):
     """OUTPUT_DIR/checkpoint-STEP: the model and tokenizer in Hugging Face format (from_pretrained
     loads it), plus everything resume needs. Written to a temporary dir and renamed, so a crash never
-    leaves half a checkpoint; then all but the newest --save-total-limit checkpoints are deleted.
-    Under mixed precision the weights saved are the fp32 masters; under LoRA the adapter
-    (checkpoint-N/adapter) and, with --save-merged-model, the merged model. model_state and
+    leaves half a checkpoint; a failed write (a full disk) removes the temporary dir and stops the run
+    naming the previous checkpoint; weights that are not finite are never saved. Then all but the
+    newest --save-total-limit checkpoints are deleted, each renamed first so that no half-deleted one
+    keeps its name. Under mixed precision the weights saved are the fp32 masters; under LoRA the
+    adapter (checkpoint-N/adapter) and, with --save-merged-model, the merged model. model_state and
     optimizer_state: the states to save when they are not the model's and optimizer's own (--fsdp
     gathers its shards into them, distributed.full_state)."""
     final = Path(output_dir) / f"checkpoint-{step}"
     tmp = Path(output_dir) / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    if args.use_peft:  # the adapter; the merged model on request
-        save_adapter(model, tmp, master_weights)
-        if args.save_merged_model:
-            model.save_pretrained(tmp, state_dict=merged_state_dict(model, master_weights))
-    else:
-        model.save_pretrained(tmp, state_dict=model_state or master_state_dict(model, master_weights))
-    tokenizer.save_pretrained(tmp)
-    torch.save(dict(step=step, position=position, optimizer=optimizer_state or optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                    schedule=dict(total=args.max_steps * args.num_iterations, anchor=anchor),
-                    torch_rng=torch.random.get_rng_state(), numpy_rng=np.random.get_state(), python_rng=random.getstate()),
-               tmp / "trainer_state.pt")
-    (tmp / "run_config.json").write_text(json.dumps(vars(args), indent=2))
+    weights = model_state or master_state_dict(model, master_weights)
+    previous = checkpoint_dirs(output_dir)
+    if not all_finite(weights):
+        fail(f"step {step}: the weights hold NaN or inf, so no checkpoint-{step} was written; the newest finite one is "
+             f"{previous[-1] if previous else '(none)'}. Lower --learning-rate (or --max-grad-norm) and resume from it")
+    try:
+        if args.use_peft:  # the adapter; the merged model on request
+            save_adapter(model, tmp, master_weights)
+            if args.save_merged_model:
+                model.save_pretrained(tmp, state_dict=merged_state_dict(model, master_weights))
+        else:
+            model.save_pretrained(tmp, state_dict=weights)
+        tokenizer.save_pretrained(tmp)
+        torch.save(dict(step=step, position=position, optimizer=optimizer_state or optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), schedule=dict(total=args.max_steps * args.num_iterations, anchor=anchor),
+                        torch_rng=torch.random.get_rng_state(), numpy_rng=np.random.get_state(), python_rng=random.getstate()),
+                   tmp / "trainer_state.pt")
+        (tmp / "run_config.json").write_text(json.dumps(vars(args), indent=2))
+    except (OSError, RuntimeError) as e:  # ENOSPC, or torch's "[enforce fail at inline_container.cc] unexpected pos"
+        shutil.rmtree(tmp, ignore_errors=True)
+        fail(f"could not write checkpoint-{step} in {output_dir} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+             f"is the disk full? The partial copy was removed; the newest complete checkpoint is "
+             f"{previous[-1] if previous else '(none)'}: free space and resume from it")
     if final.exists():
-        shutil.rmtree(final)
+        remove_dir(final)
     os.replace(tmp, final)
     if args.save_total_limit:
         for old in checkpoint_dirs(output_dir)[:-args.save_total_limit]:
-            shutil.rmtree(old)
+            remove_dir(old)
     return final
 
 
-def checkpoint_dirs(output_dir):
-    """OUTPUT_DIR/checkpoint-N directories, oldest first."""
+def remove_dir(path):
+    """Renamed to .NAME.deleting, then deleted: a kill in between leaves no half-deleted dir under its name."""
+    trash = path.with_name(f".{path.name}.deleting")
+    if trash.exists():  # left by an earlier kill
+        shutil.rmtree(trash)
+    os.replace(path, trash)
+    shutil.rmtree(trash)
+
+
+def is_complete(checkpoint):
+    """A checkpoint holds its weights (or adapter), trainer_state.pt and run_config.json."""
+    weights = (checkpoint / "model.safetensors").is_file() or any(checkpoint.glob("model-*.safetensors")) \
+        or (checkpoint / "adapter").is_dir()
+    return weights and (checkpoint / "trainer_state.pt").is_file() and (checkpoint / "run_config.json").is_file()
+
+
+def checkpoint_dirs(output_dir, complete_only=True):
+    """OUTPUT_DIR/checkpoint-N directories, oldest first; with complete_only, those that hold all a
+    resume needs (an older version's interrupted prune could leave half of one)."""
     found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+    return sorted([p for p in found if is_complete(p) or not complete_only], key=lambda p: int(p.name.split("-")[-1]))
 
 
 def directory_mb(path):
@@ -193,7 +271,17 @@ def directory_mb(path):
 
 
 def load_trainer_state(checkpoint_dir):
-    return torch.load(Path(checkpoint_dir) / "trainer_state.pt", weights_only=False)
+    path = Path(checkpoint_dir) / "trainer_state.pt"
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception as e:  # a truncated zip: PytorchStreamReader errors; an empty file: EOFError
+        fail(damaged(path, e))
+
+
+def damaged(path, error):
+    """The one line a damaged checkpoint file gets: which file, what failed, what to do."""
+    return (f"{path}: unreadable ({type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else 'empty'}); "
+            f"the checkpoint is damaged: resume from the previous checkpoint in {Path(path).parent.parent}")
 
 
 def restore_trainer_state(state, optimizer, scheduler):
@@ -202,3 +290,39 @@ def restore_trainer_state(state, optimizer, scheduler):
     torch.random.set_rng_state(state["torch_rng"])
     np.random.set_state(state["numpy_rng"])
     random.setstate(state["python_rng"])
+
+
+# -----------------------------------------------------------------------------
+# The run's other files, and stopping it cleanly
+
+
+def completion_lines(step, trained):
+    """completions.jsonl: one line per row of the step (this process's rows under torchrun): what the
+    policy sampled and its reward, what GEC did and the text and reward after it, the advantage A_i
+    before and after EDA, and H_i. Read by analysis.py gec."""
+    sampled, rollout, G = trained["sampled"], trained["rollout"], trained["rollout"].group_size
+    return [dict(step=step, prompt=row // G, problem=trained["problems"][row // G]["problem"],
+                 answer=trained["problems"][row // G]["answer"], sampled=sampled.texts[row],
+                 sampled_reward=float(sampled.rewards[row]), gec_action=rollout.actions[row],
+                 rewritten=rollout.texts[row] if rollout.actions[row] not in ("none", "skipped") else None,
+                 reward=float(rollout.rewards[row]), advantage=trained["A"][row], advantage_eda=trained["A_eda"][row],
+                 entropy=trained["H"][row]) for row in range(len(rollout.texts))]
+
+
+def stop_on_signals():
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's or torchrun's stop) ask the loop to finish its step,
+    write a checkpoint and print the --resume command; a second one stops at once. Returns the list
+    the handler records signals in, and a function that puts the previous handlers back."""
+    received = []
+
+    def handler(signum, frame):
+        if received:
+            raise SystemExit(f"{signal.Signals(signum).name} again: stopped at once, without a checkpoint of this step")
+        received.append(signum)
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then a checkpoint (again: stop at once)",
+              file=sys.stderr, flush=True)
+    try:
+        previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread (a notebook's worker): signals stay as they are
+        previous = {}
+    return received, lambda: [signal.signal(signum, old) for signum, old in previous.items()]

@@ -14,6 +14,7 @@ import argparse
 import difflib
 import json
 import os
+import sys
 from pathlib import Path
 
 from data import PAPER_DATA, fail
@@ -117,7 +118,8 @@ def build_parser(add_help=True):
                         "--loss-type dr_grpo)")
     g.add_argument("--ngrpo", action="store_true",
                    help="NGRPO (Nan et al. 2025): group statistics with a virtual maximum-reward response, and its asymmetric "
-                        "clip (default --epsilon 0.16 --epsilon-high 0.24, which flags given override)")
+                        "clip (default --epsilon 0.16 --epsilon-high 0.24, which flags given override); its authors' script "
+                        "also drops all-correct groups, which this does not (they get 0 advantage, as in GRPO)")
     g.add_argument("--importance-sampling-level", choices=("token", "sequence"), default="token",
                    help="sequence: GSPO (Zheng et al. 2025), one length-normalised ratio per response, clipped as a whole "
                         "(the paper clips at --epsilon 3e-4 --epsilon-high 4e-4)")
@@ -130,7 +132,8 @@ def build_parser(add_help=True):
                         "--max-completion-length (DAPO: 4096 of 20480); 0: off")
     g.add_argument("--top-entropy-quantile", type=float, default=1.0,
                    help="train only the tokens whose entropy is in this top fraction of each micro-batch's tokens "
-                        "(Wang et al. 2025: 0.2); 1.0: every token")
+                        "(Wang et al. 2025: 0.2; under torchrun each rank's micro-batch, where TRL pools the ranks' tokens); "
+                        "1.0: every token")
     g.add_argument("--entropy-band", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
                    help="train only the tokens whose entropy lies between these quantiles of each micro-batch's tokens "
                         "(SPINE's forking tokens without the noisiest top, e.g. 0.8 0.98); 0.8 1.0 = --top-entropy-quantile 0.2")
@@ -148,7 +151,8 @@ def build_parser(add_help=True):
     g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
                    help="the speed and memory machinery (fast.py), same numbers; --no-fast: the plain reference path")
     g.add_argument("--ddp-timeout", type=int, default=1800,
-                   help="torchrun: seconds a rank waits for the others before the run fails (Hugging Face's name)")
+                   help="torchrun: seconds a rank waits for the others before the run fails (Hugging Face's name and "
+                        "default); a hung rank stalls the launch this long: e.g. --ddp-timeout 300")
     g.add_argument("--fsdp", nargs="?", const="full_shard", choices=("full_shard",), default=None,
                    help="torchrun: shard the fp32 weights, their gradients and AdamW's moments over the processes "
                         "(FSDP2), for a state one GPU cannot hold (the 7B); Hugging Face's --fsdp full_shard")
@@ -186,7 +190,7 @@ def parse_args(argv=None):
         config_path = Path(first.resume) / "run_config.json"
         if not config_path.is_file():
             fail(f"--resume {first.resume}: no run_config.json there; pass a checkpoint dir (OUTPUT_DIR/checkpoint-N)")
-        saved = json.loads(config_path.read_text())
+        saved = read_run_config(config_path)
         saved.pop("resume", None)
         saved.pop("fsdp", None)  # the layout over GPUs is chosen at each launch: a checkpoint resumes on any
         parser.set_defaults(**saved)
@@ -198,6 +202,9 @@ def parse_args(argv=None):
         parser.set_defaults(epsilon=NGRPO_CLIP[0], epsilon_high=NGRPO_CLIP[1])
     args = parse_known_or_fail(parser, argv)
     validate_args(args)
+    if args.importance_sampling_level == "sequence" and args.loss_type != "grpo":  # allowed, as TRL allows it, and said
+        print(f"warning: GSPO (--importance-sampling-level sequence) with --loss-type {args.loss_type}: GSPO's paper "
+              "and TRL's recipe for it average per response, --loss-type grpo", file=sys.stderr)
     args.output_dir = args.output_dir or str(Path("runs") / arm_name(args).lower().replace(" + ", "-").replace(" ", "-"))
     return args
 
@@ -223,6 +230,15 @@ def close_flags(given, options):
     near = difflib.get_close_matches(given, options, n=3, cutoff=0.75)
     begun = [o for o in options if o.startswith(given)]
     return list(dict.fromkeys(initials + near + begun))[:3]
+
+
+def read_run_config(path):
+    """A checkpoint's run_config.json, or one line naming it when it is damaged."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        fail(f"{path}: unreadable ({type(e).__name__}: {e}); the checkpoint is damaged: resume from the previous "
+             f"checkpoint in {Path(path).parent.parent}")
 
 
 def validate_args(args):

@@ -20,6 +20,7 @@ stream per benchmark); we convert each to JSONL once, which needs pyarrow (impor
 
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -96,7 +97,12 @@ def load_problems(path):
     path = Path(path)
     if not path.is_file():
         fail(f"--data {path}: no such file (or a dataset name: {', '.join(PAPER_DATA)})")
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, column = raw[:e.start].count(b"\n") + 1, e.start - raw.rfind(b"\n", 0, e.start)
+        fail(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {column}): save the file as UTF-8")
     if not text.strip():
         fail(f"{path}: the file is empty")
     if text.lstrip().startswith("["):
@@ -121,10 +127,26 @@ def load_problems(path):
         for field in ("problem", "answer"):
             if item.get(field) in (None, "", []):
                 fail(f"{where}: missing '{field}'")
+        for field, value in (("problem", item["problem"]), ("answer", item["answer"]), ("solution", item.get("solution"))):
+            problem = plain_value_problem(value, lists=field == "answer")
+            if problem:
+                fail(f"{where}: '{field}' is {problem}; expected text (or a number{', or a list of them' if field == 'answer' else ''})")
         rows.append(dict(problem=str(item["problem"]), answer=item["answer"], solution=item.get("solution") or None))
     if not rows:
         fail(f"{path}: no problems in the file")
     return rows
+
+
+def plain_value_problem(value, lists=False):
+    """What is wrong with a field's value, or None: text and finite numbers are fine (and, for an
+    answer, a list of them); an object, a nested list, NaN or true/false would be graded as their repr."""
+    if isinstance(value, list) and lists:
+        return next((f"a list holding {p}" for p in map(plain_value_problem, value) if p), None)
+    if value is None or isinstance(value, str):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{'an object' if isinstance(value, dict) else 'a list' if isinstance(value, list) else type(value).__name__}"
+    return None if math.isfinite(value) else f"{value} (not a number)"
 
 
 # -----------------------------------------------------------------------------

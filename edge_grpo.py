@@ -21,13 +21,10 @@ lora.py, fast.py (--fast: the same numbers with less time and memory), distribut
 checkpoints.py (loading models, checkpoints, resume), data.py; replicate.py runs the paper's
 comparison over seeds.
 
-Departures from the authors' code (../shared/PAPER.md; README's table has them all), each on purpose:
-- EDA: H_i is the mean entropy over the response's real tokens (theirs averages over padding too),
-  detached (theirs lets gradient flow through H_i inside the advantage), floored and its scale
-  clamped; --authors-eda restores theirs. The normalizer mean_j H_j is the group's mean: with their
-  8 GPUs x 1 completion, their gathered batch was exactly one group, and it is detached in both.
-- Loss aggregation: default "grpo" (per-response token mean, then mean over responses). The authors
-  set TRL's "bnpo" (token mean per micro-batch), but with one completion per GPU that is exactly this.
+Departures from the authors' code, each on purpose (README's table has them all): EDA's H_i is the
+mean entropy over the response's real tokens (theirs averages padding too), detached, floored and its
+scale clamped (--authors-eda restores theirs); the loss is TRL's "grpo" aggregation, which their
+"bnpo" with one completion per GPU is.
 """
 
 import cli
@@ -36,7 +33,6 @@ if __name__ == "__main__":
     cli.parse_args()  # a flag error or --help answers now, before torch and transformers load (seconds)
 
 import contextlib
-import copy
 import functools
 import json
 import math
@@ -48,16 +44,17 @@ import torch
 
 import distributed
 import fast
-from checkpoints import (directory_mb, load_model_and_tokenizer, load_trainer_state, prepare_output_dir,
-                         prompt_format_of, resolve_device, resolve_dtype, restore_trainer_state, save_checkpoint)
-from cli import LOSS_TYPES, arm_name
+from checkpoints import (completion_lines, directory_mb, load_model_and_tokenizer, load_trainer_state,
+                         prepare_output_dir, prompt_format_of, reference_model, resolve_device, resolve_dtype,
+                         restore_trainer_state, save_checkpoint, stop_on_signals, trim_metrics)
+from cli import arm_name
 from data import fail, load_data, next_prompts
 from lora import add_adapters, adapters_disabled, load_adapter
 from precision import (build_optimizer, check_memory_plan, make_scheduler, peak_memory_mb, resumed_anchor,
                        split_master_weights, uses_masters)
 from reward import FORMAT_REWARD, MAX_REWARD, boxed_answer, format_reward
-from rollout import (build_prompt, concat_rollouts, decode, guided_error_correction, sample_with_cache, select_groups,
-                     token_logprobs_and_entropy)
+from rollout import (build_prompt, concat_rollouts, decode, drop_long_prompts, format_samples, guided_error_correction,
+                     sample_with_cache, select_groups, token_logprobs_and_entropy)
 
 # -----------------------------------------------------------------------------
 # Constants (the flags' defaults are in cli.py)
@@ -67,6 +64,7 @@ NGRPO_EPS = 1e-6           # NGRPO's epsilon in the same place (its authors' cod
 ENTROPY_FLOOR = 1e-6       # H_i below this is treated as this: a response of certain tokens gives no NaN
 EDA_SCALE_RANGE = (0.1, 10.0)  # mean(H)/H_i clamped here: the bound the authors wrote (commented out) in their EDA
 COLLAPSE_WARN_STEPS = 5    # warn after this many steps in a row with every group collapsed after GEC
+NONFINITE_STOP_STEPS = 3   # stop after this many steps in a row whose updates had NaN or inf gradients
 # --reward: what the advantages are computed from (trained_rewards), and that reward's maximum
 REWARD_MAXIMUM = {"exact-match": MAX_REWARD, "format-only": FORMAT_REWARD}
 
@@ -359,13 +357,17 @@ def micro_batch_loss(model, ref_model, batch, logp, entropy, old_logp, A, args, 
 def optimizer_step(optimizer, scheduler, args, master_weights):
     """Clips the summed gradient's norm, steps AdamW (on the fp32 masters under mixed precision, whose
     rounding the model then takes), advances the schedule, zeroes the gradients in place (they are
-    views of one flat buffer). Under torchrun the ranks' gradients are summed first. Returns the norm
-    before clipping."""
+    views of one flat buffer). Under torchrun the ranks' gradients are summed first. A gradient with
+    NaN or inf is dropped instead, the weights and the schedule untouched. Returns the norm before
+    clipping (every rank the same)."""
     trained = [p for group in optimizer.param_groups for p in group["params"]]
     distributed.sum_gradients(trained)  # each rank's part of the step's gradient: the whole on every rank
     grad_norm = torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
     if isinstance(grad_norm, distributed.DTensor):  # --fsdp: the norm of the sharded gradients, reduced over ranks
         grad_norm = grad_norm.full_tensor()
+    if not math.isfinite(float(grad_norm)):  # NaN or inf: the update would poison the weights, so it is skipped
+        optimizer.zero_grad(set_to_none=False)
+        return float(grad_norm)
     optimizer.step()
     scheduler.step()
     if master_weights is not None:
@@ -402,7 +404,7 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_
         per_token["old_logp"], H = rollout_pass(model, rollout, batches, args)
         if not args.authors_eda:  # the authors' EDA keeps H_i's gradient: from the training forward
             A_eda, fixed = step_advantages(A, H, G, args), True
-    totals = dict(loss=0.0, kl=0.0, clipped=0.0, grad_norm=0.0, updated=0.0)
+    totals = dict(loss=0.0, kl=0.0, clipped=0.0, grad_norm=0.0, updated=0.0, skipped=0)
     for iteration in range(args.num_iterations):
         for rows in batches:
             batch = micro_batch(rollout, rows, per_token, device)
@@ -424,16 +426,20 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_
             totals["clipped"] += counts["clipped"]
             totals["kl"] += counts["kl"]
             totals["updated"] += counts["updated"]
-        totals["grad_norm"] += optimizer_step(optimizer, scheduler, args, master_weights) / args.num_iterations
+        grad_norm = optimizer_step(optimizer, scheduler, args, master_weights)
+        totals["grad_norm"] += grad_norm / args.num_iterations
+        totals["skipped"] += not math.isfinite(grad_norm)
     tokens = float(loss_mask.sum()) * args.num_iterations
     correct = rollout.rewards == MAX_REWARD
     return dict(loss=totals["loss"] / args.num_iterations, kl=totals["kl"] / max(tokens, 1),
+                skipped_updates=totals["skipped"],  # updates dropped for a NaN or inf gradient
                 clip_fraction=totals["clipped"] / max(tokens, 1), grad_norm=totals["grad_norm"],
                 updated_fraction=totals["updated"] / max(tokens, 1),  # < 1 only with --top-entropy-quantile
                 adv_var_before_eda=group_variance(A, G), adv_var=group_variance(A_eda, G),
                 entropy=H.mean().item(),
                 entropy_correct=H[correct].mean().item() if correct.any() else None,
-                entropy_wrong=H[~correct].mean().item() if (~correct).any() else None)
+                entropy_wrong=H[~correct].mean().item() if (~correct).any() else None,
+                per_row=dict(A=A.tolist(), A_eda=A_eda.tolist(), H=H.tolist()))  # for completions.jsonl, not a metric
 
 
 def decoding_path(args, model):
@@ -443,8 +449,9 @@ def decoding_path(args, model):
     return functools.partial(fast.decode_static, compiled=True) if args.fast and compile_ else decode
 
 
-def sample_and_correct(model, tokenizer, problems, seed, args, first_row=0):
-    """G samples for each problem, then GEC (if on): returns the sampled rollout and the corrected one."""
+def sample_and_correct(model, tokenizer, problems, seed, args, first_row=0, clock=None):
+    """G samples for each problem, then GEC (if on): returns the sampled rollout and the corrected one.
+    clock: a dict whose "gec" seconds this call adds to."""
     G = args.num_generations
     prompts = [build_prompt(tokenizer, row["problem"], args.prompt_format) for row in problems]
     answers = [row["answer"] for row in problems]
@@ -454,10 +461,13 @@ def sample_and_correct(model, tokenizer, problems, seed, args, first_row=0):
                                     top_p=args.top_p, seed=seed, decoder=decoder, first_row=first_row)
     if not args.gec:
         return sampled, sampled
+    started = time.perf_counter()
     corrected = guided_error_correction(model, tokenizer, sampled, answers, [row["solution"] for row in problems],
                                         seed=seed + 1, kv=kv, forced_reflection=args.forced_reflection,
                                         reflection_tokens=args.gec_reflection_tokens, temperature=args.temperature,
                                         top_p=args.top_p, decoder=decoder, first_row=first_row, branches=args.gec_branches)
+    if clock is not None:
+        clock["gec"] += time.perf_counter() - started
     return sampled, corrected  # the sampling cache (kv) is freed here, before the update
 
 
@@ -466,19 +476,19 @@ def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step
     """Sample, correct, update. first_row: the index of this process's first row in the step's batch
     (torchrun: its share of the prompts). draw(position, n) -> (the next n problems of the data order,
     the new position), for --dynamic-sampling, which may draw on from `position`. Returns the step's
-    metrics, the rollout trained on, its problems and the data position after the step."""
+    metrics; what was trained on (the sampled and corrected rollouts, their problems, the advantages
+    A_i before and after EDA and H_i per row: completions.jsonl's lines); the data position after it."""
     G = args.num_generations
     seed = args.seed * 1_000_003 + step * 7919  # a fresh, reproducible seed per step
-    t0 = time.perf_counter()
+    t0, clock = time.perf_counter(), dict(gec=0.0)
     model.eval()
     with distributed.gathered(model):  # --fsdp: the whole model gathered once for generation
-        sampled, rollout = sample_and_correct(model, tokenizer, problems, seed, args, first_row)
-        t1 = time.perf_counter()
+        sampled, rollout = sample_and_correct(model, tokenizer, problems, seed, args, first_row, clock)
         drawn = len(problems)
         first_sampled = sampled  # the policy's own answers to the step's first draw: what the metrics report
         if args.dynamic_sampling:
             sampled, rollout, problems, drawn, position = dynamic_sampling(model, tokenizer, sampled, rollout, problems,
-                                                                           draw, position, seed, args)
+                                                                           draw, position, seed, args, clock)
     penalty = torch.zeros(len(rollout.texts))  # (B,) DAPO's length shaping, on the length the policy sampled (before GEC)
     if args.overlong_buffer:
         penalty = overlong_penalty(sampled.completion_mask.sum(1), args.max_completion_length, args.overlong_buffer)
@@ -490,6 +500,7 @@ def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step
     scale = semantic_entropy_scale(uncertainty, G, args.seed_grpo_alpha).repeat_interleave(G) if args.seed_grpo else None
     update = policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_weights, shaping=penalty,
                            advantage_scale=scale)
+    per_row = update.pop("per_row")
     t3 = time.perf_counter()
     generated = int(sampled.completion_mask.sum()) + int((rollout.sampled_mask.sum() - sampled.sampled_mask.sum()).clamp(min=0))
     trained_groups = len(rollout.texts) // G
@@ -507,19 +518,19 @@ def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step
         completion_length=first_sampled.completion_mask.sum(1).float().mean().item(),
         truncation_rate=first_sampled.truncated.float().mean().item(),
         learning_rate=learning_rate,
-        seconds_generation=t1 - t0, seconds_gec=t2 - t1, seconds_update=t3 - t2, seconds=t3 - t0,
+        seconds_generation=t2 - t0 - clock["gec"], seconds_gec=clock["gec"], seconds_update=t3 - t2, seconds=t3 - t0,
         tokens_per_second=generated / max(t2 - t0, 1e-9), peak_memory_mb=peak_memory_mb(),
         overlong_penalty=penalty.mean().item(),
         semantic_entropy=uncertainty.mean().item(),  # SEED-GRPO's SE(q), whether or not --seed-grpo uses it
     )
-    return metrics, rollout, problems, position
+    return metrics, dict(sampled=sampled, rollout=rollout, problems=problems, **per_row), position
 
 
 # -----------------------------------------------------------------------------
 # DAPO's dynamic sampling: mixed groups kept, fresh prompts drawn
 
 
-def dynamic_sampling(model, tokenizer, sampled, rollout, problems, draw, position, seed, args):
+def dynamic_sampling(model, tokenizer, sampled, rollout, problems, draw, position, seed, args, clock=None):
     """DAPO's dynamic sampling (Yu et al. 2025), after GEC: groups whose rewards are all equal are
     dropped and fresh prompts sampled (and corrected) in their place until P mixed groups are found
     or --max-sampling-rounds more rounds have run; the step then trains on the mixed groups it has
@@ -539,8 +550,8 @@ def dynamic_sampling(model, tokenizer, sampled, rollout, problems, draw, positio
     for _ in range(args.max_sampling_rounds):
         fresh, position = draw(position, P - len(kept_problems))  # the same prompts on every rank
         share, first = distributed.share(fresh)
-        new_sampled, new = (sample_and_correct(model, tokenizer, share, seed, args, first_row=(drawn + first) * G)
-                            if share else (None, None))
+        new_sampled, new = (sample_and_correct(model, tokenizer, share, seed, args, first_row=(drawn + first) * G,
+                                               clock=clock) if share else (None, None))
         drawn += len(fresh)
         found_sampled, found, found_problems = kept_groups(new_sampled, new, share,
                                                            mixed_groups(trained_rewards(new, args.reward), G) if share else [], pad_id)
@@ -578,29 +589,6 @@ def load_training_data(args):
     return load_data(args.data or "arithmetic")
 
 
-def drop_long_prompts(problems, tokenizer, args):
-    """Problems whose prompt exceeds --max-prompt-length tokens are left out, and counted."""
-    kept = [row for row in problems
-            if len(tokenizer(build_prompt(tokenizer, row["problem"], args.prompt_format), add_special_tokens=False).input_ids)
-            <= args.max_prompt_length]
-    if len(kept) < len(problems):
-        print(f"left out {len(problems) - len(kept)} of {len(problems)} problems longer than --max-prompt-length {args.max_prompt_length}")
-    if not kept:
-        fail(f"every problem is longer than --max-prompt-length {args.max_prompt_length} tokens")
-    return kept
-
-
-def format_samples(rollout, problems, count=2):
-    """The first response of each of the first `count` groups, one line each."""
-    lines = []
-    for p in range(min(count, len(problems))):
-        row = p * rollout.group_size
-        text = rollout.texts[row].replace("\n", " ")
-        lines.append(f"  [{rollout.actions[row]:>10} r={rollout.rewards[row]:.0f}] {problems[p]['problem'][:60]!r}"
-                     f" -> {text[:200]!r}{'...' if len(text) > 200 else ''}")
-    return lines
-
-
 @dataclass
 class Run:
     """One run as set_up leaves it: the model and what trains it, the data and where the run stands in it."""
@@ -634,7 +622,7 @@ def set_up(args, model=None, tokenizer=None):
         return None
     rank_device = distributed.setup(args.ddp_timeout)  # under torchrun: join the group, one GPU per rank
     lead = distributed.rank() == 0  # rank 0 writes metrics and checkpoints, and prints
-    metrics_path = prepare_output_dir(args, start) if lead else Path(args.output_dir) / "metrics.jsonl"
+    metrics_path = prepare_output_dir(args) if lead else Path(args.output_dir) / "metrics.jsonl"
     distributed.barrier()
     device = rank_device if rank_device is not None and args.device in ("auto", "cuda") else resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device, args.optim)
@@ -655,7 +643,7 @@ def set_up(args, model=None, tokenizer=None):
         master_weights = split_master_weights(model, dtype, device, masters=uses_masters(args.optim, dtype))
     if device.type == "cuda":
         check_memory_plan(model.config, dtype, args, device, shards=distributed.world_size() if args.fsdp else 1)
-    problems = drop_long_prompts(problems, tokenizer, args)
+    problems = drop_long_prompts(problems, tokenizer, args.prompt_format, args.max_prompt_length)
     if args.fast:  # the same numbers with less time and memory (fast.py); its process-wide settings named here
         enabled = fast.enable(model)
         if lead:
@@ -669,6 +657,8 @@ def set_up(args, model=None, tokenizer=None):
         restore_trainer_state(state, optimizer, scheduler)
         if args.fsdp:  # the checkpoint holds whole moments: each rank keeps its shard
             distributed.shard_optimizer_state(optimizer)
+        if lead:  # only now that the checkpoint has loaded: a damaged one leaves every line in place
+            trim_metrics(metrics_path, start)
     if lead:
         (Path(args.output_dir) / "config.json").write_text(json.dumps(dict(vars(args), arm=arm_name(args)), indent=2))
         ranks = distributed.world_size()
@@ -687,23 +677,36 @@ def train(args, model=None, tokenizer=None, progress=True):
     if run is None:
         return []
     draw = lambda position, n: next_prompts(run.problems, position, n, args.seed)  # --dynamic-sampling draws on
-    history = []
+    (received, restore_signals), history, saved = stop_on_signals(), [], None
     bar = tqdm(range(run.start, args.max_steps), initial=run.start, total=args.max_steps,
                disable=not progress or not run.lead, dynamic_ncols=True)
-    for step in bar:
-        batch, run.position = draw(run.position, args.prompts_per_step)
-        mine, first_prompt = distributed.share(batch)  # this rank's whole groups
-        metrics, rollout, mine, run.position = train_step(
-            run.model, run.ref_model, run.tokenizer, run.optimizer, run.scheduler, mine, step, args, run.master_weights,
-            first_row=first_prompt * args.num_generations, draw=draw, position=run.position)
-        history.append(distributed.combine_metrics(metrics))
-        if run.lead:
-            report_step(run, bar, history, rollout, mine)
-        if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < args.max_steps:
-            saved = save(run, step + 1)
+    try:
+        for step in bar:
+            batch, run.position = draw(run.position, args.prompts_per_step)
+            mine, first_prompt = distributed.share(batch)  # this rank's whole groups
+            metrics, trained, run.position = train_step(
+                run.model, run.ref_model, run.tokenizer, run.optimizer, run.scheduler, mine, step, args,
+                run.master_weights, first_row=first_prompt * args.num_generations, draw=draw, position=run.position)
+            history.append(distributed.combine_metrics(metrics))
             if run.lead:
-                bar.write(f"checkpoint: {saved} ({directory_mb(saved):,.0f} MB)")
-            distributed.barrier()
+                report_step(run, bar, history, trained)
+            if streak(history, "skipped_updates", args.num_iterations) == NONFINITE_STOP_STEPS:
+                fail(f"steps {step + 2 - NONFINITE_STOP_STEPS}-{step + 1}: every gradient held NaN or inf, so no update was "
+                     f"applied and nothing was saved; the run has diverged. Lower --learning-rate and resume from the "
+                     f"newest checkpoint in {args.output_dir} (all hold finite weights), or start afresh")
+            stopping = distributed.all_reduce_sum(torch.tensor([float(bool(received))])).item() > 0  # any rank's signal
+            if stopping or (args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < args.max_steps):
+                saved = save(run, step + 1)
+                if run.lead:
+                    bar.write(f"checkpoint: {saved} ({directory_mb(saved):,.0f} MB)")
+                distributed.barrier()
+            if stopping:
+                if run.lead:
+                    print(f"stopped by a signal after step {step + 1} of {args.max_steps}; to go on: "
+                          f"python edge_grpo.py --resume {saved}", flush=True)
+                raise SystemExit(128 + (received[0] if received else 15))  # the signal's exit status; 15: SIGTERM
+    finally:
+        restore_signals()
     checkpoint = save(run, args.max_steps)
     if run.lead and history:
         print(summary(history, args, checkpoint))
@@ -720,10 +723,12 @@ def save(run, step):
                                optimizer_state=optimizer_state)
 
 
-def report_step(run, bar, history, rollout, problems):
+def report_step(run, bar, history, trained):
     """The step's metrics line (appended and flushed as it happens: an interrupted run keeps every line),
-    the progress bar, sample completions every --log-completions-steps, and the two loud warnings."""
+    the progress bar, sample completions every --log-completions-steps (printed, and every row in
+    completions.jsonl), and the loud warnings."""
     metrics, args = history[-1], run.args
+    rollout, problems = trained["rollout"], trained["problems"]
     with run.metrics_path.open("a") as f:
         f.write(json.dumps(metrics) + "\n")
     bar.set_postfix(reward=f"{metrics['reward_before_gec']:.2f}->{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}",
@@ -731,6 +736,11 @@ def report_step(run, bar, history, rollout, problems):
                     H=f"{metrics['entropy']:.2f}", s=f"{metrics['seconds']:.1f}")
     if args.log_completions_steps and metrics["step"] % args.log_completions_steps == 0:
         bar.write("\n".join([f"step {metrics['step']} samples:"] + format_samples(rollout, problems)))
+        with (Path(args.output_dir) / "completions.jsonl").open("a") as f:
+            f.write("".join(json.dumps(line) + "\n" for line in completion_lines(metrics["step"], trained)))
+    if metrics["skipped_updates"]:
+        bar.write(f"WARNING: step {metrics['step']}: the gradient held NaN or inf (grad_norm {metrics['grad_norm']}); the "
+                  f"update was skipped, the weights are unchanged")
     if streak(history, "zero_std_after_gec", 1.0) == COLLAPSE_WARN_STEPS:
         bar.write(f"WARNING: every group has had identical rewards for {COLLAPSE_WARN_STEPS} steps: advantages are all 0, "
                   "nothing is learned (advantage collapse). Try --gec, more --num-generations, or easier data.")
@@ -744,19 +754,6 @@ def streak(history, key, value):
     while n < len(history) and history[-1 - n][key] == value:
         n += 1
     return n
-
-
-def reference_model(model, args, device, dtype):
-    """pi_ref for --beta > 0 (None at 0): the initial policy, frozen, in dtype on device, copied from the
-    fp32 model (on resume, reloaded rather than copied from the trained one); under LoRA the model
-    itself with its adapters off (reference_policy), no second copy. Under --fsdp every rank holds
-    it whole."""
-    if args.beta == 0:
-        return None
-    if args.use_peft:
-        return model
-    ref_model = load_model_and_tokenizer(args.model, device, dtype)[0] if args.resume else copy.deepcopy(model)
-    return ref_model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def summary(history, args, checkpoint):
@@ -811,6 +808,12 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # model init paths that draw random numbers (none for loaded weights)
     try:
         train(args)
+    except RuntimeError as e:  # gloo's collective that waited --ddp-timeout for a hung rank (NCCL's watchdog aborts)
+        if distributed.launched() and "timed out" in str(e).lower():
+            fail(f"rank {distributed.rank()}: waited --ddp-timeout {args.ddp_timeout} s for another rank and gave up "
+                 f"({str(e).splitlines()[0][:160]}); a hung rank stalls a launch that long: a shorter --ddp-timeout "
+                 f"(e.g. 300) ends it sooner")
+        raise
     finally:
         distributed.teardown()
 

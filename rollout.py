@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from cli import GEC_BRANCHES, PROMPT_FORMATS
+from cli import GEC_BRANCHES
+from data import fail
 from reward import MAX_REWARD, reference_answer_text, reward
 
 # -----------------------------------------------------------------------------
@@ -101,6 +102,18 @@ def build_prompt(tokenizer, problem, prompt_format):
 
 # -----------------------------------------------------------------------------
 # 2. Sampling
+
+
+def drop_long_prompts(problems, tokenizer, prompt_format, max_prompt_length):
+    """Problems whose prompt exceeds --max-prompt-length tokens are left out, and counted."""
+    kept = [row for row in problems
+            if len(tokenizer(build_prompt(tokenizer, row["problem"], prompt_format), add_special_tokens=False).input_ids)
+            <= max_prompt_length]
+    if len(kept) < len(problems):
+        print(f"left out {len(problems) - len(kept)} of {len(problems)} problems longer than --max-prompt-length {max_prompt_length}")
+    if not kept:
+        fail(f"every problem is longer than --max-prompt-length {max_prompt_length} tokens")
+    return kept
 
 
 def stop_token_ids(tokenizer, model):
@@ -305,6 +318,17 @@ def rollout_from_texts(tokenizer, model, prompts, texts, answers, group_size, tr
                    truncated=torch.tensor(truncated, dtype=torch.bool), texts=list(texts),
                    rewards=torch.tensor([reward(t, answers[i // group_size]) for i, t in enumerate(texts)]),
                    actions=["none"] * len(texts), group_size=group_size)
+
+
+def format_samples(rollout, problems, count=2):
+    """The first response of each of the first `count` groups, one line each."""
+    lines = []
+    for p in range(min(count, len(problems))):
+        row = p * rollout.group_size
+        text = rollout.texts[row].replace("\n", " ")
+        lines.append(f"  [{rollout.actions[row]:>10} r={rollout.rewards[row]:.0f}] {problems[p]['problem'][:60]!r}"
+                     f" -> {text[:200]!r}{'...' if len(text) > 200 else ''}")
+    return lines
 
 
 def select_groups(rollout, groups):

@@ -64,3 +64,46 @@ def test_a_blanked_copy_fails_the_assignment_and_the_reference_passes(tmp_path):
     assert student.returncode != 0 and "NotImplementedError" in student.stdout
     reference = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert reference.returncode == 0, reference.stdout[-2000:]
+
+
+def reference_into(copy, file, name):
+    """The student writes the function: the copy's blanked one replaced by this repository's."""
+    def segment(source):
+        node = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef) and n.name == name)
+        lines = source.splitlines(keepends=True)
+        return "".join(lines[node.lineno - 1:node.end_lineno])
+    path = copy / file
+    path.write_text(path.read_text().replace(segment(path.read_text()), segment((ROOT / file).read_text())))
+
+
+DEMO = """import shlex, sys
+sys.path.insert(0, ".")
+import edge_grpo as eg
+from tests.tiny import tiny_model, tiny_tokenizer
+tok = tiny_tokenizer()
+args = eg.parse_args(shlex.split(sys.argv[1]) + ["--model", "tiny", "--max-steps", "1", "--num-generations", "2",
+                     "--prompts-per-step", "2", "--max-completion-length", "6", "--gec-reflection-tokens", "4",
+                     "--log-completions-steps", "0", "--output-dir", sys.argv[2]])
+eg.train(args, model=tiny_model(tok), tokenizer=tok, progress=False)
+"""
+
+
+@pytest.mark.slow  # eight one-step runs in a student copy, ~30 s
+def test_each_demo_runs_with_only_the_assignments_up_to_it_written(tmp_path):
+    """The student copy blanks one assignment at a time (--next): after writing assignments 1..K the
+    demo of K runs, on a tiny model for one step. (Blanking all eight at once stopped demo 1 at
+    token_weights, assignment 7.)"""
+    out = tmp_path / "student"
+    course.main([str(out)])
+    sections = TEXT.split("\n## ")[1:]
+    for k, ((file, name), section) in enumerate(zip(course.assignments(), sections)):
+        if k:
+            course.main([str(out), "--next"])
+        assert "assignment: write " + name in (out / file).read_text()
+        reference_into(out, file, name)
+        flags = re.search(r"Demo: `python edge_grpo\.py([^`]*)`", section).group(1)
+        demo = subprocess.run([sys.executable, "-c", DEMO, flags, str(tmp_path / f"run{k}")], cwd=out,
+                              capture_output=True, text=True)
+        assert demo.returncode == 0, (k + 1, name, demo.stderr[-1500:])
+    with pytest.raises(SystemExit, match="every assignment is blanked"):
+        course.main([str(out), "--next"])

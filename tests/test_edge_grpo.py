@@ -461,7 +461,7 @@ def test_dynamic_sampling_keeps_mixed_groups_and_draws_fresh_prompts(tok, monkey
     rounds = iter([fake_rollout([2, 2, 2, 2], tag=2), fake_rollout([0, 2, 2, 0], tag=3)])
     seen_rows = []
 
-    def fake_sample_and_correct(model, tokenizer, problems, seed, args, first_row=0):
+    def fake_sample_and_correct(model, tokenizer, problems, seed, args, first_row=0, clock=None):
         seen_rows.append(first_row)
         r = next(rounds)
         return r, r
