@@ -137,11 +137,10 @@ def base_argv(opts, extra):
 
 
 def run_args(directory, flags, seed, opts, extra, resume=None):
-    """edge_grpo.py's arguments for one arm and seed: a checkpoint halfway (so an interrupted run
-    resumes), only the newest kept, no samples printed."""
-    settings = study_settings(opts, extra)
-    argv = base_argv(opts, extra) + ["--seed", str(seed), "--output-dir", str(directory),
-                                     "--save-steps", str(max(1, settings.max_steps // 2)), "--save-total-limit", "1",
+    """edge_grpo.py's arguments for one arm and seed: its checkpoints every --save-steps (edge_grpo's
+    100: a GPU run resumes from the newest; a 24-step CPU run is short enough to redo), only the
+    newest kept, no samples printed."""
+    argv = base_argv(opts, extra) + ["--seed", str(seed), "--output-dir", str(directory), "--save-total-limit", "1",
                                      "--log-completions-steps", "0"] + flags
     return edge_grpo.parse_args((["--resume", str(resume)] if resume else ["--overwrite-output-dir"]) + argv)
 
