@@ -144,9 +144,9 @@ def run_eval(args):
         records += eval_records(model, tokenizer, prompt_format, problems, data_name(spec),
                                 temperature=args.temperature, max_new_tokens=max_new_tokens, samples=args.samples,
                                 batch_size=batch_size, seed=args.seed)
-        if args.greedy:  # one response per problem at temperature 0, as many rows per call as the sampled pass
+        if args.greedy:  # one response per problem at temperature 0, as many rows per call as the sampled pass, 64 at least
             greedy += eval_records(model, tokenizer, prompt_format, problems, data_name(spec), temperature=0.0,
-                                   max_new_tokens=max_new_tokens, samples=1, batch_size=batch_size * args.samples,
+                                   max_new_tokens=max_new_tokens, samples=1, batch_size=max(batch_size * args.samples, 64),
                                    seed=args.seed)
     out = Path(args.output_dir)
     write_records(out / "records.jsonl", records)

@@ -289,6 +289,11 @@ def format_table(results):
                      f"{col('collapsed_after_gec', '.0f', 100)} | {col('adv_var', '.2f')} | {col('entropy_final', '.2f')} | "
                      f"{col('own_accuracy_first', '.0f', 100)} -> {col('own_accuracy_last', '.0f', 100)} | "
                      f"{col('seconds_per_step')} |")
+    shares = {label: mean_cell([r["gec_correct_share"] for r in arm_rows(results, label).values()], ".0f", 100)
+              for label in s["arms"] if any(r["gec_correct_share"] is not None for r in arm_rows(results, label).values())}
+    if shares:
+        lines += ["", "Share of GEC's rewritten responses that end with the right answer (%, over seeds): "
+                  + "; ".join(f"{label} {cell}" for label, cell in shares.items()) + "."]
     noise = binomial_noise(results)
     lines += ["", f"One evaluation's own noise: a held-out accuracy near {noise['accuracy']:.0f} % on {noise['problems']} "
               f"problems has a binomial standard error of about {noise['se']:.1f} points (per problem, not per response)."]
@@ -404,7 +409,8 @@ def run_study(opts, extra):
             timings.append(seconds)
         left = len(plan) - number
         eta = f", ETA {left * sum(timings) / len(timings) / 60:.0f} min" if timings and left else ""
-        print(f"[{number}/{len(plan)}] {label}, seed {seed}: {action} in {seconds:.0f} s; held-out avg@{opts.eval_samples} "
+        what = action if action == "skipped" else f"{action} and evaluated"
+        print(f"[{number}/{len(plan)}] {label}, seed {seed}: {what} in {seconds:.0f} s; held-out avg@{opts.eval_samples} "
               f"{summary['average_weighted']:.1f}%, greedy {summary['greedy']['average_weighted']:.1f}%; {left} to go{eta}",
               flush=True)
     results = dict(
@@ -416,9 +422,11 @@ def run_study(opts, extra):
                       output_dir=str(out), keep_weights=opts.keep_weights),
         base=dict(heldout_avg_at_k=base_summary["average_weighted"], heldout_greedy=base_summary["greedy"]["average_weighted"],
                   heldout_boxed=base_summary["boxed"], problems=sum(base_summary["problems"].values())),
-        runs=runs, seconds=time.perf_counter() - started,
-        seconds_all_calls=sum((r["seconds_train"] or 0) + (r["seconds_eval"] or 0) for r in runs) + json.loads(
-            (out / "base" / "timing.json").read_text())["seconds_eval"] if (out / "base" / "timing.json").is_file() else None)
+        runs=runs, seconds=time.perf_counter() - started)
+    base_timing = out / "base" / "timing.json"  # every run's training and evaluation, whichever call did them
+    parts = [r[key] for r in runs for key in ("seconds_train", "seconds_eval")]
+    parts += [json.loads(base_timing.read_text())["seconds_eval"]] if base_timing.is_file() else []
+    results["seconds_all_calls"] = sum(v for v in parts if v is not None)
     results["comparisons"] = {label: dict(
         avg_at_k=paired_difference({r["seed"]: r["heldout_avg_at_k"] for r in runs if r["arm"] == label},
                                    {r["seed"]: r["heldout_avg_at_k"] for r in runs if r["arm"] == BASELINE}),
