@@ -150,10 +150,9 @@ def run_args(directory, flags, seed, opts, extra, resume=None):
     return edge_grpo.parse_args((["--resume", str(resume)] if resume else ["--overwrite-output-dir"]) + argv)
 
 
-def train_run(directory, flags, seed, opts, extra, base):
+def train_run(directory, flags, seed, opts, extra, base, max_steps):
     """The run's final checkpoint, training (or resuming) it when it is not there. base(): the
     untrained model and tokenizer, loaded once for the study. Returns the checkpoint and what was done."""
-    max_steps = study_settings(opts, extra).max_steps
     final = directory / f"checkpoint-{max_steps}"
     if final.is_dir():
         return final, "trained before"
@@ -276,7 +275,6 @@ def format_table(results):
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
              f"| base model (untrained) | {fmt(base['heldout_avg_at_k'])} | | {fmt(base['heldout_greedy'])} | | "
              f"{fmt(base['heldout_boxed'], '.0f', 100)} | | | | | |"]
-    baseline = arm_rows(results, BASELINE)
     for label in s["arms"]:
         rows = arm_rows(results, label)
         if not rows:
@@ -284,11 +282,8 @@ def format_table(results):
         col = lambda key, spec=".1f", scale=1.0: mean_cell([r[key] for r in rows.values()], spec, scale)
         if label == BASELINE:
             delta_k = delta_g = "-"
-        else:
-            delta_k = difference_cell(paired_difference({s_: r["heldout_avg_at_k"] / 100 for s_, r in rows.items()},
-                                                        {s_: r["heldout_avg_at_k"] / 100 for s_, r in baseline.items()}))
-            delta_g = difference_cell(paired_difference({s_: r["heldout_greedy"] / 100 for s_, r in rows.items()},
-                                                        {s_: r["heldout_greedy"] / 100 for s_, r in baseline.items()}))
+        else:  # results.json's comparisons, already in points
+            delta_k, delta_g = (difference_cell(results["comparisons"][label][key], scale=1.0) for key in ("avg_at_k", "greedy"))
         lines.append(f"| {label} | {col('heldout_avg_at_k')} | {delta_k} | {col('heldout_greedy')} | {delta_g} | "
                      f"{col('heldout_boxed', '.0f', 100)} | {col('collapsed_before_gec', '.0f', 100)} / "
                      f"{col('collapsed_after_gec', '.0f', 100)} | {col('adv_var', '.2f')} | {col('entropy_final', '.2f')} | "
@@ -395,7 +390,7 @@ def run_study(opts, extra):
         if (directory / "eval" / "summary.json").is_file():
             summary, action = json.loads((directory / "eval" / "summary.json").read_text()), "skipped"
         else:
-            checkpoint, action = train_run(directory, arms[label], seed, opts, extra, base)
+            checkpoint, action = train_run(directory, arms[label], seed, opts, extra, base, settings.max_steps)
             t1 = time.perf_counter()
             summary, _ = evaluate(checkpoint, directory / "eval", opts, settings)
             trim_checkpoint(checkpoint, opts.keep_weights)
