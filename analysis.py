@@ -91,6 +91,30 @@ def accuracy_table(records):
     return table, weighted, unweighted
 
 
+def pass_at_k(n, c, k):
+    """The unbiased estimator of pass@k from n samples of which c are correct (Chen et al. 2021, Codex):
+    1 - C(n - c, k) / C(n, k), the chance that k of the n drawn without replacement hold a correct one.
+    With k = n: 1 if any sample is correct. Measures what the policy can reach, where avg@k measures
+    how often it gets there."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def pass_at_k_table(records, k):
+    """{benchmark: pass@k %} over problems, and the average weighted by problem count."""
+    correct = defaultdict(list)
+    for r in records:
+        correct[(r["benchmark"], r["index"])].append(bool(r["correct"]))
+    by_benchmark = defaultdict(list)
+    for (benchmark, _), c in correct.items():
+        by_benchmark[benchmark].append(pass_at_k(len(c), sum(c), min(k, len(c))))
+    table = {name: 100 * sum(v) / len(v) for name, v in by_benchmark.items()}
+    total = sum(len(v) for v in by_benchmark.values())
+    weighted = sum(100 * sum(v) for v in by_benchmark.values()) / total if total else float("nan")
+    return table, weighted
+
+
 def format_table(rows):
     """rows: [(label, {benchmark: (acc, n)}, weighted)] -> text, one column per benchmark then Avg.
     Labels and benchmark names are never cut: they say which model and which set."""
@@ -151,10 +175,12 @@ def run_eval(args):
     out = Path(args.output_dir)
     write_records(out / "records.jsonl", records)
     table, weighted, unweighted = accuracy_table(records)
+    reach, reach_weighted = pass_at_k_table(records, args.samples)
     summary = dict(model=args.model, prompt_format=prompt_format, temperature=args.temperature,
-                   max_new_tokens=max_new_tokens, samples=args.samples,
+                   max_new_tokens=max_new_tokens, samples=args.samples, seed=args.seed,
                    limit=args.limit, pass_at_1={k: v[0] for k, v in table.items()},
                    problems={k: v[1] for k, v in table.items()}, average_weighted=weighted, average_unweighted=unweighted,
+                   pass_at_k=reach, pass_at_k_weighted=reach_weighted,  # k = samples: any of the k right
                    **response_stats(records))
     rows = [(f"{args.model} avg@{args.samples}" if args.samples > 1 else args.model, table, weighted)]
     if args.greedy:
@@ -165,6 +191,8 @@ def run_eval(args):
         rows.append((f"{args.model} greedy", greedy_table, greedy_weighted))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(format_table(rows))
+    if args.samples > 1:
+        print(f"pass@{args.samples} (any of the {args.samples} right): {reach_weighted:.2f}")
     print(f"responses: {out / 'records.jsonl'}; summary: {out / 'summary.json'}")
     return summary
 

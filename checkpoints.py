@@ -8,7 +8,9 @@ mixed precision the fp32 masters; under LoRA the adapter, and the merged model o
 trainer_state.pt (optimizer, scheduler, step, RNG states, data position) and run_config.json.
 """
 
+import contextlib
 import copy
+import fcntl
 import importlib.util
 import json
 import os
@@ -16,6 +18,7 @@ import random
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +148,45 @@ def unquantized_config(source):
 
 # -----------------------------------------------------------------------------
 # Runs and checkpoints out
+
+
+LOCK_FILE = ".lock"  # in a run's (or a study's) directory: who writes there now
+
+
+@contextlib.contextmanager
+def hold_lock(directory, program):
+    """An exclusive lock on directory for the block, so that one process at a time writes a run (or a
+    study) there: a second launch stops with one line naming the first. flock: the kernel releases it
+    when its process ends in any way (kill -9 too), so a lock is never stale; a lock file still naming
+    a process that ended without clearing it is said and taken over."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        fail(f"{directory} is a file, not a directory: pass another --output-dir")
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = open(directory / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        fail(f"{directory} is in use by {holder}: one writer at a time. Wait for it to end, or use another directory")
+    handle.seek(0)
+    previous = handle.read().strip()
+    if previous:
+        print(f"{directory / LOCK_FILE}: {previous} ended without releasing it (killed?); taken over", file=sys.stderr)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{program} (pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')})")
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.seek(0)
+        handle.truncate()  # an empty lock file: released cleanly
+        handle.flush()
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def prepare_output_dir(args):

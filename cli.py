@@ -14,6 +14,7 @@ import argparse
 import difflib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from data import PAPER_DATA, fail
 # The flags' vocabularies and the defaults that are constants of a paper
 
 PROMPT_FORMATS = ("bare", "step-by-step")                   # rollout.build_prompt
-GEC_BRANCHES = ("reflection", "answer", "solution")         # rollout.choose_gec_actions
+GEC_BRANCHES = ("reflection", "answer", "solution", "prefix")  # rollout.choose_gec_actions; prefix: not the paper's
+DEFAULT_GEC_BRANCHES = GEC_BRANCHES[:3]                        # the paper's three
 REFLECTION_NEW_TOKENS = 256  # the authors' budget of the continuation after GEC's reflection cue
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch_8bit", "adamw_torch_8bit_sr")  # precision.build_optimizer: HF's names, + _sr
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")  # TRL's names, with TRL's meanings (edge_grpo.token_weights)
@@ -46,6 +48,35 @@ MODEL_ALIASES = {  # alias -> the settings it brings; where its weights come fro
     "qwen2.5-math-7b": AUTHORS_SETTINGS,
     "smollm2-135m": DEMO_SETTINGS,
 }
+
+
+# Flags that change only the budget, the machine or where and how the run is written: a resumed run may change
+# them. Every other flag defines the experiment (experiment_differences): model, data, method, G, P, reward, seed...
+FREE_FLAGS = ("max_steps", "save_steps", "save_total_limit", "log_completions_steps", "output_dir", "overwrite_output_dir",
+              "resume", "device", "dtype", "micro_batch_size", "gradient_checkpointing", "fast", "compile", "ddp_timeout",
+              "fsdp", "allow_changed_flags", "report_to")
+
+
+def experiment_differences(saved, now, free=FREE_FLAGS):
+    """The flags that define the experiment and differ: [(flag, saved value, value now)]. saved: a run's
+    config (run_config.json, config.json); a flag it does not hold (added since) ran at its default."""
+    defaults = vars(build_parser(add_help=False).parse_args([]))
+    differ = []
+    for key in sorted(set(saved) | set(now)):
+        if key in free or key not in defaults:  # not a flag (config.json's arm)
+            continue
+        before, after = saved.get(key, defaults.get(key)), now.get(key, defaults.get(key))
+        if isinstance(before, (list, tuple)) or isinstance(after, (list, tuple)):
+            before, after = list(before or []) or None, list(after or []) or None
+        if before != after:
+            differ.append((key, before, after))
+    return differ
+
+
+def describe_differences(differences, limit=6):
+    """[(flag, before, now)] -> "--num-generations 4 -> 8, --gec True -> False" for one line."""
+    cells = [f"--{key.replace('_', '-')} {before} -> {after}" for key, before, after in differences[:limit]]
+    return ", ".join(cells) + (f" and {len(differences) - limit} more" if len(differences) > limit else "")
 
 
 def processes():
@@ -84,9 +115,11 @@ def build_parser(add_help=True):
     g.add_argument("--scale-rewards", action=argparse.BooleanOptionalAction, default=True, help="divide advantages by the group std (off: mean-only)")
     g.add_argument("--inserted-tokens", choices=("train", "mask"), default="train", help="train GEC's inserted text like sampled text (authors) or leave it out of the loss")
     g.add_argument("--gec-reflection-tokens", type=int, default=REFLECTION_NEW_TOKENS, help="max new tokens after the reflection cue")
-    g.add_argument("--gec-branches", nargs="+", choices=GEC_BRANCHES, default=list(GEC_BRANCHES),
+    g.add_argument("--gec-branches", nargs="+", choices=GEC_BRANCHES, default=list(DEFAULT_GEC_BRANCHES),
                    help="GEC's branches (1/2 reflection, 1/4 answer, 1/4 solution); a removed branch's share goes to the "
-                        "others in proportion (reflection solution: 2/3, 1/3)")
+                        "others in proportion (reflection solution: 2/3, 1/3). prefix (weight 1/2, not the paper's): the "
+                        "solution's start up to its answer (at most 3/4 of it) replaces the response, the policy writes "
+                        "the rest, the prefix is never trained; reflection prefix: EDGE-GRPO guided without the answer")
     g.add_argument("--reward", choices=REWARDS, default="exact-match",
                    help="what the advantages are computed from: format + exact-match accuracy (0/1/2), or format-only "
                         "(1 for any boxed answer, right or wrong: a control)")
@@ -104,6 +137,9 @@ def build_parser(add_help=True):
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 is off")
     g.add_argument("--max-steps", type=int, default=1000, help="rollout steps (each does --num-iterations optimizer updates)")
+    g.add_argument("--sft-steps", type=int, default=0,
+                   help="the first K steps are supervised fine-tuning on the drawn problems' reference solutions (token-mean "
+                        "NLL), the rest the RL method: K = --max-steps is pure SFT (a baseline), half is SFT then RL")
     g.add_argument("--beta", type=float, default=0.0, help="KL coefficient to a frozen reference (k3); 0 builds no reference model")
     g.add_argument("--epsilon", type=float, default=0.2, help="PPO clip range, lower side (and upper unless --epsilon-high)")
     g.add_argument("--epsilon-high", type=float, default=None, help="PPO clip range, upper side; none: --epsilon")
@@ -205,7 +241,7 @@ def parse_args(argv=None):
     if args.importance_sampling_level == "sequence" and args.loss_type != "grpo":  # allowed, as TRL allows it, and said
         print(f"warning: GSPO (--importance-sampling-level sequence) with --loss-type {args.loss_type}: GSPO's paper "
               "and TRL's recipe for it average per response, --loss-type grpo", file=sys.stderr)
-    args.output_dir = args.output_dir or str(Path("runs") / arm_name(args).lower().replace(" + ", "-").replace(" ", "-"))
+    args.output_dir = args.output_dir or str(Path("runs") / run_slug(arm_name(args)))
     return args
 
 
@@ -252,8 +288,8 @@ def validate_args(args):
         (not args.authors_eda or args.micro_batch_size % G == 0,
          f"--authors-eda needs whole groups per micro-batch: --micro-batch-size {args.micro_batch_size} is not a multiple of G={G}"),
         (args.gec_reflection_tokens >= 1, "--gec-reflection-tokens must be at least 1"),
-        (set(args.gec_branches) == set(GEC_BRANCHES) or (args.gec and not args.forced_reflection),
-         "--gec-branches chooses among GEC's three branches: it contradicts --no-gec and --forced-reflection"),
+        (set(args.gec_branches) == set(DEFAULT_GEC_BRANCHES) or (args.gec and not args.forced_reflection),
+         "--gec-branches chooses among GEC's branches: it contradicts --no-gec and --forced-reflection"),
         # sampling
         (G >= 2, f"--num-generations {G}: a group needs at least 2 responses (its std is undefined for 1)"),
         (args.prompts_per_step >= 1, "--prompts-per-step must be at least 1"),
@@ -267,6 +303,7 @@ def validate_args(args):
         (args.learning_rate > 0, "--learning-rate must be positive"),
         (args.warmup_steps >= 0, "--warmup-steps must be >= 0"),
         (args.max_steps >= 1, "--max-steps must be at least 1"),
+        (0 <= args.sft_steps <= args.max_steps, f"--sft-steps must be between 0 and --max-steps ({args.max_steps})"),
         (args.beta >= 0, "--beta must be >= 0"),
         (args.epsilon >= 0 and (args.epsilon_high is None or args.epsilon_high >= 0), "--epsilon and --epsilon-high must be >= 0"),
         (args.num_iterations >= 1, "--num-iterations must be at least 1"),
@@ -309,9 +346,21 @@ def validate_args(args):
 
 
 def arm_name(args):
-    """The paper's three arms (and the fourth, EDA without GEC)."""
+    """The paper's three arms (and the fourth, EDA without GEC); GEC's branches when not the paper's;
+    the supervised steps before them (--sft-steps)."""
     if not args.gec:
-        return "GRPO + EDA" if args.eda else "GRPO"
-    if args.forced_reflection:
-        return "forced reflection + EDA" if args.eda else "forced reflection"
-    return "EDGE-GRPO" if args.eda else "GRPO + GEC"
+        rl = "GRPO + EDA" if args.eda else "GRPO"
+    elif args.forced_reflection:
+        rl = "forced reflection + EDA" if args.eda else "forced reflection"
+    else:
+        rl = "EDGE-GRPO" if args.eda else "GRPO + GEC"
+        if list(args.gec_branches) != list(DEFAULT_GEC_BRANCHES):
+            rl += f" ({' + '.join(args.gec_branches)})"
+    if args.sft_steps >= args.max_steps:
+        return "SFT"
+    return f"SFT, then {rl}" if args.sft_steps else rl
+
+
+def run_slug(name):
+    """An arm's name as a directory: "GRPO + EDA" -> grpo-eda, "SFT, then GRPO" -> sft-then-grpo."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")

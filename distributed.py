@@ -100,7 +100,7 @@ def sum_gradients(params):
 
 def combine_metrics(metrics):
     """Every rank's metrics -> the step's, on every rank: sums for the loss, the groups trained, GEC's
-    action counts and tokens per second; the largest for times and memory; the mean over ranks for
+    action counts, the tokens trained and tokens per second; the largest for times and memory; the mean over ranks for
     the rest (rates, each rank's weighing the same: exact for equal shares, as every step has unless
     --dynamic-sampling ends short of P groups; None where a rank had none)."""
     if world_size() == 1:
@@ -109,11 +109,11 @@ def combine_metrics(metrics):
     combined = {}
     for key, value in metrics.items():
         values = [m[key] for m in gathered]
-        if key in ("step", "learning_rate", "grad_norm"):
+        if key in ("step", "learning_rate", "grad_norm", "objective"):
             combined[key] = value  # the same on every rank
-        elif key == "gec_actions":
+        elif key in ("gec_actions", "gec_ended_right", "loss_tokens_by_source"):
             combined[key] = {a: sum(v[a] for v in values) for a in value}
-        elif key in ("loss", "tokens_per_second", "groups_trained"):
+        elif key in ("loss", "tokens_per_second", "groups_trained", "loss_tokens", "sft_nll"):
             combined[key] = sum(values)
         elif key.startswith("seconds") or key == "peak_memory_mb":
             combined[key] = max(values)

@@ -36,6 +36,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ import torch
 
 import distributed
 import fast
-from checkpoints import (completion_lines, directory_mb, load_model_and_tokenizer, load_trainer_state,
+from checkpoints import (completion_lines, directory_mb, hold_lock, load_model_and_tokenizer, load_trainer_state,
                          prepare_output_dir, prompt_format_of, reference_model, resolve_device, resolve_dtype,
                          restore_trainer_state, save_checkpoint, stop_on_signals, trim_metrics)
 from cli import arm_name
@@ -53,8 +54,9 @@ from lora import add_adapters, adapters_disabled, load_adapter
 from precision import (build_optimizer, check_memory_plan, make_scheduler, peak_memory_mb, resumed_anchor,
                        split_master_weights, uses_masters)
 from reward import FORMAT_REWARD, MAX_REWARD, boxed_answer, format_reward
-from rollout import (build_prompt, concat_rollouts, decode, drop_long_prompts, format_samples, guided_error_correction,
-                     sample_with_cache, select_groups, token_logprobs_and_entropy)
+from rollout import (GEC_ACTIONS, TOKEN_SOURCES, build_prompt, concat_rollouts, decode, drop_long_prompts, format_samples,
+                     guided_error_correction, rollout_from_texts, sample_with_cache, select_groups,
+                     token_logprobs_and_entropy)
 
 # -----------------------------------------------------------------------------
 # Constants (the flags' defaults are in cli.py)
@@ -176,6 +178,20 @@ def token_weights(loss_mask, loss_type, max_completion_length, micro_batches, st
     raise ValueError(f"unknown loss type {loss_type!r}")
 
 
+def trained_token_mask(rollout, inserted_tokens):
+    """(B, T) 1 on the tokens the loss trains: each response up to its EOS, less GEC's inserted text under
+    --inserted-tokens mask, and never the prefix branch's prefix: the policy is conditioned on it, as on
+    the prompt, and learns only from what it writes after it (PrefixRL, POPE)."""
+    mask = rollout.completion_mask * (rollout.sampled_mask if inserted_tokens == "mask" else 1)
+    return mask * (rollout.inserted != TOKEN_SOURCES.index("prefix"))
+
+
+def trained_tokens_by_source(loss_mask, inserted):
+    """(B, T), (B, T) -> {source: tokens the loss trains} over TOKEN_SOURCES: the policy's own ("sampled")
+    and each kind of text GEC inserted; how much of a step's update is copied text."""
+    return {name: int((loss_mask.bool() & (inserted == k)).sum()) for k, name in enumerate(TOKEN_SOURCES)}
+
+
 def high_entropy_tokens(entropy, mask, quantile):
     """(b, T) -> (b, T) 0/1: the tokens whose entropy H_t is in the top `quantile` fraction of the
     masked tokens, the "forking tokens" of Wang et al. 2025 ("Beyond the 80/20 rule": training on the
@@ -214,6 +230,13 @@ def clipped_policy_loss(logp, old_logp, advantages, eps_low, eps_high, sequence_
     A = advantages[:, None]
     unclipped, clipped = ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A
     return -torch.min(unclipped, clipped), clipped < unclipped
+
+
+def sft_loss(logp, weights):
+    """(b, T), (b, T) -> the micro-batch's share of the supervised loss: -sum_t w_t log p(o_t), with
+    w_t = 1 / (the step's solution tokens) on every solution token, so that the micro-batches add up
+    to the token-mean negative log-likelihood of the step's reference solutions (and their EOS)."""
+    return -(logp * weights).sum()
 
 
 def kl_k3(logp, ref_logp):
@@ -287,14 +310,16 @@ def micro_batch(rollout, rows, per_token, device):
                       {name: t[rows, :width].to(device) for name, t in per_token.items()})
 
 
-def logprobs_and_entropies(model, batch, args, group_size):
-    """log p(o_t) and H_t (b, T) of a micro-batch's completion tokens: the fast path (fast.py: each
-    group's prompt once, the fused LM head) or the plain one (rollout.py), equal numbers."""
+def logprobs_and_entropies(model, batch, args, group_size, temperature=None):
+    """log p(o_t) and H_t (b, T) of a micro-batch's completion tokens at the sampling temperature (or
+    the one given): the fast path (fast.py: each group's prompt once, the fused LM head) or the plain
+    one (rollout.py), equal numbers."""
+    temperature = args.temperature if temperature is None else temperature
     if args.fast:
         return fast.fused_logprobs_and_entropy(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
-                                                temperature=args.temperature, group_size=group_size)
+                                                temperature=temperature, group_size=group_size)
     return token_logprobs_and_entropy(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
-                                      temperature=args.temperature)
+                                      temperature=temperature)
 
 
 def response_entropy(entropy, completion_mask, authors_eda):
@@ -384,7 +409,7 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_
     the advantages, before EDA (--seed-grpo). Returns metrics."""
     G, B = rollout.group_size, len(rollout.texts)
     device = next(model.parameters()).device
-    loss_mask = rollout.completion_mask * (rollout.sampled_mask if args.inserted_tokens == "mask" else 1)  # (B, T)
+    loss_mask = trained_token_mask(rollout, args.inserted_tokens)  # (B, T)
     size = args.micro_batch_size  # a multiple of G keeps whole groups in each micro-batch
     batches = [list(range(s, min(s + size, B))) for s in range(0, B, size)]
     rewards = trained_rewards(rollout, args.reward) + (0 if shaping is None else shaping)  # (B,)
@@ -431,6 +456,7 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_
         totals["skipped"] += not math.isfinite(grad_norm)
     tokens = float(loss_mask.sum()) * args.num_iterations
     correct = rollout.rewards == MAX_REWARD
+    by_source = trained_tokens_by_source(loss_mask, rollout.inserted)
     return dict(loss=totals["loss"] / args.num_iterations, kl=totals["kl"] / max(tokens, 1),
                 skipped_updates=totals["skipped"],  # updates dropped for a NaN or inf gradient
                 clip_fraction=totals["clipped"] / max(tokens, 1), grad_norm=totals["grad_norm"],
@@ -439,6 +465,8 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_
                 entropy=H.mean().item(),
                 entropy_correct=H[correct].mean().item() if correct.any() else None,
                 entropy_wrong=H[~correct].mean().item() if (~correct).any() else None,
+                loss_tokens=sum(by_source.values()), loss_tokens_by_source=by_source,  # what the update trained on
+                inserted_share=1 - by_source["sampled"] / max(sum(by_source.values()), 1),  # of it, GEC's text
                 per_row=dict(A=A.tolist(), A_eda=A_eda.tolist(), H=H.tolist()))  # for completions.jsonl, not a metric
 
 
@@ -504,9 +532,11 @@ def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step
     t3 = time.perf_counter()
     generated = int(sampled.completion_mask.sum()) + int((rollout.sampled_mask.sum() - sampled.sampled_mask.sum()).clamp(min=0))
     trained_groups = len(rollout.texts) // G
-    actions = {a: rollout.actions.count(a) for a in ("reflection", "answer", "solution", "skipped")}
+    actions = {a: rollout.actions.count(a) for a in GEC_ACTIONS[1:]}  # reflection, answer, solution, prefix, skipped
+    ended_right = {a: sum(1 for row, b in enumerate(rollout.actions) if b == a and rollout.rewards[row] == MAX_REWARD)
+                   for a in GEC_ACTIONS[1:-1]}  # of each branch's rewritten rows, those that end with the right answer
     metrics = dict(
-        step=step + 1,
+        step=step + 1, objective="rl",
         reward=rollout.rewards.mean().item(), reward_before_gec=first_sampled.rewards.mean().item(),
         accuracy=(first_sampled.rewards == MAX_REWARD).float().mean().item(),  # the policy's own answers, before GEC
         boxed=(first_sampled.rewards >= 1).float().mean().item(),
@@ -514,7 +544,7 @@ def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step
         zero_std_before_gec=zero_std_fraction(trained_rewards(first_sampled, args.reward), G),  # collapse of the
         zero_std_after_gec=zero_std_fraction(trained_rewards(rollout, args.reward), G),         # rewards trained on
         prompts_drawn=drawn, groups_trained=trained_groups,
-        gec_actions=actions, **update,
+        gec_actions=actions, gec_ended_right=ended_right, **update,
         completion_length=first_sampled.completion_mask.sum(1).float().mean().item(),
         truncation_rate=first_sampled.truncated.float().mean().item(),
         learning_rate=learning_rate,
@@ -524,6 +554,44 @@ def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step
         semantic_entropy=uncertainty.mean().item(),  # SEED-GRPO's SE(q), whether or not --seed-grpo uses it
     )
     return metrics, dict(sampled=sampled, rollout=rollout, problems=problems, **per_row), position
+
+
+# -----------------------------------------------------------------------------
+# Supervised fine-tuning: the baseline the RL steps are compared with (--sft-steps K)
+
+
+def sft_step(model, tokenizer, optimizer, scheduler, problems, step, args, master_weights=None):
+    """The first --sft-steps steps: the token-mean negative log-likelihood of each drawn problem's reference
+    solution and its EOS, given the prompt the RL steps use, at temperature 1 (the model's own
+    distribution), over the same micro-batches, optimizer step, clipping and schedule. No sampling:
+    nothing of the RL metrics exists for these steps. Returns the step's metrics."""
+    t0 = time.perf_counter()
+    model.train()
+    learning_rate = float(scheduler.get_last_lr()[0])
+    device = next(model.parameters()).device
+    prompts = [build_prompt(tokenizer, row["problem"], args.prompt_format) for row in problems]
+    demo = rollout_from_texts(tokenizer, model, prompts, [row["solution"] for row in problems],
+                              [row["answer"] for row in problems], group_size=1)  # solution + EOS after each prompt
+    batches = [list(range(s, min(s + args.micro_batch_size, len(prompts)))) for s in range(0, len(prompts), args.micro_batch_size)]
+    tokens = distributed.all_reduce_sum(demo.completion_mask.sum().double()).item()  # the step's, over the ranks
+    weights = demo.completion_mask.float() / max(tokens, 1)  # (P, T): a token mean over the step
+    loss_sum = 0.0
+    for rows in batches:
+        batch = micro_batch(demo, rows, dict(weights=weights), device)
+        logp, _ = distributed.as_forward(model, logprobs_and_entropies, batch, args, 1, 1.0)  # (b, T)
+        loss = sft_loss(logp, batch.per_token["weights"])
+        loss.backward()
+        if master_weights is not None:
+            master_weights.accumulate_gradients()
+        loss_sum += loss.item()
+    grad_norm = optimizer_step(optimizer, scheduler, args, master_weights)
+    seconds = time.perf_counter() - t0
+    trained = int(demo.completion_mask.sum())
+    return dict(step=step + 1, objective="sft", loss=loss_sum, sft_nll=loss_sum, grad_norm=grad_norm,
+                skipped_updates=int(not math.isfinite(grad_norm)), learning_rate=learning_rate, prompts_drawn=len(problems),
+                loss_tokens=trained, loss_tokens_by_source=dict(dict.fromkeys(TOKEN_SOURCES, 0), solution=trained),
+                inserted_share=1.0, seconds_generation=0.0, seconds_gec=0.0, seconds_update=seconds, seconds=seconds,
+                peak_memory_mb=peak_memory_mb())
 
 
 # -----------------------------------------------------------------------------
@@ -612,6 +680,11 @@ def set_up(args, model=None, tokenizer=None):
     unless given: tests pass a tiny one) with its adapters, reference, masters or shards, the fast
     path, the optimizer and its schedule. None when a resumed run has nothing left to do."""
     problems = load_training_data(args)  # bad data fails here, before any model is loaded
+    without = [number for number, row in enumerate(problems, 1) if not row.get("solution")]
+    if args.sft_steps and without:  # refused rather than trained on a bare answer: SFT means the worked solution
+        fail(f"--sft-steps {args.sft_steps} trains on the reference solutions, and {len(without)} of {len(problems)} "
+             f"problems of --data {args.data or 'arithmetic'} have none (the first: row {without[0]}); give a 'solution' "
+             f"for every row, or --sft-steps 0")
     state = load_trainer_state(args.resume) if args.resume else None
     start, position = (state["step"], state["position"]) if state else (0, 0)
     if start > args.max_steps:  # it would save the checkpoint's weights as step --max-steps, then prune real ones
@@ -672,6 +745,13 @@ def set_up(args, model=None, tokenizer=None):
 def train(args, model=None, tokenizer=None, progress=True):
     """The whole run: set up, then one train_step per step, each step's metrics appended to
     metrics.jsonl as it happens, checkpoints every --save-steps and at the end. Returns the metrics."""
+    lead = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 holds the directory for all
+    with hold_lock(args.output_dir, "edge_grpo.py") if lead else contextlib.nullcontext():
+        return run_steps(args, model, tokenizer, progress)
+
+
+def run_steps(args, model=None, tokenizer=None, progress=True):
+    """train()'s body, inside the output directory's lock."""
     from tqdm import tqdm
     run = set_up(args, model, tokenizer)
     if run is None:
@@ -684,9 +764,13 @@ def train(args, model=None, tokenizer=None, progress=True):
         for step in bar:
             batch, run.position = draw(run.position, args.prompts_per_step)
             mine, first_prompt = distributed.share(batch)  # this rank's whole groups
-            metrics, trained, run.position = train_step(
-                run.model, run.ref_model, run.tokenizer, run.optimizer, run.scheduler, mine, step, args,
-                run.master_weights, first_row=first_prompt * args.num_generations, draw=draw, position=run.position)
+            if step < args.sft_steps:  # supervised fine-tuning first (--sft-steps), on the same prompts
+                metrics, trained = sft_step(run.model, run.tokenizer, run.optimizer, run.scheduler, mine, step, args,
+                                            run.master_weights), None
+            else:
+                metrics, trained, run.position = train_step(
+                    run.model, run.ref_model, run.tokenizer, run.optimizer, run.scheduler, mine, step, args,
+                    run.master_weights, first_row=first_prompt * args.num_generations, draw=draw, position=run.position)
             history.append(distributed.combine_metrics(metrics))
             if run.lead:
                 report_step(run, bar, history, trained)
@@ -728,9 +812,12 @@ def report_step(run, bar, history, trained):
     the progress bar, sample completions every --log-completions-steps (printed, and every row in
     completions.jsonl), and the loud warnings."""
     metrics, args = history[-1], run.args
-    rollout, problems = trained["rollout"], trained["problems"]
     with run.metrics_path.open("a") as f:
         f.write(json.dumps(metrics) + "\n")
+    if trained is None:  # a supervised step: its loss, nothing sampled
+        bar.set_postfix(sft_nll=f"{metrics['sft_nll']:.3f}", s=f"{metrics['seconds']:.1f}")
+        return
+    rollout, problems = trained["rollout"], trained["problems"]
     bar.set_postfix(reward=f"{metrics['reward_before_gec']:.2f}->{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}",
                     collapsed=f"{metrics['zero_std_before_gec']:.2f}->{metrics['zero_std_after_gec']:.2f}",
                     H=f"{metrics['entropy']:.2f}", s=f"{metrics['seconds']:.1f}")
@@ -751,29 +838,36 @@ def report_step(run, bar, history, trained):
 def streak(history, key, value):
     """How many of the last steps in a row have metrics[key] == value."""
     n = 0
-    while n < len(history) and history[-1 - n][key] == value:
+    while n < len(history) and history[-1 - n].get(key) == value:
         n += 1
     return n
 
 
 def summary(history, args, checkpoint):
     def mean(key, rows):
-        values = [r[key] for r in rows if r[key] is not None]
+        values = [r[key] for r in rows if r.get(key) is not None]
         return sum(values) / len(values) if values else float("nan")
-    k = max(1, len(history) // 4)
-    head, tail = history[:k], history[-k:]
-    lines = [
-        f"\n{arm_name(args)}: {len(history)} steps, {mean('seconds', history):.1f} s/step "
-        f"(generation {mean('seconds_generation', history):.1f}, GEC {mean('seconds_gec', history):.1f}, "
-        f"update {mean('seconds_update', history):.1f}), peak memory {history[-1]['peak_memory_mb']:.0f} MB",
-        f"  collapsed groups (all rewards equal): {mean('zero_std_before_gec', history):.0%} before GEC, "
-        f"{mean('zero_std_after_gec', history):.0%} after" + ("" if args.gec else " (GEC off)"),
-        f"  advantage variance (Fig. 5): {mean('adv_var', history):.2f}; mean entropy {mean('entropy', history):.3f}",
-        f"  policy's own answers, first {k} vs last {k} steps: boxed {mean('boxed', head):.0%} -> {mean('boxed', tail):.0%}, "
-        f"correct {mean('accuracy', head):.0%} -> {mean('accuracy', tail):.0%}, reward {mean('reward_before_gec', head):.2f} -> "
-        f"{mean('reward_before_gec', tail):.2f}",
-        f"  metrics: {Path(args.output_dir) / 'metrics.jsonl'}; checkpoint: {checkpoint} ({directory_mb(checkpoint):,.0f} MB)",
-    ]
+    sft, history = [r for r in history if r["objective"] == "sft"], [r for r in history if r["objective"] == "rl"]
+    lines = [f"\n{arm_name(args)}:"]
+    if sft:
+        lines.append(f"  supervised steps: {len(sft)}, {mean('seconds', sft):.1f} s/step, solution NLL "
+                     f"{sft[0]['sft_nll']:.3f} -> {sft[-1]['sft_nll']:.3f}")
+    if history:
+        k = max(1, len(history) // 4)
+        head, tail = history[:k], history[-k:]
+        lines += [
+            f"  RL steps: {len(history)}, {mean('seconds', history):.1f} s/step "
+            f"(generation {mean('seconds_generation', history):.1f}, GEC {mean('seconds_gec', history):.1f}, "
+            f"update {mean('seconds_update', history):.1f}), peak memory {history[-1]['peak_memory_mb']:.0f} MB",
+            f"  collapsed groups (all rewards equal): {mean('zero_std_before_gec', history):.0%} before GEC, "
+            f"{mean('zero_std_after_gec', history):.0%} after" + ("" if args.gec else " (GEC off)"),
+            f"  advantage variance (Fig. 5): {mean('adv_var', history):.2f}; mean entropy {mean('entropy', history):.3f}; "
+            f"GEC's text {mean('inserted_share', history):.0%} of the tokens trained",
+            f"  policy's own answers, first {k} vs last {k} steps: boxed {mean('boxed', head):.0%} -> "
+            f"{mean('boxed', tail):.0%}, correct {mean('accuracy', head):.0%} -> {mean('accuracy', tail):.0%}, "
+            f"reward {mean('reward_before_gec', head):.2f} -> {mean('reward_before_gec', tail):.2f}"]
+    lines.append(f"  metrics: {Path(args.output_dir) / 'metrics.jsonl'}; checkpoint: {checkpoint} "
+                 f"({directory_mb(checkpoint):,.0f} MB)")
     return "\n".join(lines)
 
 

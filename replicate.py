@@ -36,8 +36,9 @@ from pathlib import Path
 import torch
 
 import analysis
+import cli
 import edge_grpo
-from checkpoints import checkpoint_dirs, load_model_and_tokenizer
+from checkpoints import checkpoint_dirs, hold_lock, load_model_and_tokenizer
 from data import EVAL_SETS, fail
 
 # -----------------------------------------------------------------------------
@@ -55,9 +56,20 @@ CONTROLS = {  # each one change, and the question it answers
     "GEC, inserted text masked": ["--inserted-tokens", "mask"],  # is the gain the policy copying GEC's text?
     "GEC without the answer branch": ["--gec-branches", "reflection", "solution"],  # ... the appended answer?
     "format-only reward": ["--reward", "format-only"],          # does the correctness signal matter at all?
+    # guidance that never shows the answer: the two answer-showing branches replaced, row for row, by the prefix
+    # branch (the same draws pick the same rows); reflection kept, so the one change against EDGE-GRPO is the answer
+    "EDGE-GRPO, on-policy guidance": ["--gec-branches", "reflection", "prefix"],
 }
-ARM_GROUPS = {"paper": PAPER_ARMS, "controls": CONTROLS}
-BASELINE = "GRPO"  # the paired differences are taken to this arm
+SFT_ARMS = {  # supervised fine-tuning on the same solutions, the same steps and prompts: {steps} / {half} of them
+    "SFT": ["--sft-steps", "{steps}"],
+    "SFT, then GRPO": ["--sft-steps", "{half}", "--no-gec", "--no-eda"],
+    "SFT, then EDGE-GRPO": ["--sft-steps", "{half}"],
+}
+ARM_GROUPS = {"paper": PAPER_ARMS, "controls": CONTROLS, "sft": SFT_ARMS, "all": {**PAPER_ARMS, **CONTROLS, **SFT_ARMS}}
+EVERY_ARM = ARM_GROUPS["all"]
+BASELINE = "GRPO"  # the paired differences are taken to this arm, and to SFT where it ran
+SFT_BASELINE = "SFT"
+HEADLINE = ("GRPO", "EDGE-GRPO", "SFT", "EDGE-GRPO, on-policy guidance")  # the arms --headline-seeds gives more seeds
 # Steps per run of the CPU alias: 16 of the demo's 24, so that 4 arms x 3 seeds finish in 45 minutes on 2
 # cores (measured: a 24-step forced-reflection run takes 330 s, GEC continuing every wrong response;
 # the 24-step study about 54 min). --max-steps 24 runs the demo's length; other models keep their settings.
@@ -76,9 +88,9 @@ def slug(label):
 
 
 def chosen_arms(names):
-    """--arms: group names (paper, controls) or arm names as slugs, in the order given; GRPO first,
-    since every other arm is compared with it."""
-    every = {**PAPER_ARMS, **CONTROLS}
+    """--arms: group names (paper, controls, sft, all) or arm names as slugs, in the order given; GRPO
+    first, since every other arm is compared with it."""
+    every = EVERY_ARM
     by_slug = {slug(label): label for label in every}
     arms = {}
     for name in names:
@@ -89,6 +101,16 @@ def chosen_arms(names):
         else:
             fail(f"--arms {name}: not a group ({', '.join(ARM_GROUPS)}) or an arm ({', '.join(by_slug)})")
     return {BASELINE: PAPER_ARMS[BASELINE], **arms}
+
+
+def arm_flags(flags, max_steps):
+    """An arm's flags for runs of max_steps steps: {steps} and {half} (the SFT arms' --sft-steps) filled in."""
+    return [f.format(steps=max_steps, half=max_steps // 2) for f in flags]
+
+
+def arm_seeds(label, opts):
+    """The seeds an arm runs: 0 .. --seeds - 1, or 0 .. --headline-seeds - 1 for the HEADLINE arms."""
+    return list(range(max(opts.seeds, opts.headline_seeds) if label in HEADLINE else opts.seeds))
 
 
 # -----------------------------------------------------------------------------
@@ -168,19 +190,43 @@ def train_run(directory, flags, seed, opts, extra, base, max_steps):
     return final, done
 
 
+def eval_argv(model_path, directory, opts, settings):
+    """analysis.py eval's arguments: avg@k (and pass@k) at the eval temperature and greedy pass@1 on the
+    held-out sets, with the same seed for every model."""
+    argv = ["eval", "--model", str(model_path), "--data", *opts.eval_data, "--samples", str(opts.eval_samples),
+            "--greedy", "--temperature", str(eval_temperature(opts, settings)), "--output-dir", str(directory),
+            "--seed", "0", "--max-new-tokens", str(opts.eval_max_new_tokens or settings.max_completion_length)]
+    return argv + (["--limit", str(opts.eval_limit)] if opts.eval_limit else [])
+
+
+def eval_temperature(opts, settings):
+    return settings.temperature if opts.eval_temperature is None else opts.eval_temperature
+
+
 def evaluate(model_path, directory, opts, settings):
-    """analysis.py eval of one model on the held-out sets: avg@k at the eval temperature and greedy
-    pass@1, with the same seed for every model. Skipped when its summary.json exists (written last)."""
+    """analysis.py eval of one model. Skipped when its summary.json exists (written last); the cache
+    check (stale_eval) has made sure it measured what this study asks."""
     summary_path = directory / "summary.json"
     if summary_path.is_file():
-        return json.loads(summary_path.read_text()), False
-    temperature = settings.temperature if opts.eval_temperature is None else opts.eval_temperature
-    argv = ["eval", "--model", str(model_path), "--data", *opts.eval_data, "--samples", str(opts.eval_samples),
-            "--greedy", "--temperature", str(temperature), "--output-dir", str(directory), "--seed", "0",
-            "--max-new-tokens", str(opts.eval_max_new_tokens or settings.max_completion_length)]
-    if opts.eval_limit:
-        argv += ["--limit", str(opts.eval_limit)]
-    return analysis.main(argv), True
+        return read_summary(summary_path), False
+    return analysis.main(eval_argv(model_path, directory, opts, settings)), True
+
+
+def read_summary(path):
+    """An evaluation's summary.json; pass@k added from its records when an older version wrote it without."""
+    summary = read_json(path)
+    if "pass_at_k_weighted" not in summary:
+        records = analysis.read_records(path.parent / "records.jsonl")
+        summary["pass_at_k"], summary["pass_at_k_weighted"] = analysis.pass_at_k_table(records, summary["samples"])
+    return summary
+
+
+def read_json(path):
+    """A JSON file the study wrote, or one line naming it when it is damaged or hand-edited."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        fail(f"{path}: unreadable ({type(e).__name__}: {str(e)[:120]}); delete it (or its run) and run the study again")
 
 
 def trim_checkpoint(checkpoint, keep_weights):
@@ -190,6 +236,62 @@ def trim_checkpoint(checkpoint, keep_weights):
         shutil.rmtree(checkpoint, ignore_errors=True)
     else:
         (checkpoint / "trainer_state.pt").unlink(missing_ok=True)
+
+
+# -----------------------------------------------------------------------------
+# The cache: a run or an evaluation is reused only when it measured what this study asks
+
+
+def stale_run(directory, args):
+    """How the run in directory differs from what this study would train there (its flags, the
+    steps included): [] when it is the same experiment or nothing is there yet."""
+    config = directory / "config.json"
+    if not config.is_file():
+        return []
+    saved = read_json(config)
+    differences = cli.experiment_differences(saved, vars(args))
+    if saved.get("max_steps") != args.max_steps:
+        differences.append(("max_steps", saved.get("max_steps"), args.max_steps))
+    return differences
+
+
+def stale_eval(directory, opts, settings):
+    """How the evaluation in directory differs from what this study asks: sets, samples, temperature,
+    length, limit, seed, greedy. [] when it is the same or not there yet."""
+    path = directory / "summary.json"
+    if not path.is_file():
+        return []
+    saved = read_json(path)
+    wanted = dict(samples=opts.eval_samples, temperature=eval_temperature(opts, settings), limit=opts.eval_limit,
+                  max_new_tokens=opts.eval_max_new_tokens or settings.max_completion_length, seed=0,
+                  benchmarks=sorted(analysis.data_name(spec) for spec in opts.eval_data), greedy=True)
+    found = dict(saved, benchmarks=sorted(saved.get("problems", {})), greedy="greedy" in saved, seed=saved.get("seed", 0))
+    return [(f"eval {key}", found.get(key), value) for key, value in wanted.items() if found.get(key) != value]
+
+
+def check_cache(out, arms, opts, extra, settings):
+    """Every run and evaluation already in the study's directory against this study's settings.
+    A mismatch stops the study naming it (nothing is touched), unless --redo: then those runs are
+    deleted here and trained again."""
+    stale = {}
+    base_eval = stale_eval(out / "base" / "eval", opts, settings)
+    if base_eval:
+        stale[out / "base"] = base_eval
+    for label, flags in arms.items():
+        for seed in arm_seeds(label, opts):
+            directory = out / slug(label) / f"seed-{seed}"
+            differences = stale_run(directory, run_args(directory, flags, seed, opts, extra)) \
+                or stale_eval(directory / "eval", opts, settings)
+            if differences:
+                stale[directory] = differences
+    if stale and not opts.redo:
+        first, differences = next(iter(stale.items()))
+        fail(f"{out} holds {len(stale)} runs or evaluations made with other settings than this study's (the first, "
+             f"{first}: {cli.describe_differences(differences)}); nothing was changed. Pass --redo to train and evaluate "
+             f"them again there, or another --output-dir for a fresh study")
+    for directory in stale:
+        shutil.rmtree(directory)
+        print(f"--redo: {directory} removed, to be redone")
 
 
 # -----------------------------------------------------------------------------
@@ -204,26 +306,33 @@ def quarter_mean(rows, key, last):
 
 
 def run_numbers(rows, summary, G):
-    """One run's row of results.json: its held-out evaluation and its training dynamics."""
-    def mean(key):
-        values = [r[key] for r in rows if r.get(key) is not None]
+    """One run's row of results.json: its held-out evaluation and its training dynamics (the RL steps'
+    for the RL quantities; an SFT step samples nothing)."""
+    rl = [r for r in rows if r.get("objective", "rl") == "rl"]
+
+    def mean(key, over=rl):
+        values = [r[key] for r in over if r.get(key) is not None]
         return sum(values) / len(values) if values else None
-    corrected = sum(sum(r["gec_actions"][a] for a in ("reflection", "answer", "solution")) for r in rows)
-    # GEC leaves correct rows alone, so the rows it made correct are the rise in correct rows it causes
-    made_correct = sum((r["accuracy_after_gec"] - r["accuracy"]) * r["groups_trained"] * G for r in rows)
+    rewritten = ("reflection", "answer", "solution", "prefix")
+    actions = {a: sum(r["gec_actions"].get(a, 0) for r in rl) for a in rewritten + ("skipped",)}
+    ended_right = {a: sum(r.get("gec_ended_right", {}).get(a, 0) for r in rl) for a in rewritten}
+    corrected = sum(actions[a] for a in rewritten)
     greedy = summary["greedy"]
     return dict(
-        heldout_avg_at_k=summary["average_weighted"], heldout_greedy=greedy["average_weighted"],
+        heldout_avg_at_k=summary["average_weighted"], heldout_pass_at_k=summary["pass_at_k_weighted"],
+        heldout_greedy=greedy["average_weighted"],
         heldout_boxed=summary["boxed"], heldout_mean_length=summary["mean_length"],
         heldout_truncation_rate=summary["truncation_rate"], heldout_greedy_boxed=greedy["boxed"],
         heldout_greedy_mean_length=greedy["mean_length"], heldout_greedy_truncation_rate=greedy["truncation_rate"],
-        steps=len(rows), collapsed_before_gec=mean("zero_std_before_gec"), collapsed_after_gec=mean("zero_std_after_gec"),
-        adv_var=mean("adv_var"), entropy_final=quarter_mean(rows, "entropy", last=True),
-        own_accuracy_first=quarter_mean(rows, "accuracy", last=False), own_accuracy_last=quarter_mean(rows, "accuracy", last=True),
-        own_boxed_first=quarter_mean(rows, "boxed", last=False), own_boxed_last=quarter_mean(rows, "boxed", last=True),
-        seconds_per_step=mean("seconds"), gec_corrected_rows=corrected,
-        gec_correct_share=made_correct / corrected if corrected else None,
-        gec_actions={a: sum(r["gec_actions"][a] for r in rows) for a in ("reflection", "answer", "solution", "skipped")},
+        steps=len(rows), sft_steps=len(rows) - len(rl),
+        collapsed_before_gec=mean("zero_std_before_gec"), collapsed_after_gec=mean("zero_std_after_gec"),
+        adv_var=mean("adv_var"), entropy_final=quarter_mean(rl, "entropy", last=True),
+        own_accuracy_first=quarter_mean(rl, "accuracy", last=False), own_accuracy_last=quarter_mean(rl, "accuracy", last=True),
+        own_boxed_first=quarter_mean(rl, "boxed", last=False), own_boxed_last=quarter_mean(rl, "boxed", last=True),
+        loss_tokens=mean("loss_tokens", rows), inserted_share=mean("inserted_share", rows),  # every step's, SFT's too
+        seconds_per_step=mean("seconds", rows), gec_corrected_rows=corrected,
+        gec_correct_share=sum(ended_right.values()) / corrected if corrected else None,
+        gec_actions=actions, gec_ended_right=ended_right,
     )
 
 
@@ -244,60 +353,89 @@ def mean_cell(values, spec=".1f", scale=1.0):
     return fmt(mean, spec, scale) + ("" if std is None else f" ± {format(std * scale, spec)}")
 
 
-def difference_cell(diff, scale=100.0):
+def difference_cell(diff, than="GRPO"):
+    """A paired difference in points: mean [95 % interval] and "≈ than" when the interval holds 0."""
+    if diff is None:
+        return ""
     if diff["low"] is None:
-        return f"{diff['mean'] * scale:+.1f} (1 seed: no interval)"
-    cell = f"{diff['mean'] * scale:+.1f} [{diff['low'] * scale:+.1f}, {diff['high'] * scale:+.1f}]"
-    return cell + (" ≈ GRPO" if diff["low"] <= 0 <= diff["high"] else "")
+        return f"{diff['mean']:+.1f} (1 seed: no interval)"
+    cell = f"{diff['mean']:+.1f} [{diff['low']:+.1f}, {diff['high']:+.1f}]"
+    return cell + (f" ≈ {than}" if diff["low"] <= 0 <= diff["high"] else "")
 
 
 def arm_rows(results, label):
     return {r["seed"]: r for r in results["runs"] if r["arm"] == label}
 
 
+def comparisons(runs, arms):
+    """Each arm's paired differences (seed by seed, the seeds both have): to GRPO in avg@k, pass@k and
+    greedy, and to SFT in avg@k and greedy where SFT ran."""
+    by = lambda label, key: {r["seed"]: r[key] for r in runs if r["arm"] == label}
+    out = {}
+    for label in arms:
+        if label == BASELINE:
+            continue
+        out[label] = {f"{key}_vs_grpo": paired_difference(by(label, f"heldout_{key}"), by(BASELINE, f"heldout_{key}"))
+                      for key in ("avg_at_k", "pass_at_k", "greedy")}
+        if SFT_BASELINE in arms and label != SFT_BASELINE and by(SFT_BASELINE, "heldout_avg_at_k"):
+            out[label].update({f"{key}_vs_sft": paired_difference(by(label, f"heldout_{key}"),
+                                                                   by(SFT_BASELINE, f"heldout_{key}"))
+                               for key in ("avg_at_k", "greedy")})
+    return out
+
+
 def format_table(results):
-    """The paper's Table 2 layout, one row per arm: held-out accuracy mean ± std over seeds, the
-    paired difference to GRPO with its 95 % interval, then the training dynamics."""
+    """Two tables, one row per arm. Held-out: avg@k, pass@k and greedy, mean ± std over seeds, the paired
+    differences to GRPO and SFT with their 95 % intervals, what each step trained on, its cost.
+    Training: the paper's dynamics (collapse, advantage variance, entropy, the policy's own accuracy)."""
     s = results["settings"]
-    k, n_seeds = s["eval_samples"], len(s["seeds"])
+    k = s["eval_samples"]
     base = results["base"]
+    seeds = {label: len(arm_rows(results, label)) for label in s["arms"]}
+    counts = sorted(set(n for n in seeds.values() if n))
     lines = [f"# EDGE-GRPO study: held-out accuracy on {', '.join(s['eval_data'])} ({base['problems']} problems)",
              "",
-             f"{s['model']}, {s['max_steps']} steps per run, seeds {', '.join(map(str, s['seeds']))}; avg@{k} at "
-             f"T = {s['eval_temperature']} and greedy pass@1, up to {s['eval_max_new_tokens']} new tokens. "
-             f"Accuracies in %, mean ± sample std over {n_seeds} seeds; Δ: the paired difference to GRPO (seed by "
-             f"seed), mean [95 % t interval, {n_seeds - 1} df]; \"≈ GRPO\": the interval holds 0, this study cannot "
-             f"tell the arm from GRPO.",
+             f"{s['model']}, {s['max_steps']} steps per run, {'/'.join(map(str, counts))} seeds per arm; avg@{k} and "
+             f"pass@{k} at T = {s['eval_temperature']}, greedy pass@1, up to {s['eval_max_new_tokens']} new tokens. "
+             f"Accuracies in %, mean ± sample std over the arm's seeds; Δ: the paired difference (seed by seed, over "
+             f"the seeds both arms have), mean [95 % t interval]; \"≈ GRPO\" / \"≈ SFT\": the interval holds 0, "
+             f"this study cannot tell the two apart. Tokens: trained per step, of them the share GEC inserted (SFT: "
+             f"the solutions, all copied).",
              "",
-             f"| arm | avg@{k} | Δ avg@{k} vs GRPO | greedy | Δ greedy vs GRPO | boxed % (avg@{k}) | collapsed groups % "
-             f"before / after GEC | advantage variance | entropy, last quarter | own accuracy %, first -> last quarter | "
-             f"s/step |",
+             f"| arm | seeds | avg@{k} | pass@{k} | greedy | Δ avg@{k} vs GRPO | Δ avg@{k} vs SFT | Δ pass@{k} vs GRPO | "
+             f"Δ greedy vs GRPO | tokens / step (inserted %) | s/step |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-             f"| base model (untrained) | {fmt(base['heldout_avg_at_k'])} | | {fmt(base['heldout_greedy'])} | | "
-             f"{fmt(base['heldout_boxed'], '.0f', 100)} | | | | | |"]
+             f"| base model (untrained) | | {fmt(base['heldout_avg_at_k'])} | {fmt(base.get('heldout_pass_at_k'))} | "
+             f"{fmt(base['heldout_greedy'])} | | | | | | |"]
+    compared = results["comparisons"]
     for label in s["arms"]:
         rows = arm_rows(results, label)
         if not rows:
             continue
         col = lambda key, spec=".1f", scale=1.0: mean_cell([r[key] for r in rows.values()], spec, scale)
-        if label == BASELINE:
-            delta_k = delta_g = "-"
-        else:  # results.json's comparisons, already in points
-            delta_k, delta_g = (difference_cell(results["comparisons"][label][key], scale=1.0) for key in ("avg_at_k", "greedy"))
-        lines.append(f"| {label} | {col('heldout_avg_at_k')} | {delta_k} | {col('heldout_greedy')} | {delta_g} | "
-                     f"{col('heldout_boxed', '.0f', 100)} | {col('collapsed_before_gec', '.0f', 100)} / "
+        diff = lambda key, than: difference_cell(compared.get(label, {}).get(key), than) if label != than else "-"
+        lines.append(f"| {label} | {len(rows)} | {col('heldout_avg_at_k')} | {col('heldout_pass_at_k')} | "
+                     f"{col('heldout_greedy')} | {diff('avg_at_k_vs_grpo', 'GRPO')} | {diff('avg_at_k_vs_sft', 'SFT')} | "
+                     f"{diff('pass_at_k_vs_grpo', 'GRPO')} | {diff('greedy_vs_grpo', 'GRPO')} | "
+                     f"{col('loss_tokens', '.0f')} ({col('inserted_share', '.0f', 100)}) | {col('seconds_per_step')} |")
+    lines += ["", "Training (the RL steps; an SFT step samples nothing):", "",
+              f"| arm | boxed % (avg@{k}) | collapsed groups % before / after GEC | advantage variance | "
+              f"entropy, last quarter | own accuracy %, first -> last quarter | GEC rewrites ending right % |",
+              "| --- | --- | --- | --- | --- | --- | --- |",
+              f"| base model (untrained) | {fmt(base['heldout_boxed'], '.0f', 100)} | | | | | |"]
+    for label in s["arms"]:
+        rows = arm_rows(results, label)
+        if not rows:
+            continue
+        col = lambda key, spec=".1f", scale=1.0: mean_cell([r[key] for r in rows.values()], spec, scale)
+        lines.append(f"| {label} | {col('heldout_boxed', '.0f', 100)} | {col('collapsed_before_gec', '.0f', 100)} / "
                      f"{col('collapsed_after_gec', '.0f', 100)} | {col('adv_var', '.2f')} | {col('entropy_final', '.2f')} | "
                      f"{col('own_accuracy_first', '.0f', 100)} -> {col('own_accuracy_last', '.0f', 100)} | "
-                     f"{col('seconds_per_step')} |")
-    shares = {label: mean_cell([r["gec_correct_share"] for r in arm_rows(results, label).values()], ".0f", 100)
-              for label in s["arms"] if any(r["gec_correct_share"] is not None for r in arm_rows(results, label).values())}
-    if shares:
-        lines += ["", "Share of GEC's rewritten responses that end with the right answer (%, over seeds): "
-                  + "; ".join(f"{label} {cell}" for label, cell in shares.items()) + "."]
+                     f"{col('gec_correct_share', '.0f', 100)} |")
     noise = binomial_noise(results)
     lines += ["", f"One evaluation's own noise: a held-out accuracy near {noise['accuracy']:.0f} % on {noise['problems']} "
               f"problems has a binomial standard error of about {noise['se']:.1f} points (per problem, not per response)."]
-    if n_seeds < 2:
+    if counts == [1]:
         lines.append("With one seed there is no spread and no interval: this run cannot tell arms apart.")
     total = results["seconds_all_calls"]
     lines.append(f"Study time: {results['seconds'] / 60:.1f} min this call" + (
@@ -314,17 +452,23 @@ def binomial_noise(results):
 
 
 def plot_curves(results, histories, path, smooth=3):
-    """The Fig. 5 panels over training steps: the mean over seeds with a band of +- one std, one colour per arm."""
+    """The Fig. 5 panels over training steps: the mean over seeds with a band of +- one std, one colour
+    per arm (the RL steps; the SFT arm samples nothing and has no curve)."""
     try:
         plt = analysis.require_matplotlib()
     except SystemExit as e:
         print(f"{e} (no curves.png)", file=sys.stderr)
         return None
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    drawn = 0
     for label in results["settings"]["arms"]:
-        runs = [histories[(label, seed)] for seed in results["settings"]["seeds"] if (label, seed) in histories]
-        if not runs:
+        runs = [rows for (arm, _), rows in sorted(histories.items()) if arm == label]
+        runs = [[r for r in rows if r.get("objective", "rl") == "rl"] for rows in runs]
+        offset = min((len(rows) for rows in runs), default=0)
+        if not runs or not offset:
             continue
+        first = results["settings"]["max_steps"] - offset + 1  # SFT, then RL: its curve starts after the SFT steps
+        drawn += 1
         colour = None
         for ax, (solid, dashed, title, ylabel) in zip(axes.flat, CURVES):
             for key, style in ((solid, "-"), (dashed, "--")):
@@ -334,7 +478,7 @@ def plot_curves(results, histories, path, smooth=3):
                 steps = min(len(c) for c in curves)
                 mean = [sum(c[t] for c in curves) / len(curves) for t in range(steps)]
                 std = [mean_and_std([c[t] for c in curves])[1] or 0.0 for t in range(steps)]
-                x = list(range(1, steps + 1))
+                x = list(range(first, first + steps))
                 line, = ax.plot(x, mean, style, color=colour, label=label if style == "-" and ax is axes.flat[0] else None)
                 colour = line.get_color()
                 if style == "-":
@@ -344,10 +488,10 @@ def plot_curves(results, histories, path, smooth=3):
             ax.set_xlabel("training step")
             ax.set_ylabel(ylabel)
     s = results["settings"]
-    fig.suptitle(f"EDGE-GRPO study: {s['model']}, mean over {len(s['seeds'])} seeds (band: ± 1 std), "
+    fig.suptitle(f"EDGE-GRPO study: {s['model']}, mean over each arm's seeds (band: ± 1 std), "
                  f"moving average over {smooth} steps", fontsize=12)
-    fig.legend(loc="lower center", ncol=min(4, len(s["arms"])), frameon=False)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.96))  # the legend below the panels, never over a curve
+    fig.legend(loc="lower center", ncol=min(4, max(drawn, 1)), frameon=False)
+    fig.tight_layout(rect=(0, 0.04 + 0.03 * math.ceil(drawn / 4), 1, 0.96))  # the legend below the panels
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -355,90 +499,118 @@ def plot_curves(results, histories, path, smooth=3):
 
 
 # -----------------------------------------------------------------------------
-# The study
+# The study: check the cache, evaluate the base model, each run in turn, the report
 
 
-def run_study(opts, extra):
-    """Every arm x seed, seed by seed (a study stopped early still holds paired comparisons), then the
-    report. Returns results.json's content and what was done (counts of trained, resumed, evaluated,
-    skipped runs), so a caller can check that a second call redoes nothing."""
-    started = time.perf_counter()
-    out = Path(opts.output_dir)
-    arms = chosen_arms(opts.arms)
-    seeds = list(range(opts.seeds))
-    settings = study_settings(opts, extra)
-    for label, flags in arms.items():  # every arm's flags checked before anything runs
-        run_args(out / slug(label) / "seed-0", flags, 0, opts, extra)
+def study_plan(arms, opts):
+    """(seed, arm) pairs, seed by seed: a study stopped early still holds paired comparisons."""
+    seeds = max(len(arm_seeds(label, opts)) for label in arms)
+    return [(seed, label) for seed in range(seeds) for label in arms if seed in arm_seeds(label, opts)]
+
+
+def base_model_loader(opts):
+    """base(): the untrained model and tokenizer, loaded once for the whole study, on first use."""
     loaded = {}
 
     def base():
         if "model" not in loaded:
             loaded["model"] = load_model_and_tokenizer(opts.model, torch.device("cpu"), torch.float32)
         return loaded["model"]
+    return base
 
-    done = dict(trained=0, resumed=0, evaluated=0, skipped=0)
+
+def evaluate_base(out, opts, settings):
+    """The model before training, evaluated once; its time recorded beside it."""
     t0 = time.perf_counter()
-    base_summary, evaluated = evaluate(opts.model, out / "base" / "eval", opts, settings)
+    summary, evaluated = evaluate(opts.model, out / "base" / "eval", opts, settings)
     if evaluated:
         (out / "base" / "timing.json").write_text(json.dumps(dict(seconds_eval=time.perf_counter() - t0)))
-    done["evaluated"] += evaluated
-    runs, histories, timings = [], {}, []
-    plan = [(seed, label) for seed in seeds for label in arms]
-    for number, (seed, label) in enumerate(plan, 1):
-        directory = out / slug(label) / f"seed-{seed}"
-        t0 = time.perf_counter()
-        if (directory / "eval" / "summary.json").is_file():
-            summary, action = json.loads((directory / "eval" / "summary.json").read_text()), "skipped"
-        else:
-            checkpoint, action = train_run(directory, arms[label], seed, opts, extra, base, settings.max_steps)
-            t1 = time.perf_counter()
-            summary, _ = evaluate(checkpoint, directory / "eval", opts, settings)
-            trim_checkpoint(checkpoint, opts.keep_weights)
-            (directory / "timing.json").write_text(json.dumps(dict(action=action, seconds_train=t1 - t0,
-                                                                   seconds_eval=time.perf_counter() - t1)))
-            done["evaluated"] += 1
-        if action in done:  # trained, resumed or skipped; "trained before": only evaluated now
-            done[action] += 1
-        _, rows = analysis.read_run(directory)
-        histories[(label, seed)] = rows
-        timing = json.loads((directory / "timing.json").read_text()) if (directory / "timing.json").is_file() else {}
-        runs.append(dict(arm=label, seed=seed, directory=str(directory), **run_numbers(rows, summary, settings.num_generations),
-                         seconds_train=timing.get("seconds_train"), seconds_eval=timing.get("seconds_eval")))
-        seconds = time.perf_counter() - t0
-        if action != "skipped":
-            timings.append(seconds)
-        left = len(plan) - number
-        eta = f", ETA {left * sum(timings) / len(timings) / 60:.0f} min" if timings and left else ""
-        what = action if action == "skipped" else f"{action} and evaluated"
-        print(f"[{number}/{len(plan)}] {label}, seed {seed}: {what} in {seconds:.0f} s; held-out avg@{opts.eval_samples} "
-              f"{summary['average_weighted']:.1f}%, greedy {summary['greedy']['average_weighted']:.1f}%; {left} to go{eta}",
-              flush=True)
+    return summary, evaluated
+
+
+def study_run(directory, flags, seed, opts, extra, base, settings):
+    """One arm and seed: skipped when evaluated, else trained (or resumed) and evaluated, its
+    checkpoint trimmed and its time recorded. Returns its evaluation summary and what was done."""
+    summary_path = directory / "eval" / "summary.json"
+    if summary_path.is_file():
+        return read_summary(summary_path), "skipped"
+    t0 = time.perf_counter()
+    checkpoint, action = train_run(directory, flags, seed, opts, extra, base, settings.max_steps)
+    t1 = time.perf_counter()
+    summary, _ = evaluate(checkpoint, directory / "eval", opts, settings)
+    trim_checkpoint(checkpoint, opts.keep_weights)
+    (directory / "timing.json").write_text(json.dumps(dict(action=action, seconds_train=t1 - t0,
+                                                           seconds_eval=time.perf_counter() - t1)))
+    return summary, action
+
+
+def report(out, opts, extra, arms, settings, base_summary, runs, histories, started):
+    """results.json, table.md and curves.png from every run's numbers."""
     results = dict(
         settings=dict(model=opts.model, data=opts.data or "arithmetic", eval_data=opts.eval_data, arms=list(arms),
-                      flags={label: flags for label, flags in arms.items()}, extra_flags=list(extra), seeds=seeds,
+                      flags={label: flags for label, flags in arms.items()}, extra_flags=list(extra),
+                      seeds=list(range(opts.seeds)), seeds_per_arm={label: len(arm_seeds(label, opts)) for label in arms},
                       max_steps=settings.max_steps, eval_samples=opts.eval_samples,
-                      eval_temperature=settings.temperature if opts.eval_temperature is None else opts.eval_temperature,
+                      eval_temperature=eval_temperature(opts, settings),
                       eval_max_new_tokens=opts.eval_max_new_tokens or settings.max_completion_length,
                       output_dir=str(out), keep_weights=opts.keep_weights),
-        base=dict(heldout_avg_at_k=base_summary["average_weighted"], heldout_greedy=base_summary["greedy"]["average_weighted"],
-                  heldout_boxed=base_summary["boxed"], problems=sum(base_summary["problems"].values())),
+        base=dict(heldout_avg_at_k=base_summary["average_weighted"], heldout_pass_at_k=base_summary["pass_at_k_weighted"],
+                  heldout_greedy=base_summary["greedy"]["average_weighted"], heldout_boxed=base_summary["boxed"],
+                  problems=sum(base_summary["problems"].values())),
         runs=runs, seconds=time.perf_counter() - started)
     base_timing = out / "base" / "timing.json"  # every run's training and evaluation, whichever call did them
     parts = [r[key] for r in runs for key in ("seconds_train", "seconds_eval")]
-    parts += [json.loads(base_timing.read_text())["seconds_eval"]] if base_timing.is_file() else []
+    parts += [read_json(base_timing)["seconds_eval"]] if base_timing.is_file() else []
     results["seconds_all_calls"] = sum(v for v in parts if v is not None)
-    results["comparisons"] = {label: dict(
-        avg_at_k=paired_difference({r["seed"]: r["heldout_avg_at_k"] for r in runs if r["arm"] == label},
-                                   {r["seed"]: r["heldout_avg_at_k"] for r in runs if r["arm"] == BASELINE}),
-        greedy=paired_difference({r["seed"]: r["heldout_greedy"] for r in runs if r["arm"] == label},
-                                 {r["seed"]: r["heldout_greedy"] for r in runs if r["arm"] == BASELINE}))
-        for label in arms if label != BASELINE}
+    results["comparisons"] = comparisons(runs, arms)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     table = format_table(results)
     (out / "table.md").write_text(table)
     curves = plot_curves(results, histories, out / "curves.png")
     print("\n" + table)
     print(f"results: {out / 'results.json'}; table: {out / 'table.md'}" + (f"; curves: {curves}" if curves else ""))
+    return results
+
+
+def run_study(opts, extra):
+    """Every arm x seed, seed by seed, then the report. Returns results.json's content and what was done
+    (counts of trained, resumed, evaluated, skipped runs), so a caller can check that a second call
+    redoes nothing."""
+    started = time.perf_counter()
+    out = Path(opts.output_dir)
+    settings = study_settings(opts, extra)
+    arms = {label: arm_flags(flags, settings.max_steps) for label, flags in chosen_arms(opts.arms).items()}
+    with hold_lock(out, "replicate.py"):  # one study writes here at a time
+        check_cache(out, arms, opts, extra, settings)  # every arm's flags parsed, every cached run checked
+        done = dict(trained=0, resumed=0, evaluated=0, skipped=0)
+        base_summary, evaluated = evaluate_base(out, opts, settings)
+        done["evaluated"] += evaluated
+        base = base_model_loader(opts)
+        runs, histories, timings = [], {}, []
+        plan = study_plan(arms, opts)
+        for number, (seed, label) in enumerate(plan, 1):
+            directory = out / slug(label) / f"seed-{seed}"
+            t0 = time.perf_counter()
+            summary, action = study_run(directory, arms[label], seed, opts, extra, base, settings)
+            done[action if action in done else "trained"] += action != "trained before"
+            done["evaluated"] += action != "skipped"
+            _, rows = analysis.read_run(directory)
+            histories[(label, seed)] = rows
+            timing = read_json(directory / "timing.json") if (directory / "timing.json").is_file() else {}
+            runs.append(dict(arm=label, seed=seed, directory=str(directory),
+                             **run_numbers(rows, summary, settings.num_generations),
+                             seconds_train=timing.get("seconds_train"), seconds_eval=timing.get("seconds_eval")))
+            seconds = time.perf_counter() - t0
+            if action != "skipped":
+                timings.append(seconds)
+            left = len(plan) - number
+            eta = f", ETA {left * sum(timings) / len(timings) / 60:.0f} min" if timings and left else ""
+            what = action if action == "skipped" else f"{action} and evaluated"
+            print(f"[{number}/{len(plan)}] {label}, seed {seed}: {what} in {seconds:.0f} s; held-out "
+                  f"avg@{opts.eval_samples} {summary['average_weighted']:.1f}%, pass@{opts.eval_samples} "
+                  f"{summary['pass_at_k_weighted']:.1f}%, greedy {summary['greedy']['average_weighted']:.1f}%; "
+                  f"{left} to go{eta}", flush=True)
+        results = report(out, opts, extra, arms, settings, base_summary, runs, histories, started)
     return results, done
 
 
@@ -447,9 +619,11 @@ def build_parser():
                                             "problems. Flags after -- go to every run of edge_grpo.py.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--arms", nargs="+", default=["paper"],
-                   help=f"groups ({', '.join(ARM_GROUPS)}) or arms ({', '.join(slug(a) for a in {**PAPER_ARMS, **CONTROLS})}); "
+                   help=f"groups ({', '.join(ARM_GROUPS)}) or arms ({', '.join(slug(a) for a in EVERY_ARM)}); "
                         "GRPO always runs, as the baseline")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1, the same for every arm")
+    p.add_argument("--headline-seeds", type=int, default=0,
+                   help=f"more seeds for the headline arms ({', '.join(HEADLINE)}); 0: --seeds")
     p.add_argument("--model", default="smollm2-135m", help="as edge_grpo.py --model (an alias brings its settings)")
     p.add_argument("--data", default=None, help="training data, as edge_grpo.py --data; none: the built-in arithmetic set")
     p.add_argument("--eval-data", nargs="+", default=None,
@@ -457,12 +631,15 @@ def build_parser():
                         f"the paper's five ({', '.join(EVAL_SETS)})")
     p.add_argument("--max-steps", type=int, default=0,
                    help="steps per run; 0: 16 for smollm2-135m (the 45-minute budget; the demo runs 24), else the model's settings")
-    p.add_argument("--eval-samples", type=int, default=EVAL_SAMPLES, help="k of avg@k")
+    p.add_argument("--eval-samples", type=int, default=EVAL_SAMPLES, help="k of avg@k and pass@k")
     p.add_argument("--eval-temperature", type=float, default=None,
                    help="temperature of avg@k; none: the runs' sampling temperature (greedy pass@1 is measured too)")
     p.add_argument("--eval-max-new-tokens", type=int, default=0, help="0: the runs' --max-completion-length")
     p.add_argument("--eval-limit", type=int, default=0, help="first N problems of each held-out set (0: all)")
     p.add_argument("--output-dir", default="runs/replicate")
+    p.add_argument("--redo", action="store_true",
+                   help="runs or evaluations in --output-dir made with other settings are deleted and done again "
+                        "(without it the study refuses them)")
     p.add_argument("--keep-weights", action=argparse.BooleanOptionalAction, default=True,
                    help="keep each run's final weights once evaluated (its optimizer state is always dropped)")
     return p
@@ -471,11 +648,18 @@ def build_parser():
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    opts = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-    if opts.seeds < 1:
-        fail("--seeds must be at least 1")
-    if opts.eval_samples < 1:
-        fail("--eval-samples must be at least 1")
+    opts = cli.parse_known_or_fail(build_parser(), argv[:argv.index("--")] if "--" in argv else argv)
+    checks = [(opts.seeds >= 1, "--seeds must be at least 1"),
+              (opts.headline_seeds >= 0, "--headline-seeds must be >= 0"),
+              (opts.eval_samples >= 1, "--eval-samples must be at least 1"),
+              (opts.max_steps >= 0, "--max-steps must be >= 0 (0: the model's default)"),
+              (opts.eval_limit >= 0, "--eval-limit must be >= 0 (0: every problem)"),
+              (opts.eval_max_new_tokens >= 0, "--eval-max-new-tokens must be >= 0 (0: the runs' length)"),
+              (opts.eval_temperature is None or 0 <= opts.eval_temperature < math.inf,
+               "--eval-temperature must be a finite number >= 0")]
+    for ok, message in checks:
+        if not ok:
+            fail(message)
     opts.eval_data = opts.eval_data or (["arithmetic-test"] if opts.data in (None, "arithmetic") else list(EVAL_SETS))
     return opts, extra
 

@@ -197,7 +197,7 @@ def normalize_answer(s):
 # Rewards
 
 
-def _as_list(answer):
+def acceptable_answers(answer):
     """Reference answers come as a string, a number (AMC) or a list of acceptable strings (Minerva)."""
     return list(answer) if isinstance(answer, (list, tuple)) else [answer]
 
@@ -210,7 +210,7 @@ def _unboxed(reference):
 def reference_answer_text(answer):
     """The reference as a model would box it: the first acceptable form, unboxed, without $...$.
     Guided error correction writes it into \\boxed{} when it appends the correct answer."""
-    first = _as_list(answer)[0] if _as_list(answer) else ""
+    first = acceptable_answers(answer)[0] if acceptable_answers(answer) else ""
     if isinstance(first, float) and first.is_integer():  # AMC stores 142.0
         first = int(first)
     text = str(_unboxed(first)).strip()
@@ -231,7 +231,7 @@ def is_correct(completion, answer):
     target = boxed_answer(completion)
     if target is None:
         return False
-    return any(target == normalize_answer(_unboxed(a)) for a in _as_list(answer) if a is not None)
+    return any(target == normalize_answer(_unboxed(a)) for a in acceptable_answers(answer) if a is not None)
 
 
 def format_reward(completion):

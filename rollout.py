@@ -11,7 +11,9 @@ rollout.py: from problems to a scored group of responses, the input of every GRP
   4. guided_error_correction GEC (paper section 3.2): every response below the maximum reward is
                              continued after a reflection cue (1/2), gets the correct answer appended
                              (1/4) or is replaced by the reference solution (1/4); then re-scored:
-                             choose_gec_actions -> rewrite_rows -> continue_rows -> rescore
+                             choose_gec_actions -> rewrite_rows -> continue_rows -> rescore.
+                             Not the paper's: the prefix branch (--gec-branches ... prefix), on-policy
+                             guidance that shows the start of the solution, never the answer
 
 Dimensions: P prompts, G responses per prompt, B = P x G rows (group i is rows i*G .. i*G+G-1),
 Tp prompt tokens, T completion tokens, V vocabulary, D hidden size.
@@ -25,15 +27,16 @@ Departures from the authors' code (../shared/PAPER.md, "Guided Error Correction"
 - a per-token sampled_mask marks the text GEC inserted; the loss decides what to do with it.
 """
 
+import re
 import warnings
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
-from cli import GEC_BRANCHES
+from cli import DEFAULT_GEC_BRANCHES, GEC_BRANCHES
 from data import fail
-from reward import MAX_REWARD, reference_answer_text, reward
+from reward import MAX_REWARD, acceptable_answers, reference_answer_text, reward
 
 # -----------------------------------------------------------------------------
 # Constants: the authors' values (grpo_aha_trainer.py)
@@ -43,13 +46,24 @@ from reward import MAX_REWARD, reference_answer_text, reward
 STEP_BY_STEP = "\nPlease reason step by step, and put your final answer within \\boxed{}.\n\n"
 REFLECTION_CUE = " Wait! Something is wrong here."
 ANSWER_SENTENCE = "\nWait! Something is wrong here. After verification, the correct answer is \\boxed{{{answer}}}."
-BRANCH_PROBABILITY = dict(reflection=0.5, answer=0.25, solution=0.25)  # of GEC_BRANCHES (cli.py, --gec-branches)
+# The paper's three branches, and the prefix branch (not the paper's), which takes the share of the two branches
+# that show the answer: --gec-branches reflection prefix is EDGE-GRPO with those two replaced, row for row.
+BRANCH_PROBABILITY = dict(reflection=0.5, answer=0.25, solution=0.25, prefix=0.5)  # of GEC_BRANCHES (cli.py)
+# The prefix branch shows at most this share of the solution's tokens, so that the policy always writes the last
+# quarter itself, even of a solution whose answer appears only at its very end (PrefixRL and POPE vary the
+# share; one fixed value keeps the control simple). On the built-in set the answer cuts first:
+# "We compute $12 + 34 =" of "We compute $12 + 34 = 46$. The answer is \boxed{46}.".
+PREFIX_MAX_FRACTION = 0.75
 GEC_MAX_PROMPT_TOKENS = 256          # GEC only for prompts shorter than this (their condition)
 # Rows of the (N, V) logit matrix materialized at once while scoring: 512 x 151,936 (Qwen) x 4 bytes
 # is 311 MB per tensor, instead of the 5 GB of a whole 8 x 1024 x V batch.
 LOGIT_CHUNK_ROWS = 512
 
-GEC_ACTIONS = ("none", "reflection", "answer", "solution", "skipped")  # skipped: prompt too long
+GEC_ACTIONS = ("none", "reflection", "answer", "solution", "prefix", "skipped")  # skipped: prompt too long
+# Who wrote each completion token (Rollout.inserted): the policy, or GEC's text of one branch: the cue, the
+# answer sentence, the solution, the solution's prefix. GEC_TEXT: the text each action inserts.
+TOKEN_SOURCES = ("sampled", "cue", "answer", "solution", "prefix")
+GEC_TEXT = dict(reflection="cue", answer="answer", solution="solution", prefix="prefix")
 
 
 @dataclass
@@ -61,6 +75,7 @@ class Rollout:
     completion_ids: torch.Tensor   # (B, T) right-padded
     completion_mask: torch.Tensor  # (B, T) 1 on the response up to and including its first EOS
     sampled_mask: torch.Tensor     # (B, T) 1 where the policy sampled the token; 0 where GEC inserted it, and on padding
+    inserted: torch.Tensor         # (B, T) index into TOKEN_SOURCES: 0 where the policy sampled (and on padding)
     truncated: torch.Tensor        # (B,) bool: the response hit its length cap without EOS
     texts: list                    # (B,) decoded responses, special tokens removed
     rewards: torch.Tensor          # (B,) r_i in {0, 1, 2}, see reward.py
@@ -297,7 +312,8 @@ def sample_with_cache(model, tokenizer, prompts, answers, *, group_size, max_new
                                    skip_special_tokens=True)
     row_answers = [answers[row // group_size] for row in range(len(texts))]
     rollout = Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                      completion_mask=completion_mask, sampled_mask=completion_mask.clone(), truncated=truncated,
+                      completion_mask=completion_mask, sampled_mask=completion_mask.clone(),
+                      inserted=torch.zeros_like(completion_mask), truncated=truncated,
                       texts=texts, rewards=torch.tensor([reward(t, a) for t, a in zip(texts, row_answers)]),
                       actions=["none"] * len(texts), group_size=group_size)
     return rollout, kv
@@ -314,7 +330,7 @@ def rollout_from_texts(tokenizer, model, prompts, texts, answers, group_size, tr
     mask = right_pad([[1] * len(s) for s in ids], 0, width=completion_ids.shape[1])
     return Rollout(prompt_ids=encoded.input_ids.repeat_interleave(group_size, 0),
                    prompt_mask=encoded.attention_mask.repeat_interleave(group_size, 0),
-                   completion_ids=completion_ids, completion_mask=mask, sampled_mask=mask.clone(),
+                   completion_ids=completion_ids, completion_mask=mask, sampled_mask=mask.clone(), inserted=torch.zeros_like(mask),
                    truncated=torch.tensor(truncated, dtype=torch.bool), texts=list(texts),
                    rewards=torch.tensor([reward(t, answers[i // group_size]) for i, t in enumerate(texts)]),
                    actions=["none"] * len(texts), group_size=group_size)
@@ -338,7 +354,8 @@ def select_groups(rollout, groups):
     index = torch.tensor(rows, dtype=torch.long)
     return Rollout(prompt_ids=rollout.prompt_ids[index], prompt_mask=rollout.prompt_mask[index],
                    completion_ids=rollout.completion_ids[index], completion_mask=rollout.completion_mask[index],
-                   sampled_mask=rollout.sampled_mask[index], truncated=rollout.truncated[index],
+                   sampled_mask=rollout.sampled_mask[index], inserted=rollout.inserted[index],
+                   truncated=rollout.truncated[index],
                    texts=[rollout.texts[r] for r in rows], rewards=rollout.rewards[index],
                    actions=[rollout.actions[r] for r in rows], group_size=G)
 
@@ -355,6 +372,7 @@ def concat_rollouts(first, second, pad_id):
     return Rollout(prompt_ids=cat("prompt_ids", Tp, pad_id, True), prompt_mask=cat("prompt_mask", Tp, 0, True),
                    completion_ids=cat("completion_ids", T, pad_id, False),
                    completion_mask=cat("completion_mask", T, 0, False), sampled_mask=cat("sampled_mask", T, 0, False),
+                   inserted=cat("inserted", T, 0, False),
                    truncated=torch.cat([first.truncated, second.truncated]), texts=first.texts + second.texts,
                    rewards=torch.cat([first.rewards, second.rewards]), actions=first.actions + second.actions,
                    group_size=first.group_size)
@@ -411,32 +429,66 @@ def token_logprobs_and_entropy(model, input_ids, attention_mask, completion_mask
 
 
 def choose_gec_actions(needs_fix, has_solution, prompt_too_long, generator, forced_reflection=False,
-                       branches=GEC_BRANCHES):
+                       branches=DEFAULT_GEC_BRANCHES):
     """One action per row, from one uniform draw per row (every row draws, so row i's choice does not
     depend on the others; generator: one Generator, or one per row, row_generators). needs_fix, has_solution, prompt_too_long: (B,) bool.
     GEC: reflection with p 1/2, answer with p 1/4, solution with p 1/4 (answer when there is no
     solution). Forced reflection (the paper's baseline): reflection for every row that needs a fix.
-    branches: the ones allowed (--gec-branches, a control of the study); a removed branch's share goes
-    to the others in proportion to theirs, and a row without a solution falls back to answer, else
+    branches: the ones allowed (--gec-branches); the draw's interval [0, 1) is cut in GEC_BRANCHES' order
+    by each allowed branch's BRANCH_PROBABILITY, normalized (reflection solution: 2/3, 1/3; reflection
+    prefix: 1/2, 1/2). A row without a solution falls back from solution or prefix to answer, else
     reflection, else is skipped."""
     u = uniforms(generator, len(needs_fix)).squeeze(1)  # (B,)
     weights = [BRANCH_PROBABILITY[b] if b in branches else 0.0 for b in GEC_BRANCHES]
-    p_reflection, p_answer = weights[0] / sum(weights), weights[1] / sum(weights)  # 1/2, 1/4 with all three
+    bounds = [sum(weights[:k + 1]) / sum(weights) for k in range(len(weights))]  # the intervals' upper ends
     actions = []
     for row, draw in enumerate(u.tolist()):
         if not needs_fix[row]:
             actions.append("none")
         elif prompt_too_long[row]:
             actions.append("skipped")
-        elif forced_reflection or draw < p_reflection:
+        elif forced_reflection:
             actions.append("reflection")
-        elif draw < p_reflection + p_answer:
-            actions.append("answer")
-        elif has_solution[row]:
-            actions.append("solution")
-        else:  # the solution branch, for a problem without a solution
-            actions.append(next((b for b in ("answer", "reflection") if b in branches), "skipped"))
+        else:
+            branch = next((b for b, bound in zip(GEC_BRANCHES, bounds) if draw < bound), GEC_BRANCHES[-1])
+            if branch in ("solution", "prefix") and not has_solution[row]:  # both need the reference solution
+                branch = next((b for b in ("answer", "reflection") if b in branches), "skipped")
+            actions.append(branch)
     return actions
+
+
+def answer_positions(text, answers):
+    """Where each acceptable form of the reference answer occurs in text (character offsets), as a
+    whole number where it starts or ends with a digit: 4 occurs in "2 + 2 = 4", not in "14"."""
+    starts = []
+    for answer in dict.fromkeys(reference_answer_text(a) for a in acceptable_answers(answers)):
+        if not answer:
+            continue
+        before = r"(?<![0-9])" if answer[0].isdigit() else ""
+        after = r"(?![0-9])" if answer[-1].isdigit() else ""
+        starts += [m.start() for m in re.finditer(before + re.escape(answer) + after, text)]
+    return sorted(starts)
+
+
+def answer_free_prefix(tokenizer, solution, answers, max_fraction=PREFIX_MAX_FRACTION):
+    """The prefix branch's text: the longest prefix of the solution's tokens whose text stops before
+    the first occurrence of the reference answer (no digit of it shown), and at most max_fraction of
+    the solution's tokens. Returns its ids. The answer written another way (\\frac{1}{2} for 1/2) is
+    not recognized: on such data the cap is the only guard."""
+    ids = _encode(tokenizer, solution)
+    cap = int(max_fraction * len(ids))
+    positions = answer_positions(tokenizer.decode(ids), answers)
+    if not positions:
+        return ids[:cap]
+    first = positions[0]
+    low, high = 0, cap  # binary search: the longest n <= cap whose text ends at or before the answer
+    while low < high:
+        n = (low + high + 1) // 2
+        if len(tokenizer.decode(ids[:n])) <= first:
+            low = n
+        else:
+            high = n - 1
+    return ids[:low]
 
 
 def special_token_ids(tokenizer):
@@ -479,9 +531,12 @@ def rewrite_rows(tokenizer, rollout, actions, answers, solutions, stop_ids):
             inserted = _encode(tokenizer, REFLECTION_CUE)
         elif action == "answer":
             inserted = _encode(tokenizer, ANSWER_SENTENCE.format(answer=reference_answer_text(answers[row // G]))) + [eos]
-        else:  # "solution": the reference solution replaces the response
+        elif action == "solution":  # the reference solution replaces the response
             response, flags = [], []
             inserted = _encode(tokenizer, solutions[row // G]) + [eos]
+        else:  # "prefix": the solution's start replaces the response; the policy continues it (continue_rows)
+            response, flags, kept[row] = [], [], 0
+            inserted = answer_free_prefix(tokenizer, solutions[row // G], answers[row // G])
         ids.append(response + inserted)
         sampled.append(flags + [0] * len(inserted))
     return ids, sampled, kept
@@ -511,7 +566,7 @@ def cached_contexts(model, rollout, kv, ids, rows, kept_lengths, pad_id):
 
 def continue_rows(model, rollout, kv, ids, sampled, kept, rows, *, seed, reflection_tokens, temperature, top_p,
                   stop_ids, pad_id, decoder=decode, first_row=0):
-    """The policy goes on after the reflection cue, for `rows` only, in one decoding loop: from the
+    """The policy goes on after the reflection cue (or the solution's prefix), for `rows` only, in one decoding loop: from the
     sampling cache when there is one (kv), else from a fresh prefill of prompt + response + cue.
     The new tokens are appended to ids (sampled flag 1), in place."""
     if kv is not None:
@@ -532,27 +587,31 @@ def continue_rows(model, rollout, kv, ids, sampled, kept, rows, *, seed, reflect
 
 def rescore(tokenizer, rollout, actions, ids, sampled, answers, stop_ids, pad_id):
     """The rewritten rows as a new Rollout: padded tensors, texts, and rewards (rows GEC left alone
-    keep theirs)."""
+    keep theirs); each inserted token marked with its row's branch (Rollout.inserted)."""
     G = rollout.group_size
     completion_ids = right_pad(ids, pad_id)  # (B, T')
     completion_mask = right_pad([[1] * len(s) for s in ids], 0, width=completion_ids.shape[1])  # (B, T')
+    sources = [[0 if flag else TOKEN_SOURCES.index(GEC_TEXT.get(action, "sampled")) for flag in flags]
+               for flags, action in zip(sampled, actions)]
     ends = [bool(s) and s[-1] in stop_ids for s in ids]
     texts = [tokenizer.decode(s, skip_special_tokens=True) for s in ids]
     rewards = torch.tensor([reward(texts[row], answers[row // G]) if action not in ("none", "skipped")
                             else float(rollout.rewards[row]) for row, action in enumerate(actions)])
     return Rollout(prompt_ids=rollout.prompt_ids, prompt_mask=rollout.prompt_mask, completion_ids=completion_ids,
                    completion_mask=completion_mask, sampled_mask=right_pad(sampled, 0, width=completion_ids.shape[1]),
+                   inserted=right_pad(sources, 0, width=completion_ids.shape[1]),
                    truncated=torch.tensor([not e for e in ends]), texts=texts, rewards=rewards, actions=actions,
                    group_size=G)
 
 
 def guided_error_correction(model, tokenizer, rollout, answers, solutions, *, seed, reflection_tokens, kv=None,
                             forced_reflection=False, temperature=1.0, top_p=1.0, decoder=decode, first_row=0,
-                            branches=GEC_BRANCHES):
+                            branches=DEFAULT_GEC_BRANCHES):
     """GEC: rewrite every response with r_i < MAX_REWARD, then re-score; returns a new Rollout.
     answers, solutions: one per prompt (a solution may be None or ''); kv: the sampling pass's cache
     (sample_with_cache), if any. Tokens GEC inserts (the cue, the answer sentence, the solution,
-    their EOS) get sampled_mask 0; tokens the policy generates after the cue get 1."""
+    their EOS, the solution's prefix) get sampled_mask 0; tokens the policy generates after the cue or
+    the prefix get 1."""
     G, B = rollout.group_size, len(rollout.texts)
     stop_ids, pad_id = stop_token_ids(tokenizer, model), pad_id_of(tokenizer)
     actions = choose_gec_actions(
@@ -562,9 +621,9 @@ def guided_error_correction(model, tokenizer, rollout, answers, solutions, *, se
         generator=row_generators(seed, range(first_row, first_row + B)), forced_reflection=forced_reflection,
         branches=branches)
     ids, sampled, kept = rewrite_rows(tokenizer, rollout, actions, answers, solutions, stop_ids)
-    reflecting = [row for row in range(B) if actions[row] == "reflection"]
-    if reflecting:
-        continue_rows(model, rollout, kv, ids, sampled, kept, reflecting, seed=seed + 1,
+    continuing = [row for row in range(B) if actions[row] in ("reflection", "prefix")]  # one decoding loop for both
+    if continuing:
+        continue_rows(model, rollout, kv, ids, sampled, kept, continuing, seed=seed + 1,
                       reflection_tokens=reflection_tokens, temperature=temperature, top_p=top_p, stop_ids=stop_ids,
                       pad_id=pad_id, decoder=decoder, first_row=first_row)
     return rescore(tokenizer, rollout, actions, ids, sampled, answers, stop_ids, pad_id)

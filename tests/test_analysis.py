@@ -214,3 +214,15 @@ def test_plots_label_their_axes_keep_the_legend_off_the_curves_and_share_bins(tm
     analysis.plot_entropy_histogram(RECORDS, tmp_path / "hist.png")
     assert len(bins) == 2 and isinstance(bins[0], list) and bins[0] == bins[1]  # correct and wrong on the same bins
     assert bins[0][0] == 0.2 and bins[0][-1] == pytest.approx(1.2)
+
+
+def test_pass_at_k_hand_table():
+    """The unbiased estimator 1 - C(n-c, k) / C(n, k) against hand values, and the table over problems."""
+    assert analysis.pass_at_k(4, 0, 4) == 0.0 and analysis.pass_at_k(4, 1, 4) == 1.0  # k = n: any right
+    assert analysis.pass_at_k(4, 1, 1) == pytest.approx(1 / 4)                       # k = 1: the mean
+    assert analysis.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)                  # C(3,2) / C(5,2) = 3/10
+    assert analysis.pass_at_k(10, 3, 4) == pytest.approx(1 - 35 / 210)               # C(7,4) = 35, C(10,4) = 210
+    records = [dict(benchmark="a", index=i, correct=c) for i, cs in enumerate([[0, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]])
+               for c in cs] + [dict(benchmark="b", index=0, correct=c) for c in (0, 1, 0, 0)]
+    table, weighted = analysis.pass_at_k_table(records, 4)
+    assert table == {"a": pytest.approx(200 / 3), "b": 100.0} and weighted == pytest.approx(75.0)  # 3 of 4 problems

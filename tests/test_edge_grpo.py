@@ -448,7 +448,7 @@ def fake_rollout(rewards, G=4, tag=0):
     B = len(rewards)
     return Rollout(prompt_ids=torch.full((B, 2), 5), prompt_mask=torch.ones(B, 2, dtype=torch.long),
                    completion_ids=torch.arange(B)[:, None] + 100 * tag, completion_mask=torch.ones(B, 1, dtype=torch.long),
-                   sampled_mask=torch.ones(B, 1, dtype=torch.long), truncated=torch.zeros(B, dtype=torch.bool),
+                   sampled_mask=torch.ones(B, 1, dtype=torch.long), inserted=torch.zeros(B, 1, dtype=torch.long), truncated=torch.zeros(B, dtype=torch.bool),
                    texts=[f"{tag}:{i}" for i in range(B)], rewards=torch.tensor(rewards, dtype=torch.float),
                    actions=["none"] * B, group_size=G)
 
@@ -508,3 +508,108 @@ def test_ngrpo_learns_from_all_wrong_groups(tok, tmp_path):
     _, grpo_changed, _ = run(tmp_path / "grpo", tok, "--no-gec", "--no-eda")
     _, ngrpo_changed, _ = run(tmp_path / "ngrpo", tok, "--no-gec", "--no-eda", "--ngrpo")
     assert not grpo_changed and ngrpo_changed
+
+
+# ----------------------------------------------------------------------------- supervised fine-tuning (--sft-steps)
+
+def test_sft_loss_hand_table():
+    logp = torch.tensor([[-1.0, -2.0, -5.0], [-0.5, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # three solution tokens in the step
+    assert eg.sft_loss(logp, mask / 3).item() == pytest.approx((1 + 2 + 0.5) / 3)  # the padded -5 counts nothing
+
+
+def test_sft_step_gradient_is_the_token_mean_nll_of_the_solutions(tok, tmp_path, monkeypatch):
+    """sft_step's summed micro-batch gradients (micro-batches of one row, the fast path) against an
+    independent computation: each prompt + solution + EOS through the model once, cross-entropy of
+    the solution tokens summed over both rows and divided by their total count."""
+    problems = [dict(problem="What is 1 + 2?", answer="3", solution="1+2=\\boxed{3}"),
+                dict(problem="What is 30 + 4?", answer="34", solution="We add: 30+4=34, so \\boxed{34}.")]
+    args = args_for(tmp_path, "--micro-batch-size", "1")
+    model = tiny_model(tok)
+    captured = {}
+
+    def keep_gradients(optimizer, scheduler, args, master_weights):
+        captured["grads"] = [p.grad.detach().clone() for p in model.parameters()]
+        return 1.0
+    monkeypatch.setattr(eg, "optimizer_step", keep_gradients)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    metrics = eg.sft_step(model, tok, optimizer, eg.make_scheduler(optimizer, args), problems, 0, args)
+
+    reference = tiny_model(tok)
+    total, count = 0.0, 0
+    for row in problems:
+        prompt = tok(build_prompt(tok, row["problem"], args.prompt_format), add_special_tokens=False).input_ids
+        solution = tok(row["solution"], add_special_tokens=False).input_ids + [tok.eos_token_id]
+        ids = torch.tensor([prompt + solution])
+        logits = reference(input_ids=ids).logits[0, len(prompt) - 1:-1]  # the positions that predict the solution
+        total = total + torch.nn.functional.cross_entropy(logits.double(), torch.tensor(solution), reduction="sum")
+        count += len(solution)
+    (total / count).backward()
+    assert metrics["objective"] == "sft" and metrics["loss_tokens"] == count and metrics["inserted_share"] == 1.0
+    assert metrics["sft_nll"] == pytest.approx((total / count).item(), rel=1e-5)
+    for ours, theirs in zip(captured["grads"], reference.parameters()):
+        assert torch.allclose(ours, theirs.grad.float(), atol=2e-6, rtol=1e-4)
+
+
+def test_sft_steps_switch_objective_at_k_and_resume_across_the_switch(tok, tmp_path, monkeypatch):
+    """--sft-steps 2 of 4: steps 1-2 supervised (no sampling), 3-4 EDGE-GRPO. A run stopped during
+    step 2 (K - 1 done, checkpoint-1) and resumed equals the uninterrupted one, weights and metrics."""
+    data = write_jsonl(tmp_path / "data.jsonl", PROBLEMS)
+    flags = ["--data", str(data), "--max-steps", "4", "--sft-steps", "2", "--save-steps", "1", "--save-total-limit", "0"]
+    straight = tiny_model(tok)
+    history = eg.train(args_for(tmp_path / "a", *flags), model=straight, tokenizer=tok, progress=False)
+    assert [m["objective"] for m in history] == ["sft", "sft", "rl", "rl"]
+    assert "reward" not in history[0] and "gec_actions" in history[2]
+    assert [m["learning_rate"] for m in history] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])  # one linear decay over both
+
+    real = eg.sft_step
+
+    def stops_in_step_2(*a, **kw):
+        if a[5] == 1:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(eg, "sft_step", stops_in_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        eg.train(args_for(tmp_path / "b", *flags), model=tiny_model(tok), tokenizer=tok, progress=False)
+    monkeypatch.setattr(eg, "sft_step", real)
+    from checkpoints import load_model_and_tokenizer
+    model, _ = load_model_and_tokenizer(str(tmp_path / "b" / "checkpoint-1"), torch.device("cpu"), torch.float32)
+    resumed = eg.train(eg.parse_args(["--resume", str(tmp_path / "b" / "checkpoint-1")]), model=model, tokenizer=tok,
+                       progress=False)
+    assert [m["objective"] for m in resumed] == ["sft", "rl", "rl"]
+    timeless = lambda rows: [{k: v for k, v in r.items() if not k.startswith("seconds") and k not in
+                              ("tokens_per_second", "peak_memory_mb")} for r in rows]
+    lines = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert timeless(lines) == timeless(history)
+    for p, q in zip(straight.parameters(), model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_sft_steps_refuse_data_without_solutions_and_beyond_max_steps(tmp_path):
+    data = write_jsonl(tmp_path / "data.jsonl", PROBLEMS[:2] + [dict(problem="What is 2 + 2?", answer="4")])
+    with pytest.raises(SystemExit, match=r"1 of 3 problems .* have none \(the first: row 3\)"):
+        eg.train(args_for(tmp_path / "out", "--data", str(data), "--max-steps", "2", "--sft-steps", "1"))
+    with pytest.raises(SystemExit, match="--sft-steps must be between 0 and --max-steps"):
+        args_for(tmp_path / "out", "--max-steps", "2", "--sft-steps", "3")
+    assert cli.arm_name(args_for(tmp_path, "--max-steps", "4", "--sft-steps", "4")) == "SFT"
+    assert cli.arm_name(args_for(tmp_path, "--max-steps", "4", "--sft-steps", "2", "--no-gec", "--no-eda")) == "SFT, then GRPO"
+    assert cli.arm_name(args_for(tmp_path, "--gec-branches", "reflection", "prefix")) == "EDGE-GRPO (reflection + prefix)"
+
+
+def test_what_each_step_trains_on_is_counted_by_source(tok, tmp_path):
+    """loss_tokens_by_source against the rollout's own marks: every trained token counted once, GEC's
+    inserted text by branch; --inserted-tokens mask leaves only the policy's own."""
+    from rollout import TOKEN_SOURCES
+    rollout = mixed_rollout(tiny_model(tok), tok)
+    for mode in ("train", "mask"):
+        _, metrics = update_delta(tok, rollout, args_for(tmp_path, "--inserted-tokens", mode))
+        counts = metrics["loss_tokens_by_source"]
+        assert set(counts) == set(TOKEN_SOURCES) and metrics["loss_tokens"] == sum(counts.values())
+        inserted = int(((rollout.sampled_mask == 0) & (rollout.completion_mask == 1)).sum())
+        assert counts["sampled"] == int(rollout.sampled_mask.sum())
+        if mode == "train":
+            assert metrics["loss_tokens"] == int(rollout.completion_mask.sum()) and inserted > 0
+            assert counts["cue"] + counts["answer"] + counts["solution"] == inserted
+            assert metrics["inserted_share"] == pytest.approx(inserted / metrics["loss_tokens"])
+        else:
+            assert metrics["inserted_share"] == 0.0 and metrics["loss_tokens"] == counts["sampled"]

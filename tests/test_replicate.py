@@ -181,3 +181,35 @@ def test_an_interrupted_run_resumes_to_the_same_numbers(tiny_path, tmp_path, mon
     for a, b in zip(straight["runs"], resumed["runs"]):
         for key in ("heldout_avg_at_k", "heldout_greedy", "adv_var", "entropy_final", "collapsed_after_gec"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+def test_the_new_arms_run_end_to_end_and_the_table_compares_with_sft(tiny_path, tmp_path):
+    """SFT, SFT then GRPO, SFT then EDGE-GRPO and the on-policy guidance arm, 2 steps each: their
+    objectives per step, GEC's branches, and the table's columns."""
+    out = tmp_path / "study"
+    results, _ = replicate.main(["--arms", "sft", "edge-grpo-on-policy-guidance", "--seeds", "1", "--model", tiny_path,
+                                 "--max-steps", "2", "--eval-limit", "2", "--eval-max-new-tokens", "4", "--eval-samples",
+                                 "2", "--output-dir", str(out), "--", *TINY_RUN])
+    objectives = {slug: [json.loads(line)["objective"] for line in (out / slug / "seed-0" / "metrics.jsonl").open()]
+                  for slug in ("sft", "sft-then-grpo", "sft-then-edge-grpo", "edge-grpo-on-policy-guidance")}
+    assert objectives == {"sft": ["sft", "sft"], "sft-then-grpo": ["sft", "rl"], "sft-then-edge-grpo": ["sft", "rl"],
+                          "edge-grpo-on-policy-guidance": ["rl", "rl"]}
+    guided = [json.loads(line) for line in (out / "edge-grpo-on-policy-guidance" / "seed-0" / "metrics.jsonl").open()]
+    assert all(m["gec_actions"]["answer"] == m["gec_actions"]["solution"] == 0 for m in guided)
+    assert sum(m["gec_actions"]["prefix"] for m in guided) > 0
+    assert all(m["loss_tokens_by_source"]["prefix"] == 0 for m in guided)  # never trained
+    sft = next(r for r in results["runs"] if r["arm"] == "SFT")
+    assert sft["sft_steps"] == 2 and sft["inserted_share"] == 1.0 and sft["adv_var"] is None
+    assert set(results["comparisons"]["EDGE-GRPO, on-policy guidance"]) == {
+        "avg_at_k_vs_grpo", "pass_at_k_vs_grpo", "greedy_vs_grpo", "avg_at_k_vs_sft", "greedy_vs_sft"}
+    table = (out / "table.md").read_text()
+    assert "| SFT, then EDGE-GRPO | 1 |" in table and "Δ avg@2 vs SFT" in table and "pass@2" in table
+
+
+def test_headline_seeds_run_more_seeds_for_the_headline_arms_only():
+    opts, _ = replicate.parse_args(["--arms", "all", "--seeds", "3", "--headline-seeds", "5"])
+    arms = replicate.chosen_arms(opts.arms)
+    plan = replicate.study_plan(arms, opts)
+    assert len(arms) == 13 and len(plan) == 13 * 3 + 4 * 2
+    assert [label for seed, label in plan if seed >= 3] == ["GRPO", "EDGE-GRPO", "EDGE-GRPO, on-policy guidance", "SFT"] * 2
+    assert replicate.arm_flags(replicate.SFT_ARMS["SFT, then GRPO"], 16) == ["--sft-steps", "8", "--no-gec", "--no-eda"]

@@ -408,9 +408,72 @@ def test_concat_rollouts_pads_prompts_left_and_completions_right():
     def make(prompt, completion, reward):
         return Rollout(prompt_ids=torch.tensor([prompt]), prompt_mask=torch.ones(1, len(prompt), dtype=torch.long),
                        completion_ids=torch.tensor([completion]), completion_mask=torch.ones(1, len(completion), dtype=torch.long),
-                       sampled_mask=torch.ones(1, len(completion), dtype=torch.long), truncated=torch.tensor([False]),
+                       sampled_mask=torch.ones(1, len(completion), dtype=torch.long),
+                       inserted=torch.zeros(1, len(completion), dtype=torch.long), truncated=torch.tensor([False]),
                        texts=["t"], rewards=torch.tensor([reward]), actions=["none"], group_size=1)
     both = concat_rollouts(make([7, 8], [1], 0.0), make([6, 7, 8], [2, 3], 2.0), pad_id=0)
     assert both.prompt_ids.tolist() == [[0, 7, 8], [6, 7, 8]] and both.prompt_mask.tolist() == [[0, 1, 1], [1, 1, 1]]
     assert both.completion_ids.tolist() == [[1, 0], [2, 3]] and both.completion_mask.tolist() == [[1, 0], [1, 1]]
     assert select_groups(both, [1]).completion_ids.tolist() == [[2, 3]] and both.rewards.tolist() == [0.0, 2.0]
+
+
+# ----------------------------------------------------------------------------- the prefix branch (on-policy guidance)
+
+@pytest.mark.parametrize("solution, answer, prefix", [
+    ("We compute $12 + 34 = 46$. The answer is \\boxed{46}.", "46", "We compute $12 + 34 = "),  # inside, then at the end
+    ("We have 14 - 10 = 4, as asked.", "4", "We have 14 - 10 = "),                 # 4 occurs as a number, not in 14
+    ("Adding both numbers gives: 9", "9", "Adding both numbers g"),          # at the end: the cap, 21 of 28 characters
+    ("7 is the answer, and 7 it stays.", "7", ""),                       # at the start (and twice): nothing shown
+    ("Add them column by column, carrying tens.", "58", "Add them column by column, car"),  # absent: the cap, 30 of 41
+    ("\\frac{1}{2} of it: 1/2", ["1/2", "\\frac{1}{2}"], ""),            # any acceptable form counts
+])
+def test_answer_free_prefix_hand_cases(tok, solution, answer, prefix):
+    """The longest prefix of the solution's tokens (characters here) that shows no character of the
+    answer's first occurrence, at most 3/4 of the solution: int(0.75 x its length) tokens."""
+    from rollout import PREFIX_MAX_FRACTION, answer_free_prefix
+    ids = answer_free_prefix(tok, solution, answer)
+    assert tok.decode(ids) == prefix
+    assert len(ids) <= int(PREFIX_MAX_FRACTION * len(solution))
+
+
+def test_prefix_rows_are_conditioned_on_not_trained(tok):
+    """A wrong row given the prefix branch: its tokens are the prefix (inserted, source "prefix",
+    sampled 0) then the policy's continuation (sampled 1), scored on the whole text; the loss mask
+    leaves the prefix out whatever --inserted-tokens says, and trains the continuation."""
+    import edge_grpo as eg
+    from rollout import TOKEN_SOURCES, answer_free_prefix
+    model = tiny_model(tok)
+    G = 4
+    prompts = [build_prompt(tok, "What is 12 + 34?", "step-by-step")]
+    before = rollout_from_texts(tok, prompts, ["no", "maybe 3", "\\boxed{5}", "x"], G)
+    solution = "We compute $12 + 34 = 46$. The answer is \\boxed{46}."
+    after = guided_error_correction(model, tok, before, ["46"], [solution], seed=1, reflection_tokens=5,
+                                    branches=("prefix",))
+    assert after.actions == ["prefix"] * G
+    prefix = answer_free_prefix(tok, solution, "46")
+    for row in range(G):
+        length = int(after.completion_mask[row].sum())
+        ids = after.completion_ids[row, :length].tolist()
+        sources = after.inserted[row, :length].tolist()
+        assert ids[:len(prefix)] == prefix and length > len(prefix)  # the policy wrote something after it
+        assert sources == [TOKEN_SOURCES.index("prefix")] * len(prefix) + [0] * (length - len(prefix))
+        assert after.sampled_mask[row, :length].tolist() == [0] * len(prefix) + [1] * (length - len(prefix))
+        assert after.texts[row] == tok.decode(ids, skip_special_tokens=True)
+        assert after.rewards[row] == reward(after.texts[row], "46")
+        for mode in ("train", "mask"):
+            mask = eg.trained_token_mask(after, mode)[row, :length].tolist()
+            assert mask == [0] * len(prefix) + [1] * (length - len(prefix))
+
+
+def test_prefix_branch_takes_the_answer_branches_share_and_the_default_draws_as_before():
+    """reflection + prefix: the same rows reflect as under the paper's three branches (u < 1/2), and
+    every row the paper would answer or replace gets the prefix; no row without a solution gets it."""
+    g = lambda: torch.Generator().manual_seed(11)
+    paper = choose_gec_actions([True] * 2000, [True] * 2000, [False] * 2000, g())
+    guided = choose_gec_actions([True] * 2000, [True] * 2000, [False] * 2000, g(), branches=("reflection", "prefix"))
+    assert [a == "reflection" for a in paper] == [a == "reflection" for a in guided]
+    assert set(guided) == {"reflection", "prefix"}
+    draws = torch.rand(2000, generator=g()).tolist()  # the paper's thresholds, drawn independently
+    assert paper == ["reflection" if u < 0.5 else "answer" if u < 0.75 else "solution" for u in draws]
+    assert set(choose_gec_actions([True] * 200, [False] * 200, [False] * 200, g(), branches=("reflection", "prefix"))) \
+        == {"reflection"}
