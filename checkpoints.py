@@ -15,10 +15,13 @@ import importlib.util
 import json
 import os
 import random
+import re
 import shutil
 import signal
+import socket
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +46,16 @@ MODEL_SOURCES = {
 
 
 def resolve_device(name):
-    if name != "auto":
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """--device as a torch.device: auto is cuda when there is one; a device this machine lacks is one line."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        fail(f"--device {name}: this machine has {torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA "
+             f"device{'s' if torch.cuda.device_count() != 1 else ''} (torch {torch.__version__}); use --device cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        fail(f"--device {name}: MPS (Apple silicon) is not available here; use --device cpu or auto")
+    return device
 
 
 def resolve_dtype(name, device, optim="adamw_torch_fused"):
@@ -66,23 +76,65 @@ def load_model_and_tokenizer(name, device, dtype, weights=None):
     if "gguf" in alias and weights is None:
         model, tokenizer = load_embedded_gguf(*alias["gguf"])
     else:
-        if weights is None and not alias and not Path(name).exists() and "/" not in name:
-            fail(f"--model {name}: not an alias ({', '.join(MODEL_SOURCES)}), a local path, or a hub id (owner/name)")
+        if weights is None and not alias:
+            check_model_name(name)  # a run's directory, a file, a mistyped path: one line each
         local = Path(source).is_dir()
+        offline = {} if local or hub_reachable() else dict(local_files_only=True)  # else retries for a minute
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            tokenizer = AutoTokenizer.from_pretrained(source, **offline)
         except Exception as e:  # not on disk and the hub unreachable or unknown; a damaged tokenizer.json
-            fail(damaged(Path(source) / "tokenizer.json", e) if local else f"--model {name}: could not load {source}: {e}")
+            fail(damaged(Path(source) / "tokenizer.json", e) if local else not_fetched(name, source, e, offline))
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **unquantized_config(source))
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **unquantized_config(source), **offline)
         except Exception as e:  # a truncated model.safetensors: SafetensorError; config.json: JSONDecodeError
-            fail(damaged(Path(source) / "model.safetensors", e) if local else f"--model {name}: could not load {source}: {e}")
+            fail(damaged(Path(source) / "model.safetensors", e) if local else not_fetched(name, source, e, offline))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     for module in model.modules():  # RL scores the sampling policy itself: no dropout noise
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     return model.to(device=device, dtype=dtype), tokenizer
+
+
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name, as the hub spells its repositories
+
+
+def check_model_name(name):
+    """--model that is neither an alias nor a local directory: one line for what it is instead. A run's
+    directory (metrics, checkpoints) names its newest checkpoint; a path that does not exist says so (a
+    hub id is owner/name, nothing else). Returns False: the name is for the hub."""
+    path = Path(name)
+    if path.is_dir() or path.is_file():
+        if (path / "metrics.jsonl").is_file() or checkpoint_dirs(path):
+            newest = checkpoint_dirs(path)
+            fail(f"--model {name} is a training run's directory, not a model: pass one of its checkpoints"
+                 + (f" (the newest: {newest[-1]})" if newest else " (it has none yet)"))
+        if path.is_file():
+            fail(f"--model {name} is a file: pass the directory of a saved model (config.json, weights, tokenizer)")
+        return True
+    if not HUB_ID.fullmatch(name) or name.startswith((".", "~")):
+        fail(f"--model {name}: no such directory, and not an alias ({', '.join(MODEL_SOURCES)}) or a hub id (owner/name)")
+    return False
+
+
+def hub_reachable(timeout=5.0):
+    """Whether the Hugging Face hub answers at all (one TCP connection, timeout seconds): offline, loading
+    goes straight to the local cache instead of retrying for over a minute. HF_HUB_OFFLINE=1: never asked."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        socket.create_connection((urllib.parse.urlparse(constants.ENDPOINT).hostname, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def not_fetched(name, source, error, offline):
+    """The one line for a hub model that could not be loaded: why, and what --model takes instead."""
+    reason = "the hub is not reachable and it is not in the local cache" if offline else str(error).splitlines()[0][:160]
+    return (f"--model {name}: could not load {source} from the Hugging Face hub ({reason}); --model also takes a local "
+            f"directory (a saved model or a run's checkpoint-N) or the embedded smollm2-135m, which needs no network")
 
 
 def reference_model(model, args, device, dtype):
@@ -162,6 +214,7 @@ def hold_lock(directory, program):
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         fail(f"{directory} is a file, not a directory: pass another --output-dir")
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     handle = open(directory / LOCK_FILE, "a+")
     try:
@@ -187,52 +240,98 @@ def hold_lock(directory, program):
         handle.flush()
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
+        if created and [p.name for p in directory.iterdir()] == [LOCK_FILE]:  # a launch that wrote nothing leaves
+            shutil.rmtree(directory, ignore_errors=True)                       # no empty directory behind
+
+
+# The files a run appends a JSON line to as it goes, one per step or per logged row: each is cleared by
+# --overwrite-output-dir, trimmed to the checkpoint's step by --resume, and read past a cut-off last line.
+RUN_LOGS = ("metrics.jsonl", "completions.jsonl")
+
+
+def holds_run(directory):
+    """Whether directory holds a run: a run log or a checkpoint."""
+    directory = Path(directory)
+    return any((directory / name).exists() for name in RUN_LOGS) or bool(checkpoint_dirs(directory, complete_only=False))
 
 
 def prepare_output_dir(args):
-    """A fresh run refuses a directory that holds another run's metrics or checkpoints (Hugging Face's
-    --overwrite-output-dir clears them). Called before the model loads: nothing is lost to a refused
-    run. What an interrupted save or prune left (.checkpoint-N.tmp, .checkpoint-N.deleting) is removed.
-    Returns the metrics path; a resumed run trims it once its checkpoint has loaded (trim_metrics)."""
+    """A fresh run refuses a directory that holds another run (Hugging Face's --overwrite-output-dir
+    clears it: the run logs, config.json and checkpoints). A resumed run writes into the directory its
+    checkpoint is in; --resume with another --output-dir that already holds a run is refused, naming
+    both. Called before the model loads: nothing is lost to a refused run. What an interrupted save or
+    prune left (.checkpoint-N.tmp, .checkpoint-N.deleting) is removed. Returns the metrics path; a
+    resumed run trims the run logs once its checkpoint has loaded (trim_run_logs)."""
     output_dir = Path(args.output_dir)
-    metrics_path = output_dir / "metrics.jsonl"
-    if not args.resume and (metrics_path.exists() or checkpoint_dirs(output_dir)):
+    if args.resume and output_dir.resolve() != Path(args.resume).resolve().parent and holds_run(output_dir):
+        fail(f"--resume {args.resume} belongs to the run in {Path(args.resume).resolve().parent}, and --output-dir "
+             f"{output_dir} holds another run: nothing was changed. Resume without --output-dir (the checkpoint's own "
+             f"run goes on), or give an --output-dir that holds no run (a copy that goes on from the checkpoint)")
+    if not args.resume and holds_run(output_dir):
         if not args.overwrite_output_dir:
             fail(f"--output-dir {output_dir} holds a run (metrics.jsonl or checkpoints): pass --overwrite-output-dir "
                  f"to start afresh there, --resume {output_dir}/checkpoint-N to continue it, or another --output-dir")
-        metrics_path.unlink(missing_ok=True)
+        for name in RUN_LOGS + ("config.json",):
+            (output_dir / name).unlink(missing_ok=True)
         for old in checkpoint_dirs(output_dir, complete_only=False):
             remove_dir(old)
     for leftover in list(output_dir.glob(".checkpoint-*.tmp")) + list(output_dir.glob(".checkpoint-*.deleting")):
         shutil.rmtree(leftover, ignore_errors=True)
     output_dir.mkdir(parents=True, exist_ok=True)
-    return metrics_path
+    return output_dir / "metrics.jsonl"
 
 
-def read_metrics(path):
-    """metrics.jsonl's rows. A last line cut off mid-write (a full disk, a kill) is dropped, and said;
-    a bad line before the last is an error naming it."""
-    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+def write_config(args, arm, start):
+    """OUTPUT_DIR/config.json: the run's flags and arm. A resume that changed flags defining the experiment
+    (--allow-changed-flags) adds to its flag_changes which flags changed from which step, so the record
+    says which steps ran with which settings."""
+    path = Path(args.output_dir) / "config.json"
+    history = read_run_config(path).get("flag_changes", []) if path.is_file() and start else []
+    changes = getattr(args, "changed_flags", None)
+    if changes:
+        history.append(dict(from_step=start + 1, changes=[dict(flag=f, before=b, now=n) for f, b, n in changes]))
+    flags = {k: v for k, v in vars(args).items() if k != "changed_flags"}
+    path.write_text(json.dumps(dict(flags, arm=arm, flag_changes=history), indent=2))
+
+
+def read_metrics(path, fields=("step",)):
+    """The rows of a run log (metrics.jsonl, completions.jsonl): JSON objects holding `fields`. A last
+    line cut off mid-write (a full disk, a kill) is dropped, and said; any other bad line (not JSON, not
+    an object, a field missing, nested too deep) is one line naming the file and line."""
+    path = Path(path)
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    except OSError as e:
+        fail(f"{path}: unreadable ({e.strerror or e})")
     rows = []
     for number, line in enumerate(lines, 1):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
+            row = json.loads(line)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; so is an integer past 4300 digits
             if number < len(lines):
-                fail(f"{path}:{number}: not valid JSON ({e.msg}); only a cut-off last line is dropped by itself")
+                fail(f"{path}:{number}: not valid JSON ({getattr(e, 'msg', type(e).__name__)}); only a cut-off last line "
+                     f"is dropped by itself: delete or repair this one")
             print(f"{path}:{number}: the last line was cut off mid-write; dropped")
+            continue
+        missing = [f for f in fields if f not in row] if isinstance(row, dict) else list(fields)
+        if not isinstance(row, dict) or missing or not isinstance(row.get("step", 0), int):
+            fail(f"{path}:{number}: not one of this file's rows (a JSON object with {', '.join(fields)}; an integer "
+                 f"step): delete or repair the line")
+        rows.append(row)
     return rows
 
 
-def trim_metrics(metrics_path, start):
-    """A resumed run keeps its metrics up to its checkpoint's step and drops the lines of the steps it
-    will redo (and a cut-off last line), rewriting the file atomically."""
-    if not metrics_path.exists():
-        return
-    kept = [row for row in read_metrics(metrics_path) if row["step"] <= start]
-    tmp = metrics_path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
-    os.replace(tmp, metrics_path)
+def trim_run_logs(output_dir, start):
+    """A resumed run keeps each run log's rows up to its checkpoint's step and drops those of the steps it
+    will redo (and a cut-off last line), each file rewritten atomically: every step is logged once."""
+    for name in RUN_LOGS:
+        path = Path(output_dir) / name
+        if not path.exists():
+            continue
+        kept = [row for row in read_metrics(path) if row["step"] <= start]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        os.replace(tmp, path)
 
 
 def all_finite(state_dict):

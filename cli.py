@@ -13,6 +13,7 @@ defined here and imported by the modules that implement them.
 import argparse
 import difflib
 import json
+import math
 import os
 import re
 import sys
@@ -54,7 +55,7 @@ MODEL_ALIASES = {  # alias -> the settings it brings; where its weights come fro
 # them. Every other flag defines the experiment (experiment_differences): model, data, method, G, P, reward, seed...
 FREE_FLAGS = ("max_steps", "save_steps", "save_total_limit", "log_completions_steps", "output_dir", "overwrite_output_dir",
               "resume", "device", "dtype", "micro_batch_size", "gradient_checkpointing", "fast", "compile", "ddp_timeout",
-              "fsdp", "allow_changed_flags", "report_to")
+              "fsdp", "allow_changed_flags", "report_to", "changed_flags")
 
 
 def experiment_differences(saved, now, free=FREE_FLAGS):
@@ -104,7 +105,11 @@ def build_parser(add_help=True):
     g.add_argument("--output-dir", default=None, help="metrics.jsonl, config.json and checkpoints go here; none: runs/ARM "
                    "(runs/edge-grpo, runs/grpo, runs/forced-reflection, ...)")
     g.add_argument("--overwrite-output-dir", action="store_true", help="start afresh in an --output-dir that holds a run")
-    g.add_argument("--resume", default=None, help="a checkpoint dir to continue from (its config is the default; flags override)")
+    g.add_argument("--resume", default=None, help="a checkpoint dir to continue from, in its own run's directory (its config is "
+                   "the default; flags that define the experiment may not change, see --allow-changed-flags)")
+    g.add_argument("--allow-changed-flags", action="store_true",
+                   help="--resume with flags that define the experiment changed (method, G, data, model, ...): taken, and "
+                        "config.json records from which step which flags changed")
     g.add_argument("--seed", type=int, default=0, help="seeds data order, sampling and GEC")
     g = p.add_argument_group("method (defaults: EDGE-GRPO; --no-gec --no-eda: vanilla GRPO)")
     g.add_argument("--gec", action=argparse.BooleanOptionalAction, default=True, help="guided error correction of wrong responses")
@@ -229,6 +234,9 @@ def parse_args(argv=None):
         saved = read_run_config(config_path)
         saved.pop("resume", None)
         saved.pop("fsdp", None)  # the layout over GPUs is chosen at each launch: a checkpoint resumes on any
+        saved.pop("allow_changed_flags", None)
+        saved.pop("changed_flags", None)
+        saved["output_dir"] = str(Path(first.resume).resolve().parent)  # the run is the directory holding it
         parser.set_defaults(**saved)
     elif first.model in MODEL_ALIASES:
         parser.set_defaults(**MODEL_ALIASES[first.model])
@@ -237,7 +245,14 @@ def parse_args(argv=None):
     if first.ngrpo and not first.resume:  # its clip range becomes the default
         parser.set_defaults(epsilon=NGRPO_CLIP[0], epsilon_high=NGRPO_CLIP[1])
     args = parse_known_or_fail(parser, argv)
+    validate_numbers(args, parser)
     validate_args(args)
+    if first.resume:  # a continuation is the same experiment, unless the user says otherwise
+        args.changed_flags = experiment_differences(saved, vars(args))
+        if args.changed_flags and not args.allow_changed_flags:
+            fail(f"--resume {first.resume}: these flags differ from the run's, which would make its steps two "
+                 f"experiments under one name: {describe_differences(args.changed_flags)}. Nothing was changed. Drop "
+                 f"them, or pass --allow-changed-flags to go on with them (config.json records the change)")
     if args.importance_sampling_level == "sequence" and args.loss_type != "grpo":  # allowed, as TRL allows it, and said
         print(f"warning: GSPO (--importance-sampling-level sequence) with --loss-type {args.loss_type}: GSPO's paper "
               "and TRL's recipe for it average per response, --loss-type grpo", file=sys.stderr)
@@ -339,6 +354,33 @@ def validate_args(args):
         (args.lora_r >= 1 and 0 <= args.lora_dropout < 1, "--lora-r must be >= 1 and --lora-dropout in [0, 1)"),
         (args.use_peft or not args.save_merged_model, "--save-merged-model merges LoRA adapters: it needs --use-peft"),
         (not args.fsdp or not args.use_peft, "--fsdp with --use-peft: LoRA's trained state is small, run it data parallel (no --fsdp)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            fail(message)
+
+
+DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def validate_numbers(args, parser):
+    """Every number a flag takes: finite (argparse's float() takes nan and inf), and in its range; the
+    device a name torch knows. One line naming the flag and what it accepts."""
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                fail(f"{action.option_strings[0]} {v}: expected a finite number")
+    checks = [
+        (args.seed >= 0, f"--seed {args.seed}: must be >= 0 (it seeds numpy's and torch's generators)"),
+        (args.weight_decay >= 0, "--weight-decay must be >= 0"),
+        (args.max_grad_norm >= 0, "--max-grad-norm must be >= 0 (0: no clipping)"),
+        (args.max_prompt_length >= 1, "--max-prompt-length must be at least 1"),
+        (args.lora_alpha >= 1, "--lora-alpha must be at least 1"),
+        (args.ddp_timeout >= 1, "--ddp-timeout must be at least 1 second"),
+        (args.log_completions_steps >= 0, "--log-completions-steps must be >= 0 (0: never)"),
+        (DEVICE_NAME.fullmatch(args.device) is not None,
+         f"--device {args.device}: expected auto, cpu, cuda, cuda:N or mps"),
     ]
     for ok, message in checks:
         if not ok:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from reward import MAX_REWARD, reference_answer_text, reward
+
 
 def fail(message):
     """A clear error instead of a traceback: exit status 1, the message on stderr prefixed by the
@@ -110,6 +112,8 @@ def load_problems(path):
             items = json.loads(text)
         except json.JSONDecodeError as e:
             fail(f"{path}:{e.lineno}: not valid JSON: {e.msg}")
+        except (ValueError, RecursionError) as e:  # an integer past Python's 4300 digits; nesting too deep
+            fail(f"{path}: not readable JSON ({str(e).splitlines()[0][:120] or type(e).__name__})")
         located = [(f"{path}: item {i}", item) for i, item in enumerate(items)]
     else:
         located = []
@@ -120,6 +124,8 @@ def load_problems(path):
                 located.append((f"{path}:{number}", json.loads(line)))
             except json.JSONDecodeError as e:
                 fail(f"{path}:{number}: not valid JSON: {e.msg}")
+            except (ValueError, RecursionError) as e:  # an integer past Python's 4300 digits; nesting too deep
+                fail(f"{path}:{number}: not readable JSON ({str(e).splitlines()[0][:120] or type(e).__name__})")
     rows = []
     for where, item in located:
         if not isinstance(item, dict):
@@ -131,10 +137,21 @@ def load_problems(path):
             problem = plain_value_problem(value, lists=field == "answer")
             if problem:
                 fail(f"{where}: '{field}' is {problem}; expected text (or a number{', or a list of them' if field == 'answer' else ''})")
+        if not rewardable(item["answer"]):
+            fail(f"{where}: the answer {item['answer']!r} can never earn the full reward: written back into \\boxed{{}} "
+                 f"as {reference_answer_text(item['answer'])!r} it does not match itself (blank, or a number its text "
+                 f"does not print exactly); write it as a string")
         rows.append(dict(problem=str(item["problem"]), answer=item["answer"], solution=item.get("solution") or None))
     if not rows:
         fail(f"{path}: no problems in the file")
     return rows
+
+
+def rewardable(answer):
+    """Whether a response can earn the maximum reward on this answer: the reference itself, boxed as GEC
+    writes it, must match it (a whitespace-only answer or a float such as 1e16 that does not print back
+    to itself never does)."""
+    return reward(f"\\boxed{{{reference_answer_text(answer)}}}", answer) == MAX_REWARD
 
 
 def plain_value_problem(value, lists=False):

@@ -45,9 +45,9 @@ import torch
 
 import distributed
 import fast
-from checkpoints import (completion_lines, directory_mb, hold_lock, load_model_and_tokenizer, load_trainer_state,
+from checkpoints import (completion_lines, directory_mb, hold_lock, write_config, load_model_and_tokenizer, load_trainer_state,
                          prepare_output_dir, prompt_format_of, reference_model, resolve_device, resolve_dtype,
-                         restore_trainer_state, save_checkpoint, stop_on_signals, trim_metrics)
+                         restore_trainer_state, save_checkpoint, stop_on_signals, trim_run_logs)
 from cli import arm_name
 from data import fail, load_data, next_prompts
 from lora import add_adapters, adapters_disabled, load_adapter
@@ -731,9 +731,9 @@ def set_up(args, model=None, tokenizer=None):
         if args.fsdp:  # the checkpoint holds whole moments: each rank keeps its shard
             distributed.shard_optimizer_state(optimizer)
         if lead:  # only now that the checkpoint has loaded: a damaged one leaves every line in place
-            trim_metrics(metrics_path, start)
+            trim_run_logs(args.output_dir, start)
     if lead:
-        (Path(args.output_dir) / "config.json").write_text(json.dumps(dict(vars(args), arm=arm_name(args)), indent=2))
+        write_config(args, arm_name(args), start)
         ranks = distributed.world_size()
         print(f"{arm_name(args)}: {args.model} on {args.data or 'the built-in arithmetic set'} ({len(problems)} problems), "
               f"P={args.prompts_per_step} x G={args.num_generations}, {args.max_steps} steps, device {device}, {dtype}, "
