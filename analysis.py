@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from checkpoints import load_model_and_tokenizer, prompt_format_of, read_metrics, resolve_device, resolve_dtype
-from cli import PROMPT_FORMATS, parse_known_or_fail
+from cli import PROMPT_FORMATS, parse_known_or_fail, read_run_config
 from data import EVAL_SETS, data_name, fail, load_data
 from edge_grpo import response_entropy
 from reward import MAX_REWARD, extract_boxed
@@ -39,6 +39,7 @@ CPU_ALIAS_MAX_NEW_TOKENS = {"smollm2-135m": 512}
 # (28 KB per token in bf16) and 13 GB for the 7B; on a CPU more rows only wait longer for the longest.
 EVAL_BATCH_SIZE = dict(cuda=64, cpu=8)
 RECORD_FIELDS = ("benchmark", "index", "problem", "answer", "response", "correct", "entropy")
+COMPLETION_FIELDS = ("step", "gec_action", "sampled_reward", "reward", "advantage_eda")  # what `gec` reads of a row
 # Words that mark self-reflection in a response (Fig. 2). The paper does not list its keywords; these
 # are the cue words common in the reflection literature, matched case-insensitively as substrings.
 REFLECTION_WORDS = ("wait", "re-check", "recheck", "re-examine", "reconsider", "re-evaluate", "double-check",
@@ -211,8 +212,8 @@ def read_records(path):
         if line.strip():
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as e:
-                fail(f"{path}:{number}: not valid JSON: {e.msg}")
+            except (ValueError, RecursionError) as e:  # JSONDecodeError; an integer past 4300 digits; nesting
+                fail(f"{path}:{number}: not valid JSON: {getattr(e, 'msg', type(e).__name__)}")
             missing = [field for field in RECORD_FIELDS if not isinstance(record, dict) or field not in record]
             if missing:
                 fail(f"{path}:{number}: a record needs {', '.join(missing)} (records come from: python analysis.py eval ...)")
@@ -361,7 +362,7 @@ def read_run(directory):
         fail(f"{directory}: no metrics.jsonl (a training --output-dir is expected)")
     rows = read_metrics(metrics_path)  # a last line cut off mid-write is dropped
     config_path = directory / "config.json"
-    label = json.loads(config_path.read_text()).get("arm", directory.name) if config_path.is_file() else directory.name
+    label = read_run_config(config_path).get("arm", directory.name) if config_path.is_file() else directory.name
     return label, rows
 
 
@@ -461,7 +462,7 @@ def run_gec(args):
     if not path.is_file():
         fail(f"--completions {path}: no such file (a training run writes OUTPUT_DIR/completions.jsonl every "
              f"--log-completions-steps)")
-    lines = read_metrics(path)  # the same JSON lines, a cut-off last one dropped
+    lines = read_metrics(path, fields=COMPLETION_FIELDS)  # the same JSON lines, a cut-off last one dropped
     result = gec_stats(lines)
     fmt = lambda v: "-" if v is None else f"{100 * v:.0f}%"
     print(f"{result['rows']} rows, {result['rewritten']} rewritten by GEC; of those, {fmt(result['rewritten_correct_after'])} "
@@ -543,10 +544,28 @@ def build_parser():
     return parser
 
 
+def check_numbers(args):
+    """Counts and temperatures checked before any model loads: an evaluation of 0 samples or 0 tokens
+    would be written as if finished."""
+    get = lambda name, default=None: getattr(args, name, default)
+    temperatures = ([get("temperature")] if get("temperature") is not None else []) + list(get("temperatures") or [])
+    checks = [(get("samples", 1) >= 1, "--samples must be at least 1"),
+              (get("limit", 0) >= 0, "--limit must be >= 0 (0: every problem)"),
+              (get("batch_size", 0) >= 0, "--batch-size must be >= 0 (0: by device)"),
+              (get("max_new_tokens") is None or get("max_new_tokens") >= 1, "--max-new-tokens must be at least 1"),
+              (get("seed", 0) >= 0, "--seed must be >= 0"),
+              (get("smooth", 1) >= 1, "--smooth must be at least 1 (1: raw)"),
+              (all(math.isfinite(t) and t >= 0 for t in temperatures), "--temperature(s) must be finite and >= 0")]
+    for ok, message in checks:
+        if not ok:
+            fail(message)
+
+
 def main(argv=None):
     parser = build_parser()
     subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     args = parse_known_or_fail(parser, argv, options_of=lambda args: subcommands[args.command])
+    check_numbers(args)
     return dict(eval=run_eval, entropy=run_entropy, reflection=run_reflection, plot=run_plot, gec=run_gec,
                 compare=run_compare)[args.command](args)
 

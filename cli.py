@@ -284,12 +284,19 @@ def close_flags(given, options):
 
 
 def read_run_config(path):
-    """A checkpoint's run_config.json, or one line naming it when it is damaged."""
+    """A checkpoint's run_config.json or a run's config.json, or one line naming it when it is damaged or
+    hand-edited into something that is not a JSON object."""
+    path = Path(path)
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        fail(f"{path}: unreadable ({type(e).__name__}: {e}); the checkpoint is damaged: resume from the previous "
-             f"checkpoint in {Path(path).parent.parent}")
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        config = e
+    if not isinstance(config, dict):
+        why = f"{type(config).__name__}: {str(config)[:120]}" if isinstance(config, Exception) else "not a JSON object"
+        where = (f"the checkpoint is damaged: resume from the previous checkpoint in {path.parent.parent}"
+                 if path.name == "run_config.json" else "repair it, or delete it (a plot then labels the run by its directory)")
+        fail(f"{path}: unreadable ({why}); {where}")
+    return config
 
 
 def validate_args(args):

@@ -373,15 +373,14 @@ def comparisons(runs, arms):
     by = lambda label, key: {r["seed"]: r[key] for r in runs if r["arm"] == label}
     out = {}
     for label in arms:
-        if label == BASELINE:
-            continue
-        out[label] = {f"{key}_vs_grpo": paired_difference(by(label, f"heldout_{key}"), by(BASELINE, f"heldout_{key}"))
-                      for key in ("avg_at_k", "pass_at_k", "greedy")}
+        out[label] = {} if label == BASELINE else {
+            f"{key}_vs_grpo": paired_difference(by(label, f"heldout_{key}"), by(BASELINE, f"heldout_{key}"))
+            for key in ("avg_at_k", "pass_at_k", "greedy")}
         if SFT_BASELINE in arms and label != SFT_BASELINE and by(SFT_BASELINE, "heldout_avg_at_k"):
             out[label].update({f"{key}_vs_sft": paired_difference(by(label, f"heldout_{key}"),
                                                                    by(SFT_BASELINE, f"heldout_{key}"))
                                for key in ("avg_at_k", "greedy")})
-    return out
+    return {label: diffs for label, diffs in out.items() if diffs}  # GRPO: only where SFT ran
 
 
 def format_table(results):
@@ -544,8 +543,8 @@ def study_run(directory, flags, seed, opts, extra, base, settings):
     return summary, action
 
 
-def report(out, opts, extra, arms, settings, base_summary, runs, histories, started):
-    """results.json, table.md and curves.png from every run's numbers."""
+def report(out, opts, extra, arms, settings, base_summary, runs, histories, started, write=True):
+    """results.json, table.md and curves.png from every run's numbers (write=False: the table printed only)."""
     results = dict(
         settings=dict(model=opts.model, data=opts.data or "arithmetic", eval_data=opts.eval_data, arms=list(arms),
                       flags={label: flags for label, flags in arms.items()}, extra_flags=list(extra),
@@ -563,13 +562,39 @@ def report(out, opts, extra, arms, settings, base_summary, runs, histories, star
     parts += [read_json(base_timing)["seconds_eval"]] if base_timing.is_file() else []
     results["seconds_all_calls"] = sum(v for v in parts if v is not None)
     results["comparisons"] = comparisons(runs, arms)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
     table = format_table(results)
+    if not write:
+        print(table)
+        return results
+    (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "table.md").write_text(table)
     curves = plot_curves(results, histories, out / "curves.png")
     print("\n" + table)
     print(f"results: {out / 'results.json'}; table: {out / 'table.md'}" + (f"; curves: {curves}" if curves else ""))
     return results
+
+
+def report_so_far(out, opts, extra, arms, settings, started):
+    """--report-only: the table of the runs a study (perhaps still running) has evaluated so far, printed;
+    nothing trained, evaluated or written, no lock taken, each run's settings still checked."""
+    base_path = out / "base" / "eval" / "summary.json"
+    if not base_path.is_file():
+        fail(f"{out}: no evaluation of the base model yet, so nothing to report")
+    runs, histories = [], {}
+    for seed, label in study_plan(arms, opts):
+        directory = out / slug(label) / f"seed-{seed}"
+        if not (directory / "eval" / "summary.json").is_file():
+            continue
+        differences = stale_run(directory, run_args(directory, arms[label], seed, opts, extra)) \
+            or stale_eval(directory / "eval", opts, settings)
+        if differences:
+            fail(f"{directory}: made with other settings than these ({cli.describe_differences(differences)})")
+        _, rows = analysis.read_run(directory)
+        histories[(label, seed)] = rows
+        timing = read_json(directory / "timing.json") if (directory / "timing.json").is_file() else {}
+        runs.append(dict(arm=label, seed=seed, directory=str(directory), seconds_train=timing.get("seconds_train"),
+                         seconds_eval=timing.get("seconds_eval"), **run_numbers(rows, read_summary(directory / "eval" / "summary.json"), settings.num_generations)))
+    return report(out, opts, extra, arms, settings, read_summary(base_path), runs, histories, started, write=False)
 
 
 def run_study(opts, extra):
@@ -580,6 +605,8 @@ def run_study(opts, extra):
     out = Path(opts.output_dir)
     settings = study_settings(opts, extra)
     arms = {label: arm_flags(flags, settings.max_steps) for label, flags in chosen_arms(opts.arms).items()}
+    if opts.report_only:
+        return report_so_far(out, opts, extra, arms, settings, started), dict(trained=0, resumed=0, evaluated=0, skipped=0)
     with hold_lock(out, "replicate.py"):  # one study writes here at a time
         check_cache(out, arms, opts, extra, settings)  # every arm's flags parsed, every cached run checked
         done = dict(trained=0, resumed=0, evaluated=0, skipped=0)
@@ -640,6 +667,9 @@ def build_parser():
     p.add_argument("--redo", action="store_true",
                    help="runs or evaluations in --output-dir made with other settings are deleted and done again "
                         "(without it the study refuses them)")
+    p.add_argument("--report-only", action="store_true",
+                   help="print the table of the runs evaluated so far (a study may still be running there); "
+                        "trains, evaluates and writes nothing")
     p.add_argument("--keep-weights", action=argparse.BooleanOptionalAction, default=True,
                    help="keep each run's final weights once evaluated (its optimizer state is always dropped)")
     return p

@@ -235,3 +235,194 @@ def test_completions_are_logged_per_row_and_analysis_reads_them(tok, tmp_path, c
     result = analysis.main(["gec", "--completions", str(out / "completions.jsonl")])
     assert result["rows"] == 16 and result["rewritten"] == sum(line["rewritten"] is not None for line in lines)
     assert "rewritten by GEC" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- one run, one directory, one record
+
+def contents(directory):
+    """Every file's bytes but the lock's (rewritten, and left empty, by every launch)."""
+    return {p.relative_to(directory): p.read_bytes() for p in Path(directory).rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+def logged_steps(path):
+    return [json.loads(line)["step"] for line in Path(path).read_text().splitlines()]
+
+
+def test_completions_hold_each_step_once_after_overwrite_resume_and_a_cut_off_line(tok, tmp_path):
+    out = tmp_path / "run"
+    four_steps(tok, out, "--log-completions-steps", "1")
+    completions = out / "completions.jsonl"
+    assert logged_steps(completions) == [s for s in (1, 2, 3, 4) for _ in range(8)]  # P x G = 8 rows a step
+    four_steps(tok, out, "--log-completions-steps", "1", "--overwrite-output-dir")  # used to keep the old 32 rows
+    assert logged_steps(completions) == [s for s in (1, 2, 3, 4) for _ in range(8)]
+    completions.write_text(completions.read_text() + '{"step": 5, "prom')  # a kill -9 cut this append
+    resume_fresh(out / "checkpoint-2")
+    assert logged_steps(completions) == [s for s in (1, 2, 3, 4) for _ in range(8)]  # 3 and 4 redone, once each
+    assert logged_steps(out / "metrics.jsonl") == [1, 2, 3, 4]
+    assert analysis.main(["gec", "--completions", str(completions)])["rows"] == 32
+
+
+def test_a_copied_checkpoint_resumes_into_its_own_directory_and_the_original_is_untouched(tok, tmp_path):
+    import shutil
+    out = tmp_path / "run"
+    four_steps(tok, out)
+    original = contents(out)
+    shutil.copytree(out / "checkpoint-2", tmp_path / "copy" / "checkpoint-2")
+    resume_fresh(tmp_path / "copy" / "checkpoint-2")
+    assert contents(out) == original
+    assert logged_steps(tmp_path / "copy" / "metrics.jsonl") == [3, 4]
+    assert [p.name for p in checkpoint_dirs(tmp_path / "copy")] == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_resume_into_another_runs_directory_is_refused_and_changes_nothing(tok, tmp_path):
+    four_steps(tok, tmp_path / "a")
+    four_steps(tok, tmp_path / "b")
+    before = contents(tmp_path / "b")
+    with pytest.raises(SystemExit, match=r"belongs to the run in .*/a, and --output-dir .*/b holds another run"):
+        resume_fresh(tmp_path / "a" / "checkpoint-2", "--output-dir", str(tmp_path / "b"))
+    assert contents(tmp_path / "b") == before
+
+
+def test_a_resume_with_a_changed_method_flag_is_refused_unless_allowed(tok, tmp_path):
+    out = tmp_path / "run"
+    four_steps(tok, out)
+    before = contents(out)
+    with pytest.raises(SystemExit, match=r"--eda True -> False, --gec True -> False.*Nothing was changed"):
+        eg.parse_args(["--resume", str(out / "checkpoint-2"), "--no-gec", "--no-eda"])
+    with pytest.raises(SystemExit, match=r"--num-generations 4 -> 2"):
+        eg.parse_args(["--resume", str(out / "checkpoint-2"), "--num-generations", "2"])
+    assert contents(out) == before
+    assert eg.parse_args(["--resume", str(out / "checkpoint-2"), "--max-steps", "6", "--save-steps", "3"]).max_steps == 6
+    resume_fresh(out / "checkpoint-2", "--no-eda", "--allow-changed-flags")
+    config = json.loads((out / "config.json").read_text())
+    assert config["arm"] == "GRPO + GEC" and config["flag_changes"] == [
+        dict(from_step=3, changes=[dict(flag="eda", before=True, now=False)])]
+
+
+def test_two_launches_into_one_directory_the_second_stops_and_the_first_finishes(tok, tmp_path):
+    model_dir = tmp_path / "tiny"
+    tiny_model(tok).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data_path = write_jsonl(tmp_path / "data.jsonl", PROBLEMS)
+    out = tmp_path / "run"
+    flags = ["--model", str(model_dir), "--data", str(data_path), "--output-dir", str(out), "--num-generations", "2",
+             "--prompts-per-step", "2", "--max-completion-length", "8", "--max-steps", "40", "--save-steps", "0",
+             "--log-completions-steps", "0"]
+    first = subprocess.Popen([sys.executable, "edge_grpo.py", *flags], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not ((out / ".lock").is_file() and (out / ".lock").read_text()) and first.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    second = subprocess.run([sys.executable, "edge_grpo.py", *flags], cwd=ROOT, capture_output=True, text=True)
+    output, _ = first.communicate(timeout=300)
+    assert second.returncode != 0 and re.search(r"is in use by edge_grpo\.py \(pid \d+", second.stderr), second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1  # one line, no traceback
+    assert first.returncode == 0, output
+    assert logged_steps(out / "metrics.jsonl") == list(range(1, 41)) and (out / ".lock").read_text() == ""
+
+
+def test_a_stale_lock_is_said_and_taken_over(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").write_text("edge_grpo.py (pid 999999, started 2026-12-01 10:00:00)")
+    with checkpoints.hold_lock(tmp_path / "run", "test"):
+        pass
+    assert "ended without releasing it (killed?); taken over" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--seed", "-1"], "--seed -1: must be >= 0"),
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+    (["--device", "gpu"], "--device gpu: expected auto, cpu, cuda, cuda:N or mps"),
+    (["--learning-rate", "nan"], "--learning-rate nan: expected a finite number"),
+    (["--temperature", "inf"], "--temperature inf: expected a finite number"),
+    (["--max-grad-norm", "-0.5"], "--max-grad-norm must be >= 0"),
+    (["--sft-steps", "-1"], "--sft-steps must be between 0 and --max-steps"),
+    (["--entropy-band", "0.2", "nan"], "--entropy-band nan: expected a finite number"),
+])
+def test_bad_flag_values_are_one_line_naming_the_flag(argv, says):
+    with pytest.raises(SystemExit) as e:
+        eg.parse_args(argv)
+    assert says in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["eval", "--model", "m", "--samples", "0"], "--samples must be at least 1"),
+    (["eval", "--model", "m", "--limit", "-3"], "--limit must be >= 0"),
+    (["eval", "--model", "m", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["eval", "--model", "m", "--temperature", "nan"], "--temperature(s) must be finite"),
+    (["entropy", "--temperatures", "0.1", "-1"], "--temperature(s) must be finite"),
+])
+def test_bad_analysis_counts_are_refused_before_anything_is_written(argv, says, tmp_path):
+    with pytest.raises(SystemExit, match=re.escape(says)):
+        analysis.main(argv + ["--output-dir", str(tmp_path / "eval")])
+    assert not (tmp_path / "eval").exists()
+
+
+def test_device_cuda_without_cuda_is_one_line():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit, match=r"--device cuda: this machine has no CUDA device"):
+        checkpoints.resolve_device("cuda")
+
+
+@pytest.mark.parametrize("answer, says", [
+    (" ", "can never earn the full reward"), (1e16, "can never earn the full reward"),
+    (-0.0, "can never earn the full reward"),
+])
+def test_answers_that_can_never_be_rewarded_are_refused_by_line(tmp_path, answer, says):
+    path = write_jsonl(tmp_path / "d.jsonl", [PROBLEMS[0], dict(problem="p", answer=answer)])
+    with pytest.raises(SystemExit, match=rf"d\.jsonl:2: .*{says}"):
+        data.load_problems(path)
+
+
+def test_damaged_files_are_one_line_naming_the_file(tok, tmp_path):
+    out = tmp_path / "run"
+    four_steps(tok, out, "--log-completions-steps", "1")
+    deep = "[" * 100000 + "]" * 100000
+    cases = [  # (file, its new text, the call that reads it, what the line says)
+        ("metrics.jsonl", '{"step": 1}\nnot json\n{"step": 3}\n', lambda: resume_fresh(out / "checkpoint-2"),
+         "metrics.jsonl:2: not valid JSON"),
+        ("metrics.jsonl", '{"step": 1}\n' + deep + '\n{"step": 3}\n', lambda: analysis.main(["plot", str(out)]),
+         "metrics.jsonl:2: not valid JSON"),
+        ("metrics.jsonl", '{"step": 1}\n[1, 2]\n{"step": 3}\n', lambda: analysis.main(["plot", str(out)]),
+         "metrics.jsonl:2: not one of this file's rows"),
+        ("config.json", '{"arm": ', lambda: analysis.main(["plot", str(out)]), "config.json: unreadable"),
+        ("config.json", '[1]', lambda: analysis.main(["plot", str(out)]), "config.json: unreadable"),
+        ("completions.jsonl", '{"step": 1}\n{"step": 2}\n', lambda: analysis.main(["gec", "--completions",
+                                                                                    str(out / "completions.jsonl")]),
+         "completions.jsonl:1: not one of this file's rows"),
+        ("checkpoint-2/run_config.json", deep, lambda: eg.parse_args(["--resume", str(out / "checkpoint-2")]),
+         "run_config.json: unreadable"),
+    ]
+    for name, text, read, says in cases:
+        saved = (out / name).read_bytes()
+        (out / name).write_text(text)
+        with pytest.raises(SystemExit) as e:
+            read()
+        assert says in str(e.value) and "\n" not in str(e.value), (name, str(e.value))
+        (out / name).write_bytes(saved)
+
+
+def test_model_flags_that_are_not_models_say_what_they_are(tok, tmp_path):
+    out = tmp_path / "run"
+    four_steps(tok, out)
+    for argv in (["--model", str(out)], ["--model", str(out / "metrics.jsonl")], ["--model", str(tmp_path / "nope")],
+                 ["--model", "./typo/model"]):
+        with pytest.raises(SystemExit) as e:
+            checkpoints.load_model_and_tokenizer(argv[1], torch.device("cpu"), torch.float32)
+        message = str(e.value)
+        assert "damaged" not in message and "Repo id" not in message, message
+    with pytest.raises(SystemExit, match=r"is a training run's directory, not a model: pass one of its checkpoints "
+                                         r"\(the newest: .*checkpoint-4\)"):
+        checkpoints.load_model_and_tokenizer(str(out), torch.device("cpu"), torch.float32)
+    with pytest.raises(SystemExit, match="no such directory"):
+        checkpoints.load_model_and_tokenizer(str(tmp_path / "nope"), torch.device("cpu"), torch.float32)
+
+
+def test_an_unreachable_hub_fails_at_once_saying_model_takes_a_local_path(monkeypatch, tmp_path):
+    monkeypatch.setattr(checkpoints, "hub_reachable", lambda timeout=5.0: False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    started = time.time()
+    with pytest.raises(SystemExit, match=r"the hub is not reachable and it is not in the local cache.*local directory"):
+        checkpoints.load_model_and_tokenizer("qwen2.5-math-1.5b", torch.device("cpu"), torch.float32)
+    assert time.time() - started < 20  # no minute of retries

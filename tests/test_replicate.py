@@ -213,3 +213,22 @@ def test_headline_seeds_run_more_seeds_for_the_headline_arms_only():
     assert len(arms) == 13 and len(plan) == 13 * 3 + 4 * 2
     assert [label for seed, label in plan if seed >= 3] == ["GRPO", "EDGE-GRPO", "EDGE-GRPO, on-policy guidance", "SFT"] * 2
     assert replicate.arm_flags(replicate.SFT_ARMS["SFT, then GRPO"], 16) == ["--sft-steps", "8", "--no-gec", "--no-eda"]
+
+
+def test_a_study_rerun_with_other_settings_is_refused_or_redone(tiny_path, tmp_path):
+    """The cache is keyed by what was measured: another --max-steps or other flags after -- are refused
+    naming the difference, nothing touched; --redo trains and evaluates those runs again."""
+    out = tmp_path / "study"
+    study(tiny_path, out, seeds=1)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    with pytest.raises(SystemExit, match=r"other settings than this study's .*--max-steps 2 -> 3.*--redo"):
+        study(tiny_path, out, steps=3, seeds=1)
+    with pytest.raises(SystemExit, match=r"--learning-rate 0.001 -> 0.01"):
+        replicate.main(["--arms", "grpo", "edge-grpo", "--seeds", "1", "--model", tiny_path, "--max-steps", "2",
+                        "--eval-limit", "3", "--eval-max-new-tokens", "5", "--eval-samples", "2", "--output-dir", str(out),
+                        "--", *TINY_RUN[:8], "--learning-rate", "1e-2", *TINY_RUN[10:]])
+    with pytest.raises(SystemExit, match=r"eval samples 2 -> 3"):
+        study(tiny_path, out, "--eval-samples", "3", seeds=1)
+    assert {p: p.read_bytes() for p in before} == before
+    results, done = study(tiny_path, out, "--redo", steps=3, seeds=1)
+    assert done["trained"] == 2 and all(r["steps"] == 3 for r in results["runs"])
