@@ -1,6 +1,6 @@
 """
-analysis.py: evaluation on the paper's benchmarks and the paper's analyses. Each subcommand writes a
-JSON summary (and where a picture helps, a PNG) into --output-dir.
+analysis.py: evaluation on the paper's benchmarks and the paper's analyses. eval, entropy and reflection
+write a JSON summary into --output-dir (entropy also a histogram); plot writes a PNG, gec and compare print.
 
   python analysis.py eval --model smollm2-135m --data math500 --limit 20   # the paper's five sets: omit --data
   python analysis.py entropy --records runs/eval/records.jsonl        # Fig. 3: entropy of correct vs wrong
@@ -490,7 +490,8 @@ def run_compare(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="Evaluation and the EDGE-GRPO paper's analyses.", allow_abbrev=False)
+    parser = argparse.ArgumentParser(description="Evaluation and the EDGE-GRPO paper's analyses.", allow_abbrev=False,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_flags(p, required):
@@ -507,7 +508,8 @@ def build_parser():
         p.add_argument("--device", default="auto")
         p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
 
-    p = sub.add_parser("eval", help="pass@1 on problem files, the paper's table", allow_abbrev=False)
+    p = sub.add_parser("eval", help="pass@1 on problem files, the paper's table", allow_abbrev=False,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", nargs="+", default=list(EVAL_SETS),
                    help="problem files (JSONL/JSON) or names fetched once; default: the paper's five benchmarks")
     p.add_argument("--temperature", type=float, default=EVAL_TEMPERATURE, help="sampling temperature (authors: 0.1)")
@@ -516,19 +518,22 @@ def build_parser():
     p.add_argument("--output-dir", default="runs/eval")
     model_flags(p, required=True)
 
-    p = sub.add_parser("entropy", help="Fig. 3: entropy of correct vs wrong responses", allow_abbrev=False)
+    p = sub.add_parser("entropy", help="Fig. 3: entropy of correct vs wrong responses", allow_abbrev=False,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--records", help="records.jsonl from eval (else --model and --data sample fresh)")
     p.add_argument("--data", help="one problem file or dataset name, for fresh responses")
     p.add_argument("--temperatures", type=float, nargs="+", default=[EVAL_TEMPERATURE], help="for fresh responses")
     p.add_argument("--output-dir", default="runs/analysis")
     model_flags(p, required=False)
 
-    p = sub.add_parser("reflection", help="Fig. 2: reflection vs accuracy; forced reflection with --model", allow_abbrev=False)
+    p = sub.add_parser("reflection", help="Fig. 2: reflection vs accuracy; forced reflection with --model", allow_abbrev=False,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--records", required=True, help="records.jsonl from eval")
     p.add_argument("--output-dir", default="runs/analysis")
     model_flags(p, required=False)
 
-    p = sub.add_parser("plot", help="Fig. 5: training curves of one or more runs", allow_abbrev=False)
+    p = sub.add_parser("plot", help="Fig. 5: training curves of one or more runs", allow_abbrev=False,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("runs", nargs="+", help="training output dirs (with metrics.jsonl)")
     p.add_argument("--output", default="runs/dynamics.png", help="PNG path")
     p.add_argument("--smooth", type=int, default=3, help="moving-average window in steps (1: raw)")
@@ -536,10 +541,11 @@ def build_parser():
                    help="more panels, one per metrics.jsonl key (e.g. semantic_entropy prompts_drawn updated_fraction)")
 
     p = sub.add_parser("gec", help="what GEC did: rows per action and the share that ends right (completions.jsonl)",
-                       allow_abbrev=False)
+                       allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--completions", required=True, help="a training run's completions.jsonl")
 
-    p = sub.add_parser("compare", help="the paper's table for several eval dirs", allow_abbrev=False)
+    p = sub.add_parser("compare", help="the paper's table for several eval dirs", allow_abbrev=False,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("evals", nargs="+", help="eval output dirs (with summary.json)")
     return parser
 
