@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from transformers import DynamicCache
 
-from precision import flat_views
-from rollout import LOGIT_CHUNK_ROWS, real_positions, sample_next_token, shares_prompts
+from precision import LOGIT_CHUNK_ROWS, flat_views
+from rollout import real_positions, sample_next_token, shares_prompts
 
 KEEP_BLOCKS_BELOW = 16 << 20  # bytes: freed blocks under this stay in the process (keep_freed_memory)
 

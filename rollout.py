@@ -36,6 +36,7 @@ from transformers import DynamicCache
 
 from cli import DEFAULT_GEC_BRANCHES, GEC_BRANCHES
 from data import fail
+from precision import LOGIT_CHUNK_ROWS  # rows of logits at once while scoring
 from reward import MAX_REWARD, acceptable_answers, reference_answer_text, reward
 
 # -----------------------------------------------------------------------------
@@ -55,9 +56,6 @@ BRANCH_PROBABILITY = dict(reflection=0.5, answer=0.25, solution=0.25, prefix=0.5
 # "We compute $12 + 34 =" of "We compute $12 + 34 = 46$. The answer is \boxed{46}.".
 PREFIX_MAX_FRACTION = 0.75
 GEC_MAX_PROMPT_TOKENS = 256          # GEC only for prompts shorter than this (their condition)
-# Rows of the (N, V) logit matrix materialized at once while scoring: 512 x 151,936 (Qwen) x 4 bytes
-# is 311 MB per tensor, instead of the 5 GB of a whole 8 x 1024 x V batch.
-LOGIT_CHUNK_ROWS = 512
 
 GEC_ACTIONS = ("none", "reflection", "answer", "solution", "prefix", "skipped")  # skipped: prompt too long
 # Who wrote each completion token (Rollout.inserted): the policy, or GEC's text of one branch: the cue, the
