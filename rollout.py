@@ -625,3 +625,30 @@ def guided_error_correction(model, tokenizer, rollout, answers, solutions, *, se
                       reflection_tokens=reflection_tokens, temperature=temperature, top_p=top_p, stop_ids=stop_ids,
                       pad_id=pad_id, decoder=decoder, first_row=first_row)
     return rescore(tokenizer, rollout, actions, ids, sampled, answers, stop_ids, pad_id)
+
+
+# -----------------------------------------------------------------------------
+# 5. A response's tokens as text, for the viewer (analysis.py view)
+
+
+def token_pieces(tokenizer, ids):
+    """The text each token adds to the decoded response (special tokens add none): pieces whose
+    concatenation is tokenizer.decode(ids, skip_special_tokens=True). A character split over several
+    byte tokens shows on the token that completes it. Each step decodes a short window, so a
+    response costs O(T) decodes, as incremental detokenizers (vLLM's) do."""
+    def decode(part):
+        return tokenizer.decode(part, skip_special_tokens=True)
+    pieces, start, read = [], 0, 0  # the window ids[start:read] is already shown
+    for k in range(1, len(ids) + 1):
+        shown, now = decode(ids[start:read]), decode(ids[start:k])
+        if len(now) > len(shown) and now.startswith(shown) and not now.endswith("\ufffd"):
+            pieces.append(now[len(shown):])
+            start, read = read, k
+        else:
+            pieces.append("")  # nothing new yet (a special token, or half a character)
+    text, joined = decode(ids), "".join(pieces)
+    if pieces and text.startswith(joined):
+        pieces[-1] += text[len(joined):]  # a character cut off by the length cap
+    elif pieces:  # a tokenizer whose window decodes disagree with the whole: one piece per row, exact
+        pieces = [text] + [""] * (len(ids) - 1)
+    return pieces

@@ -77,8 +77,8 @@ def test_cli_loads_no_torch_and_no_trainer():
 
 
 # the rooms, lowest first: a module imports only from rooms below it (or its own)
-FLOORS = [{"reward"}, {"data"}, {"cli", "precision"}, {"rollout", "lora", "distributed"}, {"fast", "checkpoints"},
-          {"edge_grpo"}, {"analysis", "course"}, {"replicate"}]
+FLOORS = [{"reward"}, {"data"}, {"cli", "precision", "trackers"}, {"rollout", "lora", "distributed"}, {"fast", "checkpoints"},
+          {"edge_grpo", "viewer"}, {"analysis", "course"}, {"replicate"}]
 
 
 def project_imports(path):
