@@ -28,7 +28,8 @@ import torch
 
 from checkpoints import load_model_and_tokenizer, prompt_format_of, read_metrics, resolve_device, resolve_dtype
 from cli import PROMPT_FORMATS, parse_known_or_fail, read_run_config
-from data import EVAL_SETS, data_name, fail, load_data
+from data import EVAL_SETS, data_name, load_data
+from errors import fail
 from edge_grpo import response_entropy
 from reward import MAX_REWARD, extract_boxed
 from rollout import build_prompt, guided_error_correction, rollout_from_texts, sample_rollout, token_logprobs_and_entropy

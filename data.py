@@ -30,13 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from errors import fail
 from reward import MAX_REWARD, reference_answer_text, reward
-
-
-def fail(message):
-    """A clear error instead of a traceback: exit status 1, the message on stderr prefixed by the
-    program's name (edge_grpo.py, analysis.py) as argparse prefixes its own errors."""
-    raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'edge_grpo.py'}: error: {message}")
 
 
 # -----------------------------------------------------------------------------

@@ -46,14 +46,29 @@ import torch
 import distributed
 import fast
 import trackers
-from checkpoints import (completion_lines, directory_mb, hold_lock, write_config, load_model_and_tokenizer, load_trainer_state,
-                         prepare_output_dir, prompt_format_of, reference_model, resolve_device, resolve_dtype,
-                         restore_trainer_state, save_checkpoint, stop_on_signals, trim_run_logs)
+from checkpoints import (
+    completion_lines,
+    directory_mb,
+    hold_lock,
+    write_config,
+    load_model_and_tokenizer,
+    load_trainer_state,
+    prepare_output_dir,
+    prompt_format_of,
+    reference_model,
+    resolve_device,
+    resolve_dtype,
+    restore_trainer_state,
+    save_checkpoint,
+    stop_on_signals,
+    trim_run_logs,
+)
 from cli import arm_name
-from data import fail, load_data, next_prompts
+from data import load_data, next_prompts
+from errors import fail
 from lora import add_adapters, adapters_disabled, load_adapter
-from precision import (build_optimizer, check_memory_plan, make_scheduler, peak_memory_mb, resumed_anchor,
-                       split_master_weights, uses_masters)
+from optim import build_optimizer, make_scheduler, resumed_anchor
+from precision import check_memory_plan, peak_memory_mb, split_master_weights, uses_masters
 from reward import FORMAT_REWARD, MAX_REWARD, boxed_answer, format_reward
 from rollout import (GEC_ACTIONS, TOKEN_SOURCES, build_prompt, concat_rollouts, decode, drop_long_prompts, format_samples,
                      guided_error_correction, rollout_from_texts, sample_with_cache, select_groups,
@@ -74,6 +89,31 @@ REWARD_MAXIMUM = {"exact-match": MAX_REWARD, "format-only": FORMAT_REWARD}
 
 # -----------------------------------------------------------------------------
 # The algorithm: pure functions on tensors, in pipeline order
+
+
+# rewards, shaped
+
+
+def trained_rewards(rollout, kind="exact-match"):
+    """(B,) the rewards the advantages are computed from. exact-match: reward.py's format + accuracy
+    (0/1/2), as the rollout was scored; format-only: the format part alone, 1 for any boxed answer,
+    right or wrong. GEC still rewrites the wrong responses (it knows the reference), so under
+    format-only the correct answers reach the policy only through the text GEC inserts."""
+    if kind == "format-only":
+        return torch.tensor([format_reward(text) for text in rollout.texts], dtype=rollout.rewards.dtype)
+    return rollout.rewards
+
+
+def overlong_penalty(lengths, max_length, buffer):
+    """(B,) -> (B,): DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to the reward:
+    0 up to max_length - buffer tokens, then falling linearly to -1 at max_length, -1 beyond."""
+    lengths = lengths.float()
+    start = max_length - buffer
+    ramp = (start - lengths) / buffer
+    return torch.where(lengths <= start, torch.zeros_like(lengths), torch.where(lengths <= max_length, ramp, -torch.ones_like(lengths)))
+
+
+# group advantages (GRPO, NGRPO)
 
 
 def group_advantages(rewards, G, scale=True, eps=ADVANTAGE_EPS):
@@ -100,6 +140,9 @@ def virtual_max_advantages(rewards, G, max_reward=MAX_REWARD, scale=True, eps=NG
     return centered.view(-1)
 
 
+# EDA: the entropy-driven advantage
+
+
 def masked_mean(x, mask, dim=-1):
     """Mean of x over mask == 1 along dim; 0 where the mask is empty."""
     mask = mask.to(x.dtype)
@@ -115,6 +158,9 @@ def entropy_driven_advantages(advantages, entropies, G, floor=ENTROPY_FLOOR, sca
     if scale_range is not None:
         scale = scale.clamp(*scale_range)
     return advantages * scale.view(-1)
+
+
+# SEED-GRPO: the advantages scaled by the group's semantic entropy
 
 
 def answer_clusters(texts):
@@ -148,6 +194,23 @@ def semantic_entropy_scale(entropies, G, alpha):
     return 1.0 / (1.0 + alpha * entropies / math.log(G))
 
 
+# which tokens the loss trains, and with what weight
+
+
+def trained_token_mask(rollout, inserted_tokens):
+    """(B, T) 1 on the tokens the loss trains: each response up to its EOS, less GEC's inserted text under
+    --inserted-tokens mask, and never the prefix branch's prefix: the policy is conditioned on it, as on
+    the prompt, and learns only from what it writes after it (PrefixRL, POPE)."""
+    mask = rollout.completion_mask * (rollout.sampled_mask if inserted_tokens == "mask" else 1)
+    return mask * (rollout.inserted != TOKEN_SOURCES.index("prefix"))
+
+
+def trained_tokens_by_source(loss_mask, inserted):
+    """(B, T), (B, T) -> {source: tokens the loss trains} over TOKEN_SOURCES: the policy's own ("sampled")
+    and each kind of text GEC inserted; how much of a step's update is copied text."""
+    return {name: int((loss_mask.bool() & (inserted == k)).sum()) for k, name in enumerate(TOKEN_SOURCES)}
+
+
 def token_weights(loss_mask, loss_type, max_completion_length, micro_batches, step_counts=None):
     """(B, T) -> (B, T): the weight of each token in the step's loss, fixed once per optimizer step so
     that micro-batches summing their weighted losses give exactly the loss and gradient TRL's
@@ -179,20 +242,6 @@ def token_weights(loss_mask, loss_type, max_completion_length, micro_batches, st
     raise ValueError(f"unknown loss type {loss_type!r}")
 
 
-def trained_token_mask(rollout, inserted_tokens):
-    """(B, T) 1 on the tokens the loss trains: each response up to its EOS, less GEC's inserted text under
-    --inserted-tokens mask, and never the prefix branch's prefix: the policy is conditioned on it, as on
-    the prompt, and learns only from what it writes after it (PrefixRL, POPE)."""
-    mask = rollout.completion_mask * (rollout.sampled_mask if inserted_tokens == "mask" else 1)
-    return mask * (rollout.inserted != TOKEN_SOURCES.index("prefix"))
-
-
-def trained_tokens_by_source(loss_mask, inserted):
-    """(B, T), (B, T) -> {source: tokens the loss trains} over TOKEN_SOURCES: the policy's own ("sampled")
-    and each kind of text GEC inserted; how much of a step's update is copied text."""
-    return {name: int((loss_mask.bool() & (inserted == k)).sum()) for k, name in enumerate(TOKEN_SOURCES)}
-
-
 def high_entropy_tokens(entropy, mask, quantile):
     """(b, T) -> (b, T) 0/1: the tokens whose entropy H_t is in the top `quantile` fraction of the
     masked tokens, the "forking tokens" of Wang et al. 2025 ("Beyond the 80/20 rule": training on the
@@ -215,6 +264,9 @@ def entropy_band_tokens(entropy, mask, low, high):
     return mask.float() * ((H >= lo) & (H <= hi)).float()
 
 
+# the losses: PPO-clip (per token, or per sequence: GSPO), KL, SFT
+
+
 def sequence_log_ratio(logp, old_logp, mask):
     """(b, T) -> (b, 1): GSPO's sequence-level log importance ratio (Zheng et al. 2025),
     log s_i = mean_t (log pi(o_t) - log pi_old(o_t)) over the response's tokens, i.e.
@@ -233,6 +285,12 @@ def clipped_policy_loss(logp, old_logp, advantages, eps_low, eps_high, sequence_
     return -torch.min(unclipped, clipped), clipped < unclipped
 
 
+def kl_k3(logp, ref_logp):
+    """(b, T) -> (b, T): the k3 estimator of KL(pi || pi_ref), exp(d) - d - 1 with d = ref - logp; >= 0."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
 def sft_loss(logp, weights):
     """(b, T), (b, T) -> the micro-batch's share of the supervised loss: -sum_t w_t log p(o_t), with
     w_t = 1 / (the step's solution tokens) on every solution token, so that the micro-batches add up
@@ -240,29 +298,7 @@ def sft_loss(logp, weights):
     return -(logp * weights).sum()
 
 
-def kl_k3(logp, ref_logp):
-    """(b, T) -> (b, T): the k3 estimator of KL(pi || pi_ref), exp(d) - d - 1 with d = ref - logp; >= 0."""
-    d = ref_logp - logp
-    return torch.exp(d) - d - 1
-
-
-def trained_rewards(rollout, kind="exact-match"):
-    """(B,) the rewards the advantages are computed from. exact-match: reward.py's format + accuracy
-    (0/1/2), as the rollout was scored; format-only: the format part alone, 1 for any boxed answer,
-    right or wrong. GEC still rewrites the wrong responses (it knows the reference), so under
-    format-only the correct answers reach the policy only through the text GEC inserts."""
-    if kind == "format-only":
-        return torch.tensor([format_reward(text) for text in rollout.texts], dtype=rollout.rewards.dtype)
-    return rollout.rewards
-
-
-def overlong_penalty(lengths, max_length, buffer):
-    """(B,) -> (B,): DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to the reward:
-    0 up to max_length - buffer tokens, then falling linearly to -1 at max_length, -1 beyond."""
-    lengths = lengths.float()
-    start = max_length - buffer
-    ramp = (start - lengths) / buffer
-    return torch.where(lengths <= start, torch.zeros_like(lengths), torch.where(lengths <= max_length, ramp, -torch.ones_like(lengths)))
+# what the paper plots: advantage variance, collapse (Fig. 5)
 
 
 def group_variance(x, G):
@@ -280,11 +316,6 @@ def collapsed_groups(rewards, G):
 def zero_std_fraction(rewards, G):
     """Share of groups whose rewards are all equal: advantage collapse."""
     return collapsed_groups(rewards, G).float().mean().item()
-
-
-def mixed_groups(rewards, G):
-    """Indices of the groups whose rewards are not all equal: the ones with a gradient."""
-    return (~collapsed_groups(rewards, G)).nonzero().flatten().tolist()
 
 
 # -----------------------------------------------------------------------------
@@ -602,6 +633,11 @@ def sft_step(model, tokenizer, optimizer, scheduler, problems, step, args, maste
 # DAPO's dynamic sampling: mixed groups kept, fresh prompts drawn
 
 
+def mixed_groups(rewards, G):
+    """Indices of the groups whose rewards are not all equal: the ones with a gradient."""
+    return (~collapsed_groups(rewards, G)).nonzero().flatten().tolist()
+
+
 def dynamic_sampling(model, tokenizer, sampled, rollout, problems, draw, position, seed, args, clock=None):
     """DAPO's dynamic sampling (Yu et al. 2025), after GEC: groups whose rewards are all equal are
     dropped and fresh prompts sampled (and corrected) in their place until P mixed groups are found
@@ -882,11 +918,11 @@ def summary(history, args, checkpoint):
 
 
 # -----------------------------------------------------------------------------
-# Machinery: the optimizer (its schedule: precision.py)
+# Machinery: the optimizer (optim.py builds it and its schedule)
 
 
 def make_optimizer(model, args, device, master_weights=None):
-    """--optim (precision.build_optimizer) over the model's trainable parameters, or over their fp32
+    """--optim (optim.build_optimizer) over the model's trainable parameters, or over their fp32
     masters when the model computes in bf16; under --fast its moments allocated up front."""
     params = master_weights.masters if master_weights else [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, args.optim, args.learning_rate, args.weight_decay, device)

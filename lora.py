@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from precision import require
+from errors import require
 
 ADAPTER_DIR = "adapter"          # checkpoint-N/adapter: adapter_config.json + adapter_model.safetensors
 NOT_ADAPTABLE = ("lm_head", "embed_tokens")  # read as plain weights by the fused LM head and embedding
@@ -36,7 +36,7 @@ def lora_config(args):
     peft = require("peft", "--use-peft")
     targets = args.lora_target_modules
     if targets and any(name in NOT_ADAPTABLE for name in targets):
-        from data import fail
+        from errors import fail
         fail(f"--lora-target-modules {' '.join(targets)}: {' and '.join(NOT_ADAPTABLE)} cannot be adapted here "
              "(the fused LM head and embedding read their weights directly)")
     if targets == ["all-linear"]:

@@ -39,7 +39,8 @@ import analysis
 import cli
 import edge_grpo
 from checkpoints import checkpoint_dirs, hold_lock, load_model_and_tokenizer
-from data import EVAL_SETS, fail
+from data import EVAL_SETS
+from errors import fail
 
 # -----------------------------------------------------------------------------
 # The design: arms, seeds, what is measured

@@ -35,7 +35,7 @@ import torch
 from transformers import DynamicCache
 
 from cli import DEFAULT_GEC_BRANCHES, GEC_BRANCHES
-from data import fail
+from errors import fail
 from precision import LOGIT_CHUNK_ROWS  # rows of logits at once while scoring
 from reward import MAX_REWARD, acceptable_answers, reference_answer_text, reward
 
@@ -90,18 +90,7 @@ class Rollout:
 
 
 # -----------------------------------------------------------------------------
-# 1. Prompts
-
-
-
-
-def default_prompt_format(model_name):
-    """The authors' choice per family: Qwen2.5-Math models get the bare problem (their chat template's
-    default system prompt asks for step-by-step reasoning and \\boxed{}), every other family gets
-    the STEP_BY_STEP instruction appended. Decided once per run from the model's name, saved with
-    every checkpoint (run_config.json) and read back by resume and evaluation: a checkpoint's
-    directory name says nothing about its family."""
-    return "bare" if "qwen2.5-math" in str(model_name).lower() else "step-by-step"
+# 1. Prompts (their format is decided once per run: checkpoints.prompt_format_of)
 
 
 def build_prompt(tokenizer, problem, prompt_format):
@@ -507,10 +496,30 @@ def trailing_special_start(ids, special_ids):
     return end
 
 
+@dataclass
+class Rewrite:
+    """GEC's rows as token lists while they are built: rewrite_rows makes them, continue_rows appends
+    what the policy writes after the cue or the prefix, rescore pads and scores them."""
+    ids: list      # (B,) each row's token ids
+    sampled: list  # (B,) per token 1 if the policy sampled it, 0 if GEC inserted it
+    kept: dict     # rewritten row -> how many of its tokens are the original response (its end tokens dropped)
+
+
+@dataclass
+class Decoding:
+    """How the policy samples a continuation: the settings that travel together from the flags to the
+    decoder (rollout.decode, or fast.decode_static under --compile)."""
+    temperature: float
+    top_p: float
+    stop_ids: list
+    pad_id: int
+    decoder: object
+
+
 def rewrite_rows(tokenizer, rollout, actions, answers, solutions, stop_ids):
-    """Each row as token-id lists after GEC's rewrite, before any continuation: ids, and per token 1 if
-    the policy sampled it, 0 if GEC inserted it; kept: for each rewritten row, how many of its
-    tokens are the original response (without its trailing special tokens)."""
+    """Each row as GEC rewrites it, before any continuation: a Rewrite of its token ids, per token 1 if
+    the policy sampled it and 0 if GEC inserted it, and for each rewritten row how many of its tokens
+    are the original response (without its trailing special tokens)."""
     G = rollout.group_size
     eos = stop_ids[0]
     special_ids = set(stop_ids) | special_token_ids(tokenizer)
@@ -537,7 +546,7 @@ def rewrite_rows(tokenizer, rollout, actions, answers, solutions, stop_ids):
             inserted = answer_free_prefix(tokenizer, solutions[row // G], answers[row // G])
         ids.append(response + inserted)
         sampled.append(flags + [0] * len(inserted))
-    return ids, sampled, kept
+    return Rewrite(ids, sampled, kept)
 
 
 def cached_contexts(model, rollout, kv, ids, rows, kept_lengths, pad_id):
@@ -562,31 +571,32 @@ def cached_contexts(model, rollout, kv, ids, rows, kept_lengths, pad_id):
     return selected, torch.cat([mask, step_mask.to(mask.device)], dim=1), step_ids.to(mask.device)
 
 
-def continue_rows(model, rollout, kv, ids, sampled, kept, rows, *, seed, reflection_tokens, temperature, top_p,
-                  stop_ids, pad_id, decoder=decode, first_row=0):
+def continue_rows(model, rollout, kv, rewrite, rows, decoding, *, seed, max_new_tokens, first_row=0):
     """The policy goes on after the reflection cue (or the solution's prefix), for `rows` only, in one decoding loop: from the
     sampling cache when there is one (kv), else from a fresh prefill of prompt + response + cue.
-    The new tokens are appended to ids (sampled flag 1), in place."""
+    The new tokens are appended to the rewrite's rows (sampled flag 1), in place."""
+    ids, pad_id, stop_ids = rewrite.ids, decoding.pad_id, decoding.stop_ids
     if kv is not None:
-        cache, mask, step_ids = cached_contexts(model, rollout, kv, ids, rows, [kept[row] for row in rows], pad_id)
+        cache, mask, step_ids = cached_contexts(model, rollout, kv, ids, rows, [rewrite.kept[row] for row in rows], pad_id)
     else:  # a rollout that was not sampled here (saved texts)
         contexts = [rollout.prompt_ids[row][rollout.prompt_mask[row].bool()].tolist() + ids[row] for row in rows]
         context_ids, mask = (t.to(model.device) for t in left_pad(contexts, pad_id))
         cache, step_ids = prefill(model, context_ids, mask, group_size=1), context_ids[:, -1:]
-    continuation, _ = decoder(model, cache, mask, step_ids, max_new_tokens=reflection_tokens, temperature=temperature,
-                             top_p=top_p, generator=row_generators(seed, [first_row + row for row in rows], model.device),
-                             stop_ids=stop_ids, pad_id=pad_id)  # (len(rows), T')
+    continuation, _ = decoding.decoder(
+        model, cache, mask, step_ids, max_new_tokens=max_new_tokens, temperature=decoding.temperature, top_p=decoding.top_p,
+        generator=row_generators(seed, [first_row + row for row in rows], model.device), stop_ids=stop_ids,
+        pad_id=pad_id)  # (len(rows), T')
     continuation_mask, _ = completion_mask_from_eos(continuation, stop_ids)
     for k, row in enumerate(rows):
         new = continuation[k, :int(continuation_mask[k].sum())].tolist()
         ids[row] = ids[row] + new
-        sampled[row] = sampled[row] + [1] * len(new)
+        rewrite.sampled[row] = rewrite.sampled[row] + [1] * len(new)
 
 
-def rescore(tokenizer, rollout, actions, ids, sampled, answers, stop_ids, pad_id):
+def rescore(tokenizer, rollout, actions, rewrite, answers, stop_ids, pad_id):
     """The rewritten rows as a new Rollout: padded tensors, texts, and rewards (rows GEC left alone
     keep theirs); each inserted token marked with its row's branch (Rollout.inserted)."""
-    G = rollout.group_size
+    G, ids, sampled = rollout.group_size, rewrite.ids, rewrite.sampled
     completion_ids = right_pad(ids, pad_id)  # (B, T')
     completion_mask = right_pad([[1] * len(s) for s in ids], 0, width=completion_ids.shape[1])  # (B, T')
     sources = [[0 if flag else TOKEN_SOURCES.index(GEC_TEXT.get(action, "sampled")) for flag in flags]
@@ -618,13 +628,13 @@ def guided_error_correction(model, tokenizer, rollout, answers, solutions, *, se
         prompt_too_long=(rollout.prompt_mask.sum(dim=1) >= GEC_MAX_PROMPT_TOKENS).tolist(),
         generator=row_generators(seed, range(first_row, first_row + B)), forced_reflection=forced_reflection,
         branches=branches)
-    ids, sampled, kept = rewrite_rows(tokenizer, rollout, actions, answers, solutions, stop_ids)
+    rewrite = rewrite_rows(tokenizer, rollout, actions, answers, solutions, stop_ids)
     continuing = [row for row in range(B) if actions[row] in ("reflection", "prefix")]  # one decoding loop for both
     if continuing:
-        continue_rows(model, rollout, kv, ids, sampled, kept, continuing, seed=seed + 1,
-                      reflection_tokens=reflection_tokens, temperature=temperature, top_p=top_p, stop_ids=stop_ids,
-                      pad_id=pad_id, decoder=decoder, first_row=first_row)
-    return rescore(tokenizer, rollout, actions, ids, sampled, answers, stop_ids, pad_id)
+        decoding = Decoding(temperature, top_p, stop_ids, pad_id, decoder)
+        continue_rows(model, rollout, kv, rewrite, continuing, decoding, seed=seed + 1, max_new_tokens=reflection_tokens,
+                      first_row=first_row)
+    return rescore(tokenizer, rollout, actions, rewrite, answers, stop_ids, pad_id)
 
 
 # -----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import os
 import uuid
 from pathlib import Path
 
-from data import fail
+from errors import fail
 
 TRACKER_DIRS = ("tensorboard", "wandb")  # under OUTPUT_DIR: cleared with the run logs by --overwrite-output-dir
 WANDB_STATE = "edge-grpo-run.json"  # OUTPUT_DIR/wandb/: the W&B run's id and the last step it holds

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from checkpoints import read_metrics
 from cli import read_run_config
-from data import fail
+from errors import fail
 from rollout import TOKEN_SOURCES
 
 VIEW_STEPS = 10  # logged steps a page holds by default, evenly spaced, first and last included: ~22 bytes a token

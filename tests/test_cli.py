@@ -77,7 +77,7 @@ def test_cli_loads_no_torch_and_no_trainer():
 
 
 # the rooms, lowest first: a module imports only from rooms below it (or its own)
-FLOORS = [{"reward"}, {"data"}, {"cli", "precision", "trackers"}, {"rollout", "lora", "distributed"}, {"fast", "checkpoints"},
+FLOORS = [{"reward", "errors"}, {"data"}, {"cli", "precision", "trackers"}, {"rollout", "lora", "distributed", "optim"}, {"fast", "checkpoints"},
           {"edge_grpo", "viewer"}, {"analysis", "course"}, {"replicate"}]
 
 

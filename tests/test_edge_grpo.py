@@ -11,7 +11,7 @@ import torch
 import cli
 import data
 import edge_grpo as eg
-import precision
+import optim
 from rollout import build_prompt, guided_error_correction, rollout_from_texts, sample_rollout
 from tests.tiny import tiny_model
 
@@ -273,17 +273,17 @@ def test_warmup_and_linear_decay_are_hugging_faces():
                            ("constant", lambda o: get_constant_schedule_with_warmup(o, warmup))]:
             hf = make(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0))
             expected = [hf.lr_lambdas[0](k) for k in range(total + 2)]
-            assert [precision.lr_factor(k, total, warmup, kind) for k in range(total + 2)] == pytest.approx(expected)
-    assert precision.lr_factor(0, 10, 3, "linear") == 0.0 and precision.lr_factor(1, 10, 3, "linear") == pytest.approx(1 / 3)
+            assert [optim.lr_factor(k, total, warmup, kind) for k in range(total + 2)] == pytest.approx(expected)
+    assert optim.lr_factor(0, 10, 3, "linear") == 0.0 and optim.lr_factor(1, 10, 3, "linear") == pytest.approx(1 / 3)
 
 
 def test_a_changed_max_steps_continues_the_decay_from_where_it_was():
     # 8 updates planned, checkpoint after 4 (factor 0.5), resumed with 12: from 0.5 at update 4 to 0 at 12
-    anchor = (4, precision.lr_factor(4, 8, 0, "linear"))
+    anchor = (4, optim.lr_factor(4, 8, 0, "linear"))
     assert anchor[1] == 0.5
-    assert [precision.lr_factor(k, 12, 0, "linear", anchor) for k in (4, 6, 8, 11, 12)] == pytest.approx(
+    assert [optim.lr_factor(k, 12, 0, "linear", anchor) for k in (4, 6, 8, 11, 12)] == pytest.approx(
         [0.5, 0.5 * 6 / 8, 0.5 * 4 / 8, 0.5 * 1 / 8, 0.0])
-    assert [precision.lr_factor(k, 12, 0, "linear", anchor) for k in (0, 3)] == pytest.approx([1.0, 9 / 12])  # before it: unused
+    assert [optim.lr_factor(k, 12, 0, "linear", anchor) for k in (0, 3)] == pytest.approx([1.0, 9 / 12])  # before it: unused
 
 
 def test_resume_with_more_steps_has_no_jump_in_the_learning_rate(tok, tmp_path):

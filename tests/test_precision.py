@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import edge_grpo as eg
+from optim import build_optimizer
 import precision
 from rollout import build_prompt
 from tests.test_edge_grpo import PROBLEMS, args_for, write_jsonl
@@ -146,7 +147,7 @@ def regression(optim, dtype, steps=150, lr=1e-2):
     torch.manual_seed(0)
     X, target = torch.randn(256, 64), torch.randn(128, 64) * 0.1
     w = torch.nn.Parameter((torch.randn(128, 64) * 0.02).to(dtype))
-    optimizer = precision.build_optimizer([w], optim, lr, 0.0, torch.device("cpu"))
+    optimizer = build_optimizer([w], optim, lr, 0.0, torch.device("cpu"))
     for _ in range(steps):
         ((X.to(dtype) @ w.t()).float() - X @ target.t()).pow(2).mean().backward()
         optimizer.step()
@@ -180,7 +181,7 @@ def test_stochastic_rounding_moves_bf16_weights_by_lr_on_average():
         if optim == "torch":
             optimizer = torch.optim.AdamW([w], lr=LR, weight_decay=0.0)
         else:
-            optimizer = precision.build_optimizer([w], optim, LR, 0.0, torch.device("cpu"))
+            optimizer = build_optimizer([w], optim, LR, 0.0, torch.device("cpu"))
         for _ in range(steps):
             w.grad = torch.ones_like(w)
             optimizer.step()
@@ -220,7 +221,7 @@ def test_an_optional_library_missing_is_named_with_its_pip_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao now raises ImportError
     monkeypatch.setitem(sys.modules, "torchao.optim", None)
     with pytest.raises(SystemExit, match="--optim adamw_torch_8bit needs torchao: pip install torchao"):
-        precision.build_optimizer([torch.nn.Parameter(torch.zeros(3))], "adamw_torch_8bit", 1e-3, 0.0, torch.device("cpu"))
+        build_optimizer([torch.nn.Parameter(torch.zeros(3))], "adamw_torch_8bit", 1e-3, 0.0, torch.device("cpu"))
 
 
 def test_stochastic_rounding_refuses_fp32():

@@ -12,8 +12,8 @@ from reward import MAX_REWARD, reward
 from rollout import rollout_from_texts as make_rollout
 from rollout import (ANSWER_SENTENCE, GEC_MAX_PROMPT_TOKENS, REFLECTION_CUE, STEP_BY_STEP,
                      build_prompt, choose_gec_actions, completion_mask_from_eos, generate, guided_error_correction,
-                     sample_next_token, sample_rollout, sample_with_cache, shares_prompts, token_logprobs_and_entropy,
-                     default_prompt_format)
+                     sample_next_token, sample_rollout, sample_with_cache, shares_prompts, token_logprobs_and_entropy)
+from checkpoints import default_prompt_format
 from tests.tiny import qwen_tokenizer, sharpened, tiny_model, tiny_qwen2, tiny_tokenizer
 
 
