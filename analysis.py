@@ -32,7 +32,8 @@ from data import EVAL_SETS, data_name, load_data
 from errors import fail
 from edge_grpo import response_entropy
 from reward import MAX_REWARD, extract_boxed
-from rollout import build_prompt, guided_error_correction, rollout_from_texts, sample_rollout, token_logprobs_and_entropy
+from rollout import (build_prompt, guided_error_correction, rollout_from_texts, sample_rollout,
+                     token_logprobs_and_entropy)
 from viewer import VIEW_STEPS, write_page
 
 # The authors' evaluate_model.py: one sample per problem at temperature 0.1, up to 3000 new tokens.
@@ -173,10 +174,11 @@ def run_eval(args):
         records += eval_records(model, tokenizer, prompt_format, problems, data_name(spec),
                                 temperature=args.temperature, max_new_tokens=max_new_tokens, samples=args.samples,
                                 batch_size=batch_size, seed=args.seed)
-        if args.greedy:  # one response per problem at temperature 0, as many rows per call as the sampled pass, 64 at least
+        # one response per problem at temperature 0, as many rows per call as the sampled pass, 64 at least
+        if args.greedy:
             greedy += eval_records(model, tokenizer, prompt_format, problems, data_name(spec), temperature=0.0,
-                                   max_new_tokens=max_new_tokens, samples=1, batch_size=max(batch_size * args.samples, 64),
-                                   seed=args.seed)
+                                   max_new_tokens=max_new_tokens, samples=1,
+                                   batch_size=max(batch_size * args.samples, 64), seed=args.seed)
     out = Path(args.output_dir)
     write_records(out / "records.jsonl", records)
     table, weighted, unweighted = accuracy_table(records)
@@ -184,8 +186,9 @@ def run_eval(args):
     summary = dict(model=args.model, prompt_format=prompt_format, temperature=args.temperature,
                    max_new_tokens=max_new_tokens, samples=args.samples, seed=args.seed,
                    limit=args.limit, pass_at_1={k: v[0] for k, v in table.items()},
-                   problems={k: v[1] for k, v in table.items()}, average_weighted=weighted, average_unweighted=unweighted,
-                   pass_at_k=reach, pass_at_k_weighted=reach_weighted,  # k = samples: any of the k right
+                   problems={k: v[1] for k, v in table.items()}, average_weighted=weighted,
+                   # k = samples: any of the k right
+                   average_unweighted=unweighted, pass_at_k=reach, pass_at_k_weighted=reach_weighted,
                    **response_stats(records))
     rows = [(f"{args.model} avg@{args.samples}" if args.samples > 1 else args.model, table, weighted)]
     if args.greedy:
@@ -220,7 +223,8 @@ def read_records(path):
                 fail(f"{path}:{number}: not valid JSON: {getattr(e, 'msg', type(e).__name__)}")
             missing = [field for field in RECORD_FIELDS if not isinstance(record, dict) or field not in record]
             if missing:
-                fail(f"{path}:{number}: a record needs {', '.join(missing)} (records come from: python analysis.py eval ...)")
+                fail(f"{path}:{number}: a record needs {', '.join(missing)} (records come from: python "
+                     f"analysis.py eval ...)")
             records.append(record)
     if not records:
         fail(f"{path}: no records")
@@ -305,7 +309,8 @@ def reflection_stats(records):
     """Share of responses that reflect, their accuracy, and the overall accuracy."""
     reflecting = [r for r in records if reflects(r["response"])]
     return dict(responses=len(records), reflecting=len(reflecting), reflection_share=len(reflecting) / len(records),
-                accuracy=_mean(r["correct"] for r in records), accuracy_reflecting=_mean(r["correct"] for r in reflecting),
+                accuracy=_mean(r["correct"] for r in records),
+                accuracy_reflecting=_mean(r["correct"] for r in reflecting),
                 accuracy_not_reflecting=_mean(r["correct"] for r in records if not reflects(r["response"])))
 
 
@@ -343,7 +348,8 @@ def run_reflection(args):
           f"not reflecting {fmt(result['accuracy_not_reflecting'])}")
     if "forced_reflection" in result:
         f = result["forced_reflection"]
-        print(f"forced reflection: {f['corrected']} of {f['wrong']} wrong responses became correct ({fmt(f['corrected_share'])})")
+        print(f"forced reflection: {f['corrected']} of {f['wrong']} wrong responses became correct "
+              f"({fmt(f['corrected_share'])})")
     return result
 
 
@@ -456,7 +462,8 @@ def gec_stats(lines):
     rewritten = [line for line in lines if line["gec_action"] not in ("none", "skipped")]
     stats = {action: dict(rows=len(rows), correct_before=_mean(r["sampled_reward"] == MAX_REWARD for r in rows),
                           correct_after=_mean(r["reward"] == MAX_REWARD for r in rows),
-                          mean_advantage_eda=_mean(r["advantage_eda"] for r in rows)) for action, rows in sorted(by_action.items())}
+                          mean_advantage_eda=_mean(r["advantage_eda"] for r in rows)) for action,
+                          rows in sorted(by_action.items())}
     return dict(rows=len(lines), rewritten=len(rewritten),
                 rewritten_correct_after=_mean(r["reward"] == MAX_REWARD for r in rewritten), actions=stats)
 
@@ -469,11 +476,11 @@ def run_gec(args):
     lines = read_metrics(path, fields=COMPLETION_FIELDS)  # the same JSON lines, a cut-off last one dropped
     result = gec_stats(lines)
     fmt = lambda v: "-" if v is None else f"{100 * v:.0f}%"
-    print(f"{result['rows']} rows, {result['rewritten']} rewritten by GEC; of those, {fmt(result['rewritten_correct_after'])} "
-          f"end with the right answer")
+    print(f"{result['rows']} rows, {result['rewritten']} rewritten by GEC; of those, "
+          f"{fmt(result['rewritten_correct_after'])} end with the right answer")
     for action, s in result["actions"].items():
-        print(f"  {action:>10}: {s['rows']:>5} rows, correct before {fmt(s['correct_before'])}, after {fmt(s['correct_after'])}, "
-              f"mean advantage after EDA {s['mean_advantage_eda']:+.3f}")
+        print(f"  {action:>10}: {s['rows']:>5} rows, correct before {fmt(s['correct_before'])}, after "
+              f"{fmt(s['correct_after'])}, mean advantage after EDA {s['mean_advantage_eda']:+.3f}")
     return result
 
 
@@ -519,7 +526,8 @@ def build_parser():
                        help=f"default {EVAL_MAX_NEW_TOKENS} (authors); smollm2-135m and its checkpoints: 512")
         p.add_argument("--samples", type=int, default=EVAL_SAMPLES, help="responses per problem")
         p.add_argument("--batch-size", type=int, default=0,
-                       help=f"problems per generate call; 0: by device ({', '.join(f'{k} {v}' for k, v in EVAL_BATCH_SIZE.items())})")
+                       help=f"problems per generate call; 0: by device "
+                            f"({', '.join(f'{k} {v}' for k, v in EVAL_BATCH_SIZE.items())})")
         p.add_argument("--prompt-format", choices=("auto",) + PROMPT_FORMATS, default="auto",
                        help="auto: a training checkpoint's own, else the authors' choice for the model's family")
         p.add_argument("--limit", type=int, default=0, help="first N problems per file (0: all)")
@@ -545,8 +553,8 @@ def build_parser():
     p.add_argument("--output-dir", default="runs/analysis")
     model_flags(p, required=False)
 
-    p = sub.add_parser("reflection", help="Fig. 2: reflection vs accuracy; forced reflection with --model", allow_abbrev=False,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("reflection", help="Fig. 2: reflection vs accuracy; forced reflection with --model",
+                       allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--records", required=True, help="records.jsonl from eval")
     p.add_argument("--output-dir", default="runs/analysis")
     model_flags(p, required=False)

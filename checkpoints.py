@@ -52,8 +52,10 @@ def resolve_device(name):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        fail(f"--device {name}: this machine has {torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA "
-             f"device{'s' if torch.cuda.device_count() != 1 else ''} (torch {torch.__version__}); use --device cpu or auto")
+        fail(f"--device {name}: this machine has "
+             f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA "
+             f"device{'s' if torch.cuda.device_count() != 1 else ''} (torch {torch.__version__}); use --device "
+             f"cpu or auto")
     if device.type == "mps" and not torch.backends.mps.is_available():
         fail(f"--device {name}: MPS (Apple silicon) is not available here; use --device cpu or auto")
     return device
@@ -114,7 +116,8 @@ def check_model_name(name):
             fail(f"--model {name} is a file: pass the directory of a saved model (config.json, weights, tokenizer)")
         return True
     if not HUB_ID.fullmatch(name) or name.startswith((".", "~")):
-        fail(f"--model {name}: no such directory, and not an alias ({', '.join(MODEL_SOURCES)}) or a hub id (owner/name)")
+        fail(f"--model {name}: no such directory, and not an alias ({', '.join(MODEL_SOURCES)}) or a hub id "
+             f"(owner/name)")
     return False
 
 
@@ -133,7 +136,8 @@ def hub_reachable(timeout=5.0):
 
 def not_fetched(name, source, error, offline):
     """The one line for a hub model that could not be loaded: why, and what --model takes instead."""
-    reason = "the hub is not reachable and it is not in the local cache" if offline else str(error).splitlines()[0][:160]
+    reason = ("the hub is not reachable and it is not in the local cache" if offline
+              else str(error).splitlines()[0][:160])
     return (f"--model {name}: could not load {source} from the Hugging Face hub ({reason}); --model also takes a local "
             f"directory (a saved model or a run's checkpoint-N) or the embedded smollm2-135m, which needs no network")
 
@@ -262,16 +266,18 @@ RUN_LOGS = ("metrics.jsonl", "completions.jsonl")
 def holds_run(directory):
     """Whether directory holds a run: a run log or a checkpoint."""
     directory = Path(directory)
-    return any((directory / name).exists() for name in RUN_LOGS) or bool(checkpoint_dirs(directory, complete_only=False))
+    return any((directory / name).exists() for name in RUN_LOGS) or bool(checkpoint_dirs(directory,
+                                                                                         complete_only=False))
 
 
 def prepare_output_dir(args):
     """A fresh run refuses a directory that holds another run (Hugging Face's --overwrite-output-dir
-    clears it: the run logs, config.json, checkpoints, tracker logs and rollouts.html). A resumed run writes into the directory its
-    checkpoint is in; --resume with another --output-dir that already holds a run is refused, naming
-    both. Called before the model loads: nothing is lost to a refused run. What an interrupted save or
-    prune left (.checkpoint-N.tmp, .checkpoint-N.deleting) is removed. Returns the metrics path; a
-    resumed run trims the run logs once its checkpoint has loaded (trim_run_logs)."""
+    clears it: the run logs, config.json, checkpoints, tracker logs and rollouts.html). A resumed run
+    writes into the directory its checkpoint is in; --resume with another --output-dir that already
+    holds a run is refused, naming both. Called before the model loads: nothing is lost to a refused
+    run. What an interrupted save or prune left (.checkpoint-N.tmp, .checkpoint-N.deleting) is
+    removed. Returns the metrics path; a resumed run trims the run logs once its checkpoint has
+    loaded (trim_run_logs)."""
     output_dir = Path(args.output_dir)
     if args.resume and output_dir.resolve() != Path(args.resume).resolve().parent and holds_run(output_dir):
         fail(f"--resume {args.resume} belongs to the run in {Path(args.resume).resolve().parent}, and --output-dir "
@@ -321,8 +327,8 @@ def read_metrics(path, fields=("step",)):
             row = json.loads(line)
         except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; so is an integer past 4300 digits
             if number < len(lines):
-                fail(f"{path}:{number}: not valid JSON ({getattr(e, 'msg', type(e).__name__)}); only a cut-off last line "
-                     f"is dropped by itself: delete or repair this one")
+                fail(f"{path}:{number}: not valid JSON ({getattr(e, 'msg', type(e).__name__)}); only a "
+                     f"cut-off last line is dropped by itself: delete or repair this one")
             print(f"{path}:{number}: the last line was cut off mid-write; dropped")
             continue
         missing = [f for f in fields if f not in row] if isinstance(row, dict) else list(fields)
@@ -350,8 +356,8 @@ def all_finite(state_dict):
     return all(torch.isfinite(t).all() for t in state_dict.values() if torch.is_tensor(t) and t.is_floating_point())
 
 
-def save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, anchor, position, args, master_weights=None,
-                    model_state=None, optimizer_state=None):
+def save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, anchor, position, args,
+                    master_weights=None, model_state=None, optimizer_state=None):
     """OUTPUT_DIR/checkpoint-STEP: the model and tokenizer in Hugging Face format (from_pretrained
     loads it), plus everything resume needs. Written to a temporary dir and renamed, so a crash never
     leaves half a checkpoint; a failed write (a full disk) removes the temporary dir and stops the run
@@ -378,8 +384,10 @@ def save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, an
             model.save_pretrained(tmp, state_dict=weights)
         tokenizer.save_pretrained(tmp)
         torch.save(dict(step=step, position=position, optimizer=optimizer_state or optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), schedule=dict(total=args.max_steps * args.num_iterations, anchor=anchor),
-                        torch_rng=torch.random.get_rng_state(), numpy_rng=np.random.get_state(), python_rng=random.getstate()),
+                        scheduler=scheduler.state_dict(),
+                        schedule=dict(total=args.max_steps * args.num_iterations, anchor=anchor),
+                        torch_rng=torch.random.get_rng_state(), numpy_rng=np.random.get_state(),
+                        python_rng=random.getstate()),
                    tmp / "trainer_state.pt")
         (tmp / "run_config.json").write_text(json.dumps(vars(args), indent=2))
     except (OSError, RuntimeError) as e:  # ENOSPC, or torch's "[enforce fail at inline_container.cc] unexpected pos"
@@ -433,8 +441,9 @@ def load_trainer_state(checkpoint_dir):
 
 def damaged(path, error):
     """The one line a damaged checkpoint file gets: which file, what failed, what to do."""
-    return (f"{path}: unreadable ({type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else 'empty'}); "
-            f"the checkpoint is damaged: resume from the previous checkpoint in {Path(path).parent.parent}")
+    return (f"{path}: unreadable ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:160] if str(error) else 'empty'}); the checkpoint is damaged: resume from "
+            f"the previous checkpoint in {Path(path).parent.parent}")
 
 
 def restore_trainer_state(state, optimizer, scheduler):
@@ -462,13 +471,14 @@ def completion_lines(step, trained, tokenizer):
         n = int(rollout.completion_mask[row].sum())
         problem = trained["problems"][row // G]
         lines.append(dict(
-            step=step, prompt=row // G, problem=problem["problem"], answer=problem["answer"], sampled=sampled.texts[row],
-            sampled_reward=float(sampled.rewards[row]), gec_action=rollout.actions[row],
+            step=step, prompt=row // G, problem=problem["problem"], answer=problem["answer"],
+            sampled=sampled.texts[row], sampled_reward=float(sampled.rewards[row]), gec_action=rollout.actions[row],
             rewritten=rollout.texts[row] if rollout.actions[row] not in ("none", "skipped") else None,
             reward=float(rollout.rewards[row]), advantage=trained["A"][row], advantage_eda=trained["A_eda"][row],
             entropy=trained["H"][row], tokens=token_pieces(tokenizer, rollout.completion_ids[row, :n].tolist()),
             token_entropy=[round(h, 2) for h in trained["H_t"][row, :n].tolist()],
-            token_source=rollout.inserted[row, :n].tolist(), token_trained=trained["loss_mask"][row, :n].int().tolist()))
+            token_source=rollout.inserted[row, :n].tolist(),
+            token_trained=trained["loss_mask"][row, :n].int().tolist()))
     return lines
 
 

@@ -30,11 +30,13 @@ GEC_BRANCHES = ("reflection", "answer", "solution", "prefix")  # rollout.choose_
 REPORT_TO = ("none", "tensorboard", "wandb")                   # trackers.py
 DEFAULT_GEC_BRANCHES = GEC_BRANCHES[:3]                        # the paper's three
 REFLECTION_NEW_TOKENS = 256  # the authors' budget of the continuation after GEC's reflection cue
-OPTIMIZERS = ("adamw_torch_fused", "adamw_torch_8bit", "adamw_torch_8bit_sr")  # optim.build_optimizer: HF's names, + _sr
+# optim.build_optimizer: HF's names, + _sr
+OPTIMIZERS = ("adamw_torch_fused", "adamw_torch_8bit", "adamw_torch_8bit_sr")
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")  # TRL's names, with TRL's meanings (edge_grpo.token_weights)
 REWARDS = ("exact-match", "format-only")          # edge_grpo.trained_rewards
 NGRPO_CLIP = (0.16, 0.24)  # NGRPO's asymmetric clip range (its authors' training script): --epsilon, --epsilon-high
-SEED_GRPO_ALPHA = 0.0417   # SEED-GRPO's alpha in its authors' code (scale 1 / (1 + alpha SE / log G)): --seed-grpo-alpha
+# SEED-GRPO's alpha in its authors' code (scale 1 / (1 + alpha SE / log G)): --seed-grpo-alpha
+SEED_GRPO_ALPHA = 0.0417
 
 # The paper's hyperparameters (../shared/PAPER.md, "Authors' training settings"); 1 epoch of 1000 prompts.
 AUTHORS_SETTINGS = dict(learning_rate=1e-6, num_generations=8, prompts_per_step=1, temperature=0.6, top_p=1.0,
@@ -55,9 +57,9 @@ MODEL_ALIASES = {  # alias -> the settings it brings; where its weights come fro
 
 # Flags that change only the budget, the machine or where and how the run is written: a resumed run may change
 # them. Every other flag defines the experiment (experiment_differences): model, data, method, G, P, reward, seed...
-FREE_FLAGS = ("max_steps", "save_steps", "save_total_limit", "log_completions_steps", "output_dir", "overwrite_output_dir",
-              "resume", "device", "dtype", "micro_batch_size", "gradient_checkpointing", "fast", "compile", "ddp_timeout",
-              "fsdp", "allow_changed_flags", "report_to", "changed_flags")
+FREE_FLAGS = ("max_steps", "save_steps", "save_total_limit", "log_completions_steps", "output_dir",
+              "overwrite_output_dir", "resume", "device", "dtype", "micro_batch_size", "gradient_checkpointing",
+              "fast", "compile", "ddp_timeout", "fsdp", "allow_changed_flags", "report_to", "changed_flags")
 
 
 def experiment_differences(saved, now, free=FREE_FLAGS):
@@ -93,40 +95,56 @@ def processes():
 
 
 def build_parser(add_help=True):
-    p = argparse.ArgumentParser(description="EDGE-GRPO: GRPO with guided error correction and entropy-driven advantages. "
-                                            "The defaults shown are what runs with the --model (and --resume) given: an "
-                                            "alias brings its settings (python edge_grpo.py --model qwen2.5-math-1.5b "
-                                            "--help shows the paper's).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, add_help=add_help, allow_abbrev=False)
+    p = argparse.ArgumentParser(description="EDGE-GRPO: GRPO with guided error correction and entropy-driven "
+                                            "advantages. The defaults shown are what runs with the --model (and "
+                                            "--resume) given: an alias brings its settings (python edge_grpo.py "
+                                            "--model qwen2.5-math-1.5b --help shows the paper's).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, add_help=add_help,
+                                allow_abbrev=False)
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="smollm2-135m", help=f"alias ({', '.join(MODEL_ALIASES)}), hub id or local path; an alias brings its settings")
-    g.add_argument("--data", default=None, help=f"JSON array or JSONL with problem, answer, optional solution, or a name fetched once "
-                   f"({', '.join(PAPER_DATA)}); none: the built-in arithmetic set (the qwen aliases: deepscaler_hard-1k)")
+    g.add_argument("--model", default="smollm2-135m",
+                   help=f"alias ({', '.join(MODEL_ALIASES)}), hub id or local path; an alias brings its settings")
+    g.add_argument("--data", default=None,
+                   help=f"JSON array or JSONL with problem, answer, optional solution, or a name fetched once "
+                   f"({', '.join(PAPER_DATA)}); none: the built-in arithmetic set (the qwen aliases: "
+                   f"deepscaler_hard-1k)")
     g.add_argument("--prompt-format", choices=("auto",) + PROMPT_FORMATS, default="auto",
-                   help="bare problem, or with the step-by-step instruction; auto: by model family (the authors' choice)")
-    g.add_argument("--output-dir", default=None, help="metrics.jsonl, config.json and checkpoints go here; none: runs/ARM "
+                   help="bare problem, or with the step-by-step instruction; auto: by model family (the "
+                        "authors' choice)")
+    g.add_argument("--output-dir", default=None,
+                   help="metrics.jsonl, config.json and checkpoints go here; none: runs/ARM "
                    "(runs/edge-grpo, runs/grpo, runs/forced-reflection, ...)")
-    g.add_argument("--overwrite-output-dir", action="store_true", help="start afresh in an --output-dir that holds a run")
-    g.add_argument("--resume", default=None, help="a checkpoint dir to continue from, in its own run's directory (its config is "
+    g.add_argument("--overwrite-output-dir", action="store_true",
+                   help="start afresh in an --output-dir that holds a run")
+    g.add_argument("--resume", default=None,
+                   help="a checkpoint dir to continue from, in its own run's directory (its config is "
                    "the default; flags that define the experiment may not change, see --allow-changed-flags)")
     g.add_argument("--allow-changed-flags", action="store_true",
-                   help="--resume with flags that define the experiment changed (method, G, data, model, ...): taken, and "
-                        "config.json records from which step which flags changed")
+                   help="--resume with flags that define the experiment changed (method, G, data, model, ...): "
+                        "taken, and config.json records from which step which flags changed")
     g.add_argument("--seed", type=int, default=0, help="seeds data order, sampling and GEC")
     g = p.add_argument_group("method (defaults: EDGE-GRPO; --no-gec --no-eda: vanilla GRPO)")
-    g.add_argument("--gec", action=argparse.BooleanOptionalAction, default=True, help="guided error correction of wrong responses")
-    g.add_argument("--forced-reflection", action="store_true", help="the paper's baseline: reflection cue + continuation for every wrong response, no guidance")
-    g.add_argument("--eda", action=argparse.BooleanOptionalAction, default=True, help="entropy-driven advantage A_i * mean(H)/H_i")
+    g.add_argument("--gec", action=argparse.BooleanOptionalAction, default=True,
+                   help="guided error correction of wrong responses")
+    g.add_argument("--forced-reflection", action="store_true",
+                   help="the paper's baseline: reflection cue + continuation for every wrong response, no guidance")
+    g.add_argument("--eda", action=argparse.BooleanOptionalAction, default=True,
+                   help="entropy-driven advantage A_i * mean(H)/H_i")
     g.add_argument("--authors-eda", action="store_true",
-                   help="EDA as the authors' code: gradient through H_i, mean(H)/H_i unclamped (H_i still floored at 1e-6 against NaN)")
-    g.add_argument("--scale-rewards", action=argparse.BooleanOptionalAction, default=True, help="divide advantages by the group std (off: mean-only)")
-    g.add_argument("--inserted-tokens", choices=("train", "mask"), default="train", help="train GEC's inserted text like sampled text (authors) or leave it out of the loss")
-    g.add_argument("--gec-reflection-tokens", type=int, default=REFLECTION_NEW_TOKENS, help="max new tokens after the reflection cue")
+                   help="EDA as the authors' code: gradient through H_i, mean(H)/H_i unclamped (H_i still floored at "
+                        "1e-6 against NaN)")
+    g.add_argument("--scale-rewards", action=argparse.BooleanOptionalAction, default=True,
+                   help="divide advantages by the group std (off: mean-only)")
+    g.add_argument("--inserted-tokens", choices=("train", "mask"), default="train",
+                   help="train GEC's inserted text like sampled text (authors) or leave it out of the loss")
+    g.add_argument("--gec-reflection-tokens", type=int, default=REFLECTION_NEW_TOKENS,
+                   help="max new tokens after the reflection cue")
     g.add_argument("--gec-branches", nargs="+", choices=GEC_BRANCHES, default=list(DEFAULT_GEC_BRANCHES),
-                   help="GEC's branches (1/2 reflection, 1/4 answer, 1/4 solution); a removed branch's share goes to the "
-                        "others in proportion (reflection solution: 2/3, 1/3). prefix (weight 1/2, not the paper's): the "
-                        "solution's start up to its answer (at most 3/4 of it) replaces the response, the policy writes "
-                        "the rest, the prefix is never trained; reflection prefix: EDGE-GRPO guided without the answer")
+                   help="GEC's branches (1/2 reflection, 1/4 answer, 1/4 solution); a removed branch's share "
+                        "goes to the others in proportion (reflection solution: 2/3, 1/3). prefix (weight 1/2, not "
+                        "the paper's): the solution's start up to its answer (at most 3/4 of it) replaces the "
+                        "response, the policy writes the rest, the prefix is never trained; reflection prefix: "
+                        "EDGE-GRPO guided without the answer")
     g.add_argument("--reward", choices=REWARDS, default="exact-match",
                    help="what the advantages are computed from: format + exact-match accuracy (0/1/2), or format-only "
                         "(1 for any boxed answer, right or wrong: a control)")
@@ -139,50 +157,61 @@ def build_parser(add_help=True):
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1.0 is off")
     g = p.add_argument_group("optimization")
     g.add_argument("--learning-rate", type=float, default=1e-6, help="AdamW peak learning rate")
-    g.add_argument("--lr-scheduler-type", choices=("linear", "constant"), default="linear", help="decay to 0 over the run, or constant")
-    g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup from 0, in optimizer steps (Hugging Face's schedule)")
+    g.add_argument("--lr-scheduler-type", choices=("linear", "constant"), default="linear",
+                   help="decay to 0 over the run, or constant")
+    g.add_argument("--warmup-steps", type=int, default=0,
+                   help="linear warmup from 0, in optimizer steps (Hugging Face's schedule)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 is off")
-    g.add_argument("--max-steps", type=int, default=1000, help="rollout steps (each does --num-iterations optimizer updates)")
+    g.add_argument("--max-steps", type=int, default=1000,
+                   help="rollout steps (each does --num-iterations optimizer updates)")
     g.add_argument("--sft-steps", type=int, default=0,
-                   help="the first K steps are supervised fine-tuning on the drawn problems' reference solutions (token-mean "
-                        "NLL), the rest the RL method: K = --max-steps is pure SFT (a baseline), half is SFT then RL")
-    g.add_argument("--beta", type=float, default=0.0, help="KL coefficient to a frozen reference (k3); 0 builds no reference model")
-    g.add_argument("--epsilon", type=float, default=0.2, help="PPO clip range, lower side (and upper unless --epsilon-high)")
+                   help="the first K steps are supervised fine-tuning on the drawn problems' reference solutions "
+                        "(token-mean NLL), the rest the RL method: K = --max-steps is pure SFT (a baseline), half is "
+                        "SFT then RL")
+    g.add_argument("--beta", type=float, default=0.0,
+                   help="KL coefficient to a frozen reference (k3); 0 builds no reference model")
+    g.add_argument("--epsilon", type=float, default=0.2,
+                   help="PPO clip range, lower side (and upper unless --epsilon-high)")
     g.add_argument("--epsilon-high", type=float, default=None, help="PPO clip range, upper side; none: --epsilon")
     g.add_argument("--loss-type", choices=LOSS_TYPES, default="grpo",
-                   help="as TRL: grpo: per-response token mean; bnpo: token mean per micro-batch; dapo: token mean over the "
-                        "step; dr_grpo: sum / (B x max length)")
+                   help="as TRL: grpo: per-response token mean; bnpo: token mean per micro-batch; dapo: token "
+                        "mean over the step; dr_grpo: sum / (B x max length)")
     g.add_argument("--num-iterations", type=int, default=1, help="updates per rollout (>1 stores old log-probs)")
-    g.add_argument("--micro-batch-size", type=int, default=8, help="rows per forward/backward; a multiple of G lets EDA reuse the training forward")
+    g.add_argument("--micro-batch-size", type=int, default=8,
+                   help="rows per forward/backward; a multiple of G lets EDA reuse the training forward")
     g = p.add_argument_group("GRPO-family variants (README, \"The GRPO family\")")
     g.add_argument("--dr-grpo", action="store_true",
                    help="Dr. GRPO (Liu et al. 2025): no std scaling and the constant normalizer (= --no-scale-rewards "
                         "--loss-type dr_grpo)")
     g.add_argument("--ngrpo", action="store_true",
-                   help="NGRPO (Nan et al. 2025): group statistics with a virtual maximum-reward response, and its asymmetric "
-                        "clip (default --epsilon 0.16 --epsilon-high 0.24, which flags given override); its authors' script "
-                        "also drops all-correct groups, which this does not (they get 0 advantage, as in GRPO)")
+                   help="NGRPO (Nan et al. 2025): group statistics with a virtual maximum-reward response, and its "
+                        "asymmetric clip (default --epsilon 0.16 --epsilon-high 0.24, which flags given override); "
+                        "its authors' script also drops all-correct groups, which this does not (they get 0 "
+                        "advantage, as in GRPO)")
     g.add_argument("--importance-sampling-level", choices=("token", "sequence"), default="token",
-                   help="sequence: GSPO (Zheng et al. 2025), one length-normalised ratio per response, clipped as a whole "
-                        "(the paper clips at --epsilon 3e-4 --epsilon-high 4e-4)")
+                   help="sequence: GSPO (Zheng et al. 2025), one length-normalised ratio per response, clipped "
+                        "as a whole (the paper clips at --epsilon 3e-4 --epsilon-high 4e-4)")
     g.add_argument("--dynamic-sampling", action="store_true",
-                   help="DAPO: groups whose rewards are all equal after GEC are replaced by fresh prompts until P mixed "
-                        "groups are found (metric prompts_drawn)")
-    g.add_argument("--max-sampling-rounds", type=int, default=3, help="--dynamic-sampling: extra sampling rounds per step at most")
+                   help="DAPO: groups whose rewards are all equal after GEC are replaced by fresh prompts "
+                        "until P mixed groups are found (metric prompts_drawn)")
+    g.add_argument("--max-sampling-rounds", type=int, default=3,
+                   help="--dynamic-sampling: extra sampling rounds per step at most")
     g.add_argument("--overlong-buffer", type=int, default=0,
-                   help="DAPO's soft overlong punishment: the reward falls linearly by up to 1 over the last N tokens before "
-                        "--max-completion-length (DAPO: 4096 of 20480); 0: off")
+                   help="DAPO's soft overlong punishment: the reward falls linearly by up to 1 over the last N "
+                        "tokens before --max-completion-length (DAPO: 4096 of 20480); 0: off")
     g.add_argument("--top-entropy-quantile", type=float, default=1.0,
                    help="train only the tokens whose entropy is in this top fraction of each micro-batch's tokens "
-                        "(Wang et al. 2025: 0.2; under torchrun each rank's micro-batch, where TRL pools the ranks' tokens); "
-                        "1.0: every token")
+                        "(Wang et al. 2025: 0.2; under torchrun each rank's micro-batch, where TRL pools the "
+                        "ranks' tokens); 1.0: every token")
     g.add_argument("--entropy-band", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
                    help="train only the tokens whose entropy lies between these quantiles of each micro-batch's tokens "
-                        "(SPINE's forking tokens without the noisiest top, e.g. 0.8 0.98); 0.8 1.0 = --top-entropy-quantile 0.2")
+                        "(SPINE's forking tokens without the noisiest top, e.g. 0.8 0.98); 0.8 1.0 = "
+                        "--top-entropy-quantile 0.2")
     g.add_argument("--seed-grpo", action="store_true",
-                   help="SEED-GRPO (Chen et al. 2025): each group's advantages x 1 / (1 + alpha SE / log G), SE the semantic "
-                        "entropy of its answers (clustered by reward.py's exact match); metric semantic_entropy")
+                   help="SEED-GRPO (Chen et al. 2025): each group's advantages x 1 / (1 + alpha SE / log G), SE "
+                        "the semantic entropy of its answers (clustered by reward.py's exact match); metric "
+                        "semantic_entropy")
     g.add_argument("--seed-grpo-alpha", type=float, default=SEED_GRPO_ALPHA,
                    help="--seed-grpo's alpha (its authors' code: 0.0417; the paper: 0.02)")
     g = p.add_argument_group("system and logging")
@@ -190,7 +219,8 @@ def build_parser(add_help=True):
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="compute dtype; bfloat16 keeps fp32 master weights and AdamW moments (precision.py); auto: "
                         "bfloat16 on GPU, float32 on CPU")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in backward to save memory")
     g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
                    help="the speed and memory machinery (fast.py), same numbers; --no-fast: the plain reference path")
     g.add_argument("--ddp-timeout", type=int, default=1800,
@@ -202,26 +232,31 @@ def build_parser(add_help=True):
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="decode on a static KV cache with a torch.compile'd step (same tokens); default: on with CUDA, "
                         "off on CPU (a compile costs about a minute there); needs --fast")
-    g.add_argument("--save-steps", type=int, default=100, help="checkpoint every N steps, and at the end (0: only at the end)")
+    g.add_argument("--save-steps", type=int, default=100,
+                   help="checkpoint every N steps, and at the end (0: only at the end)")
     g.add_argument("--save-total-limit", type=int, default=2, help="keep the newest N checkpoints (0: keep all)")
     g.add_argument("--log-completions-steps", type=int, default=5,
                    help="print sample completions every N steps and log every row to completions.jsonl (0: never)")
     g.add_argument("--report-to", nargs="+", choices=REPORT_TO, default=["none"],
-                   help="also log metrics to TensorBoard (OUTPUT_DIR/tensorboard) and/or Weights & Biases (trackers.py)")
+                   help="also log metrics to TensorBoard (OUTPUT_DIR/tensorboard) and/or Weights & Biases "
+                        "(trackers.py)")
     g = p.add_argument_group("smaller GPUs (precision.py, lora.py)")
     g.add_argument("--optim", choices=OPTIMIZERS, default="adamw_torch_fused",
-                   help="adamw_torch_fused: fp32 moments (and fp32 masters under bf16); adamw_torch_8bit: torchao's 8-bit "
-                        "moments; adamw_torch_8bit_sr: 8-bit moments and bf16 weights updated with stochastic rounding, "
-                        "no masters (needs bf16)")
-    g.add_argument("--use-peft", action="store_true", help="train LoRA adapters only (peft); not the paper's full fine-tune")
+                   help="adamw_torch_fused: fp32 moments (and fp32 masters under bf16); adamw_torch_8bit: "
+                        "torchao's 8-bit moments; adamw_torch_8bit_sr: 8-bit moments and bf16 weights updated with "
+                        "stochastic rounding, no masters (needs bf16)")
+    g.add_argument("--use-peft", action="store_true",
+                   help="train LoRA adapters only (peft); not the paper's full fine-tune")
     g.add_argument("--lora-r", type=int, default=16, help="LoRA rank r")
     g.add_argument("--lora-alpha", type=int, default=32, help="LoRA scale alpha (the update is alpha / r x B A)")
     g.add_argument("--lora-dropout", type=float, default=0.0,
-                   help="dropout on the adapters' input (TRL's default is 0.05; 0 keeps the scored policy the sampled one)")
+                   help="dropout on the adapters' input (TRL's default is 0.05; 0 keeps the scored policy the "
+                        "sampled one)")
     g.add_argument("--lora-target-modules", nargs="+", default=None,
                    help="module names to adapt, or all-linear; none: peft's default for the family (q_proj v_proj)")
     g.add_argument("--save-merged-model", action="store_true",
-                   help="LoRA: checkpoints also hold the merged model that from_pretrained loads (else the adapter only)")
+                   help="LoRA: checkpoints also hold the merged model that from_pretrained loads (else the "
+                        "adapter only)")
     return p
 
 
@@ -299,7 +334,8 @@ def read_run_config(path):
     if not isinstance(config, dict):
         why = f"{type(config).__name__}: {str(config)[:120]}" if isinstance(config, Exception) else "not a JSON object"
         where = (f"the checkpoint is damaged: resume from the previous checkpoint in {path.parent.parent}"
-                 if path.name == "run_config.json" else "repair it, or delete it (a plot then labels the run by its directory)")
+                 if path.name == "run_config.json" else "repair it, or delete it (a plot then labels the run by its "
+                                                        "directory)")
         fail(f"{path}: unreadable ({why}); {where}")
     return config
 
@@ -313,7 +349,8 @@ def validate_args(args):
         (args.gec or not args.forced_reflection, "--forced-reflection is a mode of GEC: it contradicts --no-gec"),
         (args.eda or not args.authors_eda, "--authors-eda changes EDA: it contradicts --no-eda"),
         (not args.authors_eda or args.micro_batch_size % G == 0,
-         f"--authors-eda needs whole groups per micro-batch: --micro-batch-size {args.micro_batch_size} is not a multiple of G={G}"),
+         f"--authors-eda needs whole groups per micro-batch: --micro-batch-size {args.micro_batch_size} is not a "
+         f"multiple of G={G}"),
         (args.gec_reflection_tokens >= 1, "--gec-reflection-tokens must be at least 1"),
         (set(args.gec_branches) == set(DEFAULT_GEC_BRANCHES) or (args.gec and not args.forced_reflection),
          "--gec-branches chooses among GEC's branches: it contradicts --no-gec and --forced-reflection"),
@@ -332,12 +369,14 @@ def validate_args(args):
         (args.max_steps >= 1, "--max-steps must be at least 1"),
         (0 <= args.sft_steps <= args.max_steps, f"--sft-steps must be between 0 and --max-steps ({args.max_steps})"),
         (args.beta >= 0, "--beta must be >= 0"),
-        (args.epsilon >= 0 and (args.epsilon_high is None or args.epsilon_high >= 0), "--epsilon and --epsilon-high must be >= 0"),
+        (args.epsilon >= 0 and (args.epsilon_high is None or args.epsilon_high >= 0),
+         "--epsilon and --epsilon-high must be >= 0"),
         (args.num_iterations >= 1, "--num-iterations must be at least 1"),
         (args.micro_batch_size >= 1, "--micro-batch-size must be at least 1"),
         # variants
         (not args.dr_grpo or (args.loss_type == "dr_grpo" and not args.scale_rewards),
-         "--dr-grpo means --loss-type dr_grpo and --no-scale-rewards: it contradicts the --loss-type or --scale-rewards given"),
+         "--dr-grpo means --loss-type dr_grpo and --no-scale-rewards: it contradicts the --loss-type or "
+         "--scale-rewards given"),
         (args.max_sampling_rounds >= 0, "--max-sampling-rounds must be >= 0"),
         (0 <= args.overlong_buffer < args.max_completion_length,
          "--overlong-buffer must be >= 0 and below --max-completion-length"),
@@ -362,10 +401,12 @@ def validate_args(args):
         (args.optim != "adamw_torch_8bit_sr" or args.dtype != "float32",
          "--optim adamw_torch_8bit_sr rounds bf16 weights stochastically: it needs --dtype bfloat16 (or auto)"),
         (not args.fsdp or args.optim == "adamw_torch_fused",
-         f"--fsdp runs with --optim adamw_torch_fused only for now (its fp32 shards are the masters), not {args.optim}"),
+         f"--fsdp runs with --optim adamw_torch_fused only for now (its fp32 shards are the masters), not "
+         f"{args.optim}"),
         (args.lora_r >= 1 and 0 <= args.lora_dropout < 1, "--lora-r must be >= 1 and --lora-dropout in [0, 1)"),
         (args.use_peft or not args.save_merged_model, "--save-merged-model merges LoRA adapters: it needs --use-peft"),
-        (not args.fsdp or not args.use_peft, "--fsdp with --use-peft: LoRA's trained state is small, run it data parallel (no --fsdp)"),
+        (not args.fsdp or not args.use_peft,
+         "--fsdp with --use-peft: LoRA's trained state is small, run it data parallel (no --fsdp)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -391,7 +432,8 @@ def validate_numbers(args, parser):
         (args.lora_alpha >= 1, "--lora-alpha must be at least 1"),
         (args.ddp_timeout >= 1, "--ddp-timeout must be at least 1 second"),
         (args.log_completions_steps >= 0, "--log-completions-steps must be >= 0 (0: never)"),
-        ("none" not in args.report_to or len(args.report_to) == 1, "--report-to none contradicts the trackers named with it"),
+        ("none" not in args.report_to or len(args.report_to) == 1,
+         "--report-to none contradicts the trackers named with it"),
         (DEVICE_NAME.fullmatch(args.device) is not None,
          f"--device {args.device}: expected auto, cpu, cuda, cuda:N or mps"),
     ]

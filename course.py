@@ -69,7 +69,8 @@ def next_assignment(out):
     """The first assignment of COURSE.md not yet blanked in the copy OUT."""
     marker = Path(out) / ".course"
     if not marker.is_file():
-        raise SystemExit(f"course.py: error: {out} is not a student copy (no .course): make one with python course.py {out}")
+        raise SystemExit(f"course.py: error: {out} is not a student copy (no .course): make one with python "
+                         f"course.py {out}")
     done = set(marker.read_text().split())
     left = [t for t in assignments() if f"{t[0]}:{t[1]}" not in done]
     if not left:

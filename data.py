@@ -128,14 +128,16 @@ def load_problems(path):
         for field in ("problem", "answer"):
             if item.get(field) in (None, "", []):
                 fail(f"{where}: missing '{field}'")
-        for field, value in (("problem", item["problem"]), ("answer", item["answer"]), ("solution", item.get("solution"))):
+        for field, value in (("problem", item["problem"]), ("answer", item["answer"]),
+                             ("solution", item.get("solution"))):
             problem = plain_value_problem(value, lists=field == "answer")
             if problem:
-                fail(f"{where}: '{field}' is {problem}; expected text (or a number{', or a list of them' if field == 'answer' else ''})")
+                fail(f"{where}: '{field}' is {problem}; expected text (or a "
+                     f"number{', or a list of them' if field == 'answer' else ''})")
         if not rewardable(item["answer"]):
-            fail(f"{where}: the answer {item['answer']!r} can never earn the full reward: written back into \\boxed{{}} "
-                 f"as {reference_answer_text(item['answer'])!r} it does not match itself (blank, or a number its text "
-                 f"does not print exactly); write it as a string")
+            fail(f"{where}: the answer {item['answer']!r} can never earn the full reward: written back into "
+                 f"\\boxed{{}} as {reference_answer_text(item['answer'])!r} it does not match itself (blank, or a "
+                 f"number its text does not print exactly); write it as a string")
         rows.append(dict(problem=str(item["problem"]), answer=item["answer"], solution=item.get("solution") or None))
     if not rows:
         fail(f"{path}: no problems in the file")
@@ -157,7 +159,8 @@ def plain_value_problem(value, lists=False):
     if value is None or isinstance(value, str):
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return f"{'an object' if isinstance(value, dict) else 'a list' if isinstance(value, list) else type(value).__name__}"
+        return ("an object" if isinstance(value, dict) else "a list" if isinstance(value, list)
+                else type(value).__name__)
     return None if math.isfinite(value) else f"{value} (not a number)"
 
 

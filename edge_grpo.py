@@ -70,8 +70,8 @@ from lora import add_adapters, adapters_disabled, load_adapter
 from optim import build_optimizer, make_scheduler, resumed_anchor
 from precision import check_memory_plan, peak_memory_mb, split_master_weights, uses_masters
 from reward import FORMAT_REWARD, MAX_REWARD, boxed_answer, format_reward
-from rollout import (GEC_ACTIONS, TOKEN_SOURCES, build_prompt, concat_rollouts, decode, drop_long_prompts, format_samples,
-                     guided_error_correction, rollout_from_texts, sample_with_cache, select_groups,
+from rollout import (GEC_ACTIONS, TOKEN_SOURCES, build_prompt, concat_rollouts, decode, drop_long_prompts,
+                     format_samples, guided_error_correction, rollout_from_texts, sample_with_cache, select_groups,
                      token_logprobs_and_entropy)
 
 # -----------------------------------------------------------------------------
@@ -110,7 +110,8 @@ def overlong_penalty(lengths, max_length, buffer):
     lengths = lengths.float()
     start = max_length - buffer
     ramp = (start - lengths) / buffer
-    return torch.where(lengths <= start, torch.zeros_like(lengths), torch.where(lengths <= max_length, ramp, -torch.ones_like(lengths)))
+    return torch.where(lengths <= start, torch.zeros_like(lengths),
+                       torch.where(lengths <= max_length, ramp, -torch.ones_like(lengths)))
 
 
 # group advantages (GRPO, NGRPO)
@@ -189,8 +190,9 @@ def semantic_entropy(texts, G):
 
 def semantic_entropy_scale(entropies, G, alpha):
     """(P,) -> (P,). SEED-GRPO (Chen et al. 2025, eq. 6): A_i' = A_i * f(alpha * SE(q) / SE_max), with
-    SE_max = log G and f(x) = 1 / (1 + x), the form of its authors' code (their alpha: --seed-grpo-alpha): a group whose answers
-    disagree (the model is unsure) moves the policy less; one that agrees keeps its full step."""
+    SE_max = log G and f(x) = 1 / (1 + x), the form of its authors' code (their alpha: --seed-grpo-alpha):
+    a group whose answers disagree (the model is unsure) moves the policy less; one that agrees keeps
+    its full step."""
     return 1.0 / (1.0 + alpha * entropies / math.log(G))
 
 
@@ -334,7 +336,8 @@ class MicroBatch:
 
 def micro_batch(rollout, rows, per_token, device):
     prompt_mask, completion_mask = rollout.prompt_mask[rows], rollout.completion_mask[rows]
-    start = int((prompt_mask.sum(0) > 0).nonzero()[0]) if prompt_mask.any() else 0  # the first column with a prompt token
+    # the first column with a prompt token
+    start = int((prompt_mask.sum(0) > 0).nonzero()[0]) if prompt_mask.any() else 0
     width = max(int(completion_mask.sum(1).max()), 1)
     ids = torch.cat([rollout.prompt_ids[rows, start:], rollout.completion_ids[rows, :width]], dim=1)
     mask = torch.cat([prompt_mask[:, start:], completion_mask[:, :width]], dim=1)
@@ -445,7 +448,8 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_
     size = args.micro_batch_size  # a multiple of G keeps whole groups in each micro-batch
     batches = [list(range(s, min(s + size, B))) for s in range(0, B, size)]
     rewards = trained_rewards(rollout, args.reward) + (0 if shaping is None else shaping)  # (B,)
-    A = (virtual_max_advantages(rewards, G, max_reward=REWARD_MAXIMUM[args.reward], scale=args.scale_rewards) if args.ngrpo
+    A = (virtual_max_advantages(rewards, G, max_reward=REWARD_MAXIMUM[args.reward],
+                                scale=args.scale_rewards) if args.ngrpo
          else group_advantages(rewards, G, scale=args.scale_rewards))  # (B,) the group advantages A_i
     if advantage_scale is not None:
         A = A * advantage_scale
@@ -502,13 +506,15 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_
                 entropy_wrong=H[~correct].mean().item() if (~correct).any() else None,
                 loss_tokens=sum(by_source.values()), loss_tokens_by_source=by_source,  # what the update trained on
                 inserted_share=1 - by_source["sampled"] / max(sum(by_source.values()), 1),  # of it, GEC's text
-                per_row=dict(A=A.tolist(), A_eda=A_eda.tolist(), H=H.tolist(), H_t=H_t, loss_mask=loss_mask))  # completions.jsonl's
+                # completions.jsonl's
+                per_row=dict(A=A.tolist(), A_eda=A_eda.tolist(), H=H.tolist(), H_t=H_t, loss_mask=loss_mask))
 
 
 def decoding_path(args, model):
     """The decoder rollout.py samples with: fast.decode_static on a static cache with a torch.compile'd
     step under --compile (by default on CUDA), else rollout.decode, the plain loop. The same tokens."""
-    compile_ = args.compile if args.compile is not None else next(model.parameters()).device.type == "cuda" and not args.fsdp
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    compile_ = args.compile if args.compile is not None else on_cuda and not args.fsdp
     return functools.partial(fast.decode_static, compiled=True) if args.fast and compile_ else decode
 
 
@@ -528,14 +534,15 @@ def sample_and_correct(model, tokenizer, problems, seed, args, first_row=0, cloc
     corrected = guided_error_correction(model, tokenizer, sampled, answers, [row["solution"] for row in problems],
                                         seed=seed + 1, kv=kv, forced_reflection=args.forced_reflection,
                                         reflection_tokens=args.gec_reflection_tokens, temperature=args.temperature,
-                                        top_p=args.top_p, decoder=decoder, first_row=first_row, branches=args.gec_branches)
+                                        top_p=args.top_p, decoder=decoder, first_row=first_row,
+                                        branches=args.gec_branches)
     if clock is not None:
         clock["gec"] += time.perf_counter() - started
     return sampled, corrected  # the sampling cache (kv) is freed here, before the update
 
 
-def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step, args, master_weights=None, first_row=0,
-               draw=None, position=0):
+def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step, args, master_weights=None,
+               first_row=0, draw=None, position=0):
     """Sample, correct, update. first_row: the index of this process's first row in the step's batch
     (torchrun: its share of the prompts). draw(position, n) -> (the next n problems of the data order,
     the new position), for --dynamic-sampling, which may draw on from `position`. Returns the step's
@@ -552,7 +559,8 @@ def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step
         if args.dynamic_sampling:
             sampled, rollout, problems, drawn, position = dynamic_sampling(model, tokenizer, sampled, rollout, problems,
                                                                            draw, position, seed, args, clock)
-    penalty = torch.zeros(len(rollout.texts))  # (B,) DAPO's length shaping, on the length the policy sampled (before GEC)
+    # (B,) DAPO's length shaping, on the length the policy sampled (before GEC)
+    penalty = torch.zeros(len(rollout.texts))
     if args.overlong_buffer:
         penalty = overlong_penalty(sampled.completion_mask.sum(1), args.max_completion_length, args.overlong_buffer)
     t2 = time.perf_counter()
@@ -560,12 +568,15 @@ def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step
     learning_rate = float(scheduler.get_last_lr()[0])  # a tensor under torchao
     # SEED-GRPO's uncertainty: the semantic entropy of the policy's own answers (before GEC), per group
     uncertainty = semantic_entropy(sampled.texts, G)  # (P,)
-    scale = semantic_entropy_scale(uncertainty, G, args.seed_grpo_alpha).repeat_interleave(G) if args.seed_grpo else None
+    scale = (semantic_entropy_scale(uncertainty, G, args.seed_grpo_alpha).repeat_interleave(G) if args.seed_grpo
+             else None)
     update = policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_weights, shaping=penalty,
                            advantage_scale=scale)
     per_row = update.pop("per_row")
     t3 = time.perf_counter()
-    generated = int(sampled.completion_mask.sum()) + int((rollout.sampled_mask.sum() - sampled.sampled_mask.sum()).clamp(min=0))
+    # the tokens GEC had the policy write (after the cue or the prefix)
+    continued = (rollout.sampled_mask.sum() - sampled.sampled_mask.sum()).clamp(min=0)
+    generated = int(sampled.completion_mask.sum()) + int(continued)
     trained_groups = len(rollout.texts) // G
     actions = {a: rollout.actions.count(a) for a in GEC_ACTIONS[1:]}  # reflection, answer, solution, prefix, skipped
     ended_right = {a: sum(1 for row, b in enumerate(rollout.actions) if b == a and rollout.rewards[row] == MAX_REWARD)
@@ -607,7 +618,8 @@ def sft_step(model, tokenizer, optimizer, scheduler, problems, step, args, maste
     prompts = [build_prompt(tokenizer, row["problem"], args.prompt_format) for row in problems]
     demo = rollout_from_texts(tokenizer, model, prompts, [row["solution"] for row in problems],
                               [row["answer"] for row in problems], group_size=1)  # solution + EOS after each prompt
-    batches = [list(range(s, min(s + args.micro_batch_size, len(prompts)))) for s in range(0, len(prompts), args.micro_batch_size)]
+    batches = [list(range(s, min(s + args.micro_batch_size, len(prompts)))) for s in range(0, len(prompts),
+                                                                                           args.micro_batch_size)]
     tokens = distributed.all_reduce_sum(demo.completion_mask.sum().double()).item()  # the step's, over the ranks
     weights = demo.completion_mask.float() / max(tokens, 1)  # (P, T): a token mean over the step
     loss_sum = 0.0
@@ -623,9 +635,10 @@ def sft_step(model, tokenizer, optimizer, scheduler, problems, step, args, maste
     seconds = time.perf_counter() - t0
     trained = int(demo.completion_mask.sum())
     return dict(step=step + 1, objective="sft", loss=loss_sum, sft_nll=loss_sum, grad_norm=grad_norm,
-                skipped_updates=int(not math.isfinite(grad_norm)), learning_rate=learning_rate, prompts_drawn=len(problems),
-                loss_tokens=trained, loss_tokens_by_source=dict(dict.fromkeys(TOKEN_SOURCES, 0), solution=trained),
-                inserted_share=1.0, seconds_generation=0.0, seconds_gec=0.0, seconds_update=seconds, seconds=seconds,
+                skipped_updates=int(not math.isfinite(grad_norm)), learning_rate=learning_rate,
+                prompts_drawn=len(problems), loss_tokens=trained,
+                loss_tokens_by_source=dict(dict.fromkeys(TOKEN_SOURCES, 0), solution=trained), inserted_share=1.0,
+                seconds_generation=0.0, seconds_gec=0.0, seconds_update=seconds, seconds=seconds,
                 peak_memory_mb=peak_memory_mb())
 
 
@@ -661,8 +674,8 @@ def dynamic_sampling(model, tokenizer, sampled, rollout, problems, draw, positio
         new_sampled, new = (sample_and_correct(model, tokenizer, share, seed, args, first_row=(drawn + first) * G,
                                                clock=clock) if share else (None, None))
         drawn += len(fresh)
-        found_sampled, found, found_problems = kept_groups(new_sampled, new, share,
-                                                           mixed_groups(trained_rewards(new, args.reward), G) if share else [], pad_id)
+        mixed = mixed_groups(trained_rewards(new, args.reward), G) if share else []
+        found_sampled, found, found_problems = kept_groups(new_sampled, new, share, mixed, pad_id)
         take = list(range(min(P - len(kept_problems), len(found_problems))))  # the first mixed groups, in order
         kept_sampled = concat_rollouts(kept_sampled, select_groups(found_sampled, take), pad_id)
         kept = concat_rollouts(kept, select_groups(found, take), pad_id)
@@ -672,7 +685,8 @@ def dynamic_sampling(model, tokenizer, sampled, rollout, problems, draw, positio
     if not kept_problems:
         return sampled, rollout, problems, drawn, position
     mine, _ = distributed.share(list(range(len(kept_problems))))  # this rank's share of the groups kept
-    return select_groups(kept_sampled, mine), select_groups(kept, mine), [kept_problems[g] for g in mine], drawn, position
+    mine_problems = [kept_problems[g] for g in mine]
+    return select_groups(kept_sampled, mine), select_groups(kept, mine), mine_problems, drawn, position
 
 
 def kept_groups(sampled, rollout, problems, groups, pad_id):
@@ -680,7 +694,8 @@ def kept_groups(sampled, rollout, problems, groups, pad_id):
     other rank's in rank order: the step's, as one process holds them. A rank with no rollout (None)
     adds nothing."""
     parts = distributed.gather(None if sampled is None else
-                               (select_groups(sampled, groups), select_groups(rollout, groups), [problems[g] for g in groups]))
+                               (select_groups(sampled, groups), select_groups(rollout, groups),
+                                [problems[g] for g in groups]))
     parts = [p for p in parts if p is not None]
     joined_sampled, joined, joined_problems = parts[0]
     for s, r, probs in parts[1:]:
@@ -725,8 +740,8 @@ def set_up(args, model=None, tokenizer=None):
     without = [number for number, row in enumerate(problems, 1) if not row.get("solution")]
     if args.sft_steps and without:  # refused rather than trained on a bare answer: SFT means the worked solution
         fail(f"--sft-steps {args.sft_steps} trains on the reference solutions, and {len(without)} of {len(problems)} "
-             f"problems of --data {args.data or 'arithmetic'} have none (the first: row {without[0]}); give a 'solution' "
-             f"for every row, or --sft-steps 0")
+             f"problems of --data {args.data or 'arithmetic'} have none (the first: row {without[0]}); give a "
+             f"'solution' for every row, or --sft-steps 0")
     state = load_trainer_state(args.resume) if args.resume else None
     start, position = (state["step"], state["position"]) if state else (0, 0)
     if start > args.max_steps:  # it would save the checkpoint's weights as step --max-steps, then prune real ones
@@ -741,7 +756,8 @@ def set_up(args, model=None, tokenizer=None):
     distributed.barrier()
     device = rank_device if rank_device is not None and args.device in ("auto", "cuda") else resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device, args.optim)
-    if model is None:  # fp32 on the CPU: the masters of a mixed-precision run are read from it (a checkpoint saved them)
+    # fp32 on the CPU: the masters of a mixed-precision run are read from it (a checkpoint saved them)
+    if model is None:
         weights = None if args.use_peft else args.resume  # LoRA resumes from the base model and the saved adapter
         model, tokenizer = load_model_and_tokenizer(args.model, torch.device("cpu"), torch.float32, weights=weights)
     if args.use_peft:
@@ -749,7 +765,8 @@ def set_up(args, model=None, tokenizer=None):
         if args.resume:
             load_adapter(model, args.resume)
         if lead:
-            print(f"LoRA r={args.lora_r}: {trained:,} of {sum(p.numel() for p in model.parameters()):,} parameters train")
+            print(f"LoRA r={args.lora_r}: {trained:,} of {sum(p.numel() for p in model.parameters()):,} "
+                  f"parameters train")
     ref_model = reference_model(model, args, device, dtype)  # from the fp32 model, before it is split or sharded
     if args.fsdp:  # FSDP2: each rank keeps a shard of the fp32 weights (the masters), gathered in dtype to compute
         distributed.shard(model, dtype, device)
@@ -777,11 +794,11 @@ def set_up(args, model=None, tokenizer=None):
     if lead:
         write_config(args, arm_name(args), start)
         ranks = distributed.world_size()
-        print(f"{arm_name(args)}: {args.model} on {args.data or 'the built-in arithmetic set'} ({len(problems)} problems), "
-              f"P={args.prompts_per_step} x G={args.num_generations}, {args.max_steps} steps, device {device}, {dtype}, "
-              f"prompt format {args.prompt_format}" + (f", {ranks} processes" if ranks > 1 else ""))
-    return Run(args, model, tokenizer, ref_model, optimizer, scheduler, master_weights, anchor, problems, start, position,
-               metrics_path, lead, trackers.open_trackers(args, start) if lead else {})
+        print(f"{arm_name(args)}: {args.model} on {args.data or 'the built-in arithmetic set'} ({len(problems)} "
+              f"problems), P={args.prompts_per_step} x G={args.num_generations}, {args.max_steps} steps, device "
+              f"{device}, {dtype}, prompt format {args.prompt_format}" + (f", {ranks} processes" if ranks > 1 else ""))
+    return Run(args, model, tokenizer, ref_model, optimizer, scheduler, master_weights, anchor, problems,
+               start, position, metrics_path, lead, trackers.open_trackers(args, start) if lead else {})
 
 
 def train(args, model=None, tokenizer=None, progress=True):
@@ -817,9 +834,10 @@ def run_steps(args, model=None, tokenizer=None, progress=True):
             if run.lead:
                 report_step(run, bar, history, trained)
             if streak(history, "skipped_updates", args.num_iterations) == NONFINITE_STOP_STEPS:
-                fail(f"steps {step + 2 - NONFINITE_STOP_STEPS}-{step + 1}: every gradient held NaN or inf, so no update was "
-                     f"applied and nothing was saved; the run has diverged. Lower --learning-rate and resume from the "
-                     f"newest checkpoint in {args.output_dir} (all hold finite weights), or start afresh")
+                fail(f"steps {step + 2 - NONFINITE_STOP_STEPS}-{step + 1}: every gradient held NaN or inf, so no "
+                     f"update was applied and nothing was saved; the run has diverged. Lower --learning-rate and "
+                     f"resume from the newest checkpoint in {args.output_dir} (all hold finite weights), or "
+                     f"start afresh")
             stopping = distributed.all_reduce_sum(torch.tensor([float(bool(received))])).item() > 0  # any rank's signal
             if stopping or (args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < args.max_steps):
                 saved = save(run, step + 1)
@@ -862,7 +880,8 @@ def report_step(run, bar, history, trained):
         bar.set_postfix(sft_nll=f"{metrics['sft_nll']:.3f}", s=f"{metrics['seconds']:.1f}")
         return
     rollout, problems = trained["rollout"], trained["problems"]
-    bar.set_postfix(reward=f"{metrics['reward_before_gec']:.2f}->{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}",
+    bar.set_postfix(reward=f"{metrics['reward_before_gec']:.2f}->{metrics['reward']:.2f}",
+                    acc=f"{metrics['accuracy']:.2f}",
                     collapsed=f"{metrics['zero_std_before_gec']:.2f}->{metrics['zero_std_after_gec']:.2f}",
                     H=f"{metrics['entropy']:.2f}", s=f"{metrics['seconds']:.1f}")
     if args.log_completions_steps and metrics["step"] % args.log_completions_steps == 0:
@@ -872,10 +891,11 @@ def report_step(run, bar, history, trained):
             f.write("".join(json.dumps(line) + "\n" for line in lines))
         trackers.log_completions(run.trackers, metrics["step"], lines)
     if metrics["skipped_updates"]:
-        bar.write(f"WARNING: step {metrics['step']}: the gradient held NaN or inf (grad_norm {metrics['grad_norm']}); the "
-                  f"update was skipped, the weights are unchanged")
+        bar.write(f"WARNING: step {metrics['step']}: the gradient held NaN or inf (grad_norm "
+                  f"{metrics['grad_norm']}); the update was skipped, the weights are unchanged")
     if streak(history, "zero_std_after_gec", 1.0) == COLLAPSE_WARN_STEPS:
-        bar.write(f"WARNING: every group has had identical rewards for {COLLAPSE_WARN_STEPS} steps: advantages are all 0, "
+        bar.write(f"WARNING: every group has had identical rewards for {COLLAPSE_WARN_STEPS} steps: advantages "
+                  f"are all 0, "
                   "nothing is learned (advantage collapse). Try --gec, more --num-generations, or easier data.")
     if streak(history, "truncation_rate", 1.0) == COLLAPSE_WARN_STEPS:
         bar.write(f"WARNING: no completion has ended for {COLLAPSE_WARN_STEPS} steps: raise --max-completion-length.")
@@ -907,8 +927,8 @@ def summary(history, args, checkpoint):
             f"update {mean('seconds_update', history):.1f}), peak memory {history[-1]['peak_memory_mb']:.0f} MB",
             f"  collapsed groups (all rewards equal): {mean('zero_std_before_gec', history):.0%} before GEC, "
             f"{mean('zero_std_after_gec', history):.0%} after" + ("" if args.gec else " (GEC off)"),
-            f"  advantage variance (Fig. 5): {mean('adv_var', history):.2f}; mean entropy {mean('entropy', history):.3f}; "
-            f"GEC's text {mean('inserted_share', history):.0%} of the tokens trained",
+            f"  advantage variance (Fig. 5): {mean('adv_var', history):.2f}; mean entropy "
+            f"{mean('entropy', history):.3f}; GEC's text {mean('inserted_share', history):.0%} of the tokens trained",
             f"  policy's own answers, first {k} vs last {k} steps: boxed {mean('boxed', head):.0%} -> "
             f"{mean('boxed', tail):.0%}, correct {mean('accuracy', head):.0%} -> {mean('accuracy', tail):.0%}, "
             f"reward {mean('reward_before_gec', head):.2f} -> {mean('reward_before_gec', tail):.2f}"]

@@ -100,7 +100,8 @@ def completion_hidden_states(model, input_ids, attention_mask, T, group_size=1):
 
 def _activation_checkpointing(model):
     """transformers 5 renamed is_gradient_checkpointing to is_activation_checkpointing."""
-    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    name = ("is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing")
+            else "is_gradient_checkpointing")
     return bool(getattr(model, name, False))
 
 
@@ -126,9 +127,9 @@ def backward_separately(hidden, cache):
     memory. In one graph every weight is used twice, by the prompts and by the completions, and
     autograd adds a weight's two gradients before accumulating them; the prompts' part comes last,
     so the completions' gradient of every layer waits in a buffer until the end of their backward:
-    with gradient accumulation (a .grad already there) a second copy of the gradient. Cut, each part goes into .grad as soon as it exists. Returns the
-    hidden leaf; the cache's tensors are swapped for theirs. (Like reentrant checkpointing, this
-    suits loss.backward(), not torch.autograd.grad.)"""
+    with gradient accumulation (a .grad already there) a second copy of the gradient. Cut, each part
+    goes into .grad as soon as it exists. Returns the hidden leaf; the cache's tensors are swapped for
+    theirs. (Like reentrant checkpointing, this suits loss.backward(), not torch.autograd.grad.)"""
     slots = [(layer, name) for layer in cache.layers for name in ("keys", "values")]
     outputs = [hidden] + [getattr(layer, name) for layer, name in slots]
     # A tensor that needs no gradient (keys of a layer below every LoRA adapter) stays a plain leaf.
@@ -193,7 +194,8 @@ class LogprobAndEntropy(torch.autograd.Function):
         weight32 = weight.float()
         grad_hidden = torch.empty_like(scaled) if need_hidden else None
         grad_weight, into_grad = weight_grad_buffer(weight) if need_weight else (None, False)
-        sum_weight = grad_weight if grad_weight is None or grad_weight.dtype == torch.float32 else torch.zeros_like(weight32)
+        in_fp32 = grad_weight is None or grad_weight.dtype == torch.float32
+        sum_weight = grad_weight if in_fp32 else torch.zeros_like(weight32)
         grad_bias = torch.zeros_like(bias) if need_bias else None
         for rows in _chunks(scaled.shape[0], ctx.chunk_rows):
             logp = F.linear(scaled[rows], weight32, bias).sub_(lse[rows, None])  # (c, V) fp32
@@ -246,9 +248,11 @@ def lean_activations(model):
     for module in model.modules():
         kind = type(module).__name__
         if kind.endswith("MLP") and all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj")) \
-                and type(module.down_proj) is torch.nn.Linear and module.down_proj.bias is None and type(module.act_fn).__name__ in ("SiLU", "SiLUActivation"):
+                and type(module.down_proj) is torch.nn.Linear and module.down_proj.bias is None \
+                and type(module.act_fn).__name__ in ("SiLU", "SiLUActivation"):
             module.forward = types.MethodType(_swiglu_mlp_forward, module)  # a method: deepcopy rebinds it
-        elif kind.endswith("RMSNorm") and hasattr(module, "variance_epsilon") and getattr(module, "weight", None) is not None:
+        elif kind.endswith("RMSNorm") and hasattr(module, "variance_epsilon") and getattr(module, "weight",
+                                                                                          None) is not None:
             module.forward = types.MethodType(_rms_norm_forward, module)
         elif isinstance(module, torch.nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq \
                 and not module.sparse:
@@ -287,7 +291,8 @@ class SwiGLUDown(torch.autograd.Function):
         g, u, weight = ctx.saved_tensors
         sigmoid = torch.sigmoid(g)
         act = g * sigmoid  # silu(g)
-        grad_weight = grad_out.flatten(0, -2).t() @ (act * u).flatten(0, -2) if ctx.needs_input_grad[2] else None  # (D, I)
+        # (D, I)
+        grad_weight = grad_out.flatten(0, -2).t() @ (act * u).flatten(0, -2) if ctx.needs_input_grad[2] else None
         grad_product = grad_out @ weight  # (..., I)
         grad_u = grad_product * act
         grad_g = grad_product.mul_(u).mul_(sigmoid * (1 + g * (1 - sigmoid)))  # silu' = s (1 + g (1 - s))
@@ -308,7 +313,9 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, inv_rms = ctx.saved_tensors
         normed = x.float() * inv_rms
-        grad_weight = (grad_y.float() * normed).flatten(0, -2).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_y.float() * normed).flatten(0, -2).sum(0).to(weight.dtype)
         grad_normed = (grad_y * weight).float()
         grad_x = inv_rms * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
         return grad_x.to(x.dtype), grad_weight, None
@@ -336,7 +343,8 @@ class EmbeddingIntoGrad(torch.autograd.Function):
             grad_weight.index_add_(0, ids, rows.float())
         else:  # bf16: sum a token's repeats in fp32 (index_add_ into bf16 loses ~3 % at 1000 repeats), round once
             used, slot = ids.unique(return_inverse=True)  # (u,), (n,)
-            sums = torch.zeros(len(used), rows.shape[-1], dtype=torch.float32, device=rows.device).index_add_(0, slot, rows.float())
+            sums = torch.zeros(len(used), rows.shape[-1], dtype=torch.float32, device=rows.device)
+            sums.index_add_(0, slot, rows.float())
             grad_weight.index_add_(0, used, sums.to(grad_weight.dtype))
         return None, None if into_grad else grad_weight, None
 
@@ -413,7 +421,8 @@ def decode_static(model, cache, mask, step_ids, *, max_new_tokens, temperature, 
         logits = step(model, pad(token[:, None]), full, position, static)[:B].clone()  # (B, V)
     ids = torch.stack(new, dim=1).cpu() if new else torch.zeros((B, 0), dtype=torch.long)  # (B, T)
     fed = column  # columns whose keys/values are in the cache
-    kv = DynamicCache([(layer.keys[:B, :, :fed], layer.values[:B, :, :fed]) for layer in static.layers], config=model.config)
+    kv = DynamicCache([(layer.keys[:B, :, :fed], layer.values[:B, :, :fed]) for layer in static.layers],
+                      config=model.config)
     return ids, (kv, full[:B, :fed])
 
 

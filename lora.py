@@ -100,7 +100,8 @@ def load_adapter(model, checkpoint):
     result = peft.set_peft_model_state_dict(model, state)
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing:
-        raise ValueError(f"{checkpoint}/{ADAPTER_DIR}: no weights for {missing[:3]} (a different --lora-target-modules?)")
+        raise ValueError(f"{checkpoint}/{ADAPTER_DIR}: no weights for {missing[:3]} (a different "
+                         f"--lora-target-modules?)")
 
 
 def merged_state_dict(model, master_weights=None):

@@ -269,7 +269,8 @@ def gpu_count_table():
             counts = GPU_COUNTS if method["optim"] == "adamw_torch_fused" else GPU_COUNTS[:1]
             cells = []
             for n in counts:
-                total = memory_plan(config, dtype=torch.bfloat16, micro_batch_rows=8, **PAPER_RUN, **method, shards=n)["total"]
+                total = memory_plan(config, dtype=torch.bfloat16, micro_batch_rows=8, **PAPER_RUN, **method,
+                                    shards=n)["total"]
                 fits = largest_fitting_micro_batch(config, 80, **method, shards=n)
                 cells.append(f"{total / GB:.1f} ({fits or 'none'})")
             cells += ["-"] * (len(GPU_COUNTS) - len(counts))
@@ -294,7 +295,8 @@ def check_memory_plan(config, dtype, args, device, shards=1):
     available = torch.cuda.get_device_properties(device).total_memory
     masters = ", fp32 masters" if uses_masters(args.optim, dtype) else ""
     masters += f", state sharded over {shards} GPUs" if args.fsdp else ""
-    print(f"memory plan ({dtype}{masters}, {args.optim}{', LoRA' if args.use_peft else ''}):\n{format_plan(plan, available)}")
+    print(f"memory plan ({dtype}{masters}, "
+          f"{args.optim}{', LoRA' if args.use_peft else ''}):\n{format_plan(plan, available)}")
     if plan["total"] > available:
         fail(f"the run needs about {plan['total'] / 1e9:.0f} GB and {device} has {available / 1e9:.0f} GB: lower "
              "--micro-batch-size, --max-completion-length or --num-generations, use --gradient-checkpointing, "
@@ -318,7 +320,8 @@ if __name__ == "__main__":
         sys.exit(0)
     for name, shape in QWEN_MATH_SHAPES.items():
         config = Qwen2Config(**shape)
-        for label, dtype, optim in (("bf16 compute, fp32 masters (default on GPU)", torch.bfloat16, "adamw_torch_fused"),
+        for label, dtype, optim in (("bf16 compute, fp32 masters (default on GPU)", torch.bfloat16,
+                                     "adamw_torch_fused"),
                                     ("bf16, 8-bit AdamW, stochastic rounding", torch.bfloat16, "adamw_torch_8bit_sr"),
                                     ("fp32", torch.float32, "adamw_torch_fused")):
             plan = memory_plan(config, dtype=dtype, optim=optim, micro_batch_rows=8, **PAPER_RUN)

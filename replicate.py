@@ -1,7 +1,7 @@
 """
 replicate.py: the paper's comparison (its Table 2) as a seeded, controlled study on held-out problems.
 
-  python replicate.py                                   # the paper's 4 arms x 3 seeds on the CPU demo, then the held-out eval
+  python replicate.py                                   # the paper's 4 arms x 3 seeds on the CPU demo, held-out eval
   python replicate.py --arms paper controls --seeds 5   # + the controls: which part of EDGE-GRPO does the work?
   python replicate.py --model qwen2.5-math-1.5b --data deepscaler_hard-1k --eval-data math500 --seeds 3   # on a GPU
   python replicate.py --arms grpo edge-grpo -- --learning-rate 1e-5    # flags after -- go to every run
@@ -156,7 +156,8 @@ def paired_difference(arm, baseline):
     d = [arm[s] - baseline[s] for s in seeds]
     mean, std = mean_and_std(d)
     half = t_quantile_975(len(d) - 1) * std / math.sqrt(len(d)) if std is not None else None
-    return dict(mean=mean, low=None if half is None else mean - half, high=None if half is None else mean + half, n=len(d))
+    return dict(mean=mean, low=None if half is None else mean - half,
+                high=None if half is None else mean + half, n=len(d))
 
 
 # -----------------------------------------------------------------------------
@@ -191,8 +192,9 @@ def train_run(directory, flags, seed, opts, extra, base, max_steps):
     if final.is_dir():
         return final, "trained before"
     started = [c for c in checkpoint_dirs(directory) if int(c.name.split("-")[-1]) < max_steps]
+    model = tokenizer = None
     if started:  # interrupted: go on from the newest checkpoint (train loads its weights)
-        args, model, tokenizer, done = run_args(directory, flags, seed, opts, extra, resume=started[-1]), None, None, "resumed"
+        args, done = run_args(directory, flags, seed, opts, extra, resume=started[-1]), "resumed"
     else:
         args, done = run_args(directory, flags, seed, opts, extra), "trained"
         model, tokenizer = base()
@@ -277,7 +279,8 @@ def stale_eval(directory, opts, settings):
     wanted = dict(samples=opts.eval_samples, temperature=eval_temperature(opts, settings), limit=opts.eval_limit,
                   max_new_tokens=opts.eval_max_new_tokens or settings.max_completion_length, seed=0,
                   benchmarks=sorted(analysis.data_name(spec) for spec in opts.eval_data), greedy=True)
-    found = dict(saved, benchmarks=sorted(saved.get("problems", {})), greedy="greedy" in saved, seed=saved.get("seed", 0))
+    found = dict(saved, benchmarks=sorted(saved.get("problems", {})), greedy="greedy" in saved,
+                 seed=saved.get("seed", 0))
     return [(f"eval {key}", found.get(key), value) for key, value in wanted.items() if found.get(key) != value]
 
 
@@ -299,8 +302,8 @@ def check_cache(out, arms, opts, extra, settings):
     if stale and not opts.redo:
         first, differences = next(iter(stale.items()))
         fail(f"{out} holds {len(stale)} runs or evaluations made with other settings than this study's (the first, "
-             f"{first}: {cli.describe_differences(differences)}); nothing was changed. Pass --redo to train and evaluate "
-             f"them again there, or another --output-dir for a fresh study")
+             f"{first}: {cli.describe_differences(differences)}); nothing was changed. Pass --redo to train "
+             f"and evaluate them again there, or another --output-dir for a fresh study")
     for directory in stale:
         shutil.rmtree(directory)
         print(f"--redo: {directory} removed, to be redone")
@@ -339,7 +342,8 @@ def run_numbers(rows, summary, G):
         steps=len(rows), sft_steps=len(rows) - len(rl),
         collapsed_before_gec=mean("zero_std_before_gec"), collapsed_after_gec=mean("zero_std_after_gec"),
         adv_var=mean("adv_var"), entropy_final=quarter_mean(rl, "entropy", last=True),
-        own_accuracy_first=quarter_mean(rl, "accuracy", last=False), own_accuracy_last=quarter_mean(rl, "accuracy", last=True),
+        own_accuracy_first=quarter_mean(rl, "accuracy", last=False),
+        own_accuracy_last=quarter_mean(rl, "accuracy", last=True),
         own_boxed_first=quarter_mean(rl, "boxed", last=False), own_boxed_last=quarter_mean(rl, "boxed", last=True),
         loss_tokens=mean("loss_tokens", rows), inserted_share=mean("inserted_share", rows),  # every step's, SFT's too
         seconds_per_step=mean("seconds", rows), gec_corrected_rows=corrected,
@@ -421,8 +425,8 @@ def format_table(results):
              f"this study cannot tell the two apart. Tokens: trained per step, of them the share GEC inserted (SFT: "
              f"the solutions, all copied).",
              "",
-             f"| arm | seeds | avg@{k} | pass@{k} | greedy | Δ avg@{k} vs GRPO | Δ avg@{k} vs SFT | Δ pass@{k} vs GRPO | "
-             f"Δ greedy vs GRPO | tokens / step (inserted %) | s/step |",
+             f"| arm | seeds | avg@{k} | pass@{k} | greedy | Δ avg@{k} vs GRPO | Δ avg@{k} vs SFT | Δ "
+             f"pass@{k} vs GRPO | Δ greedy vs GRPO | tokens / step (inserted %) | s/step |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
              f"| base model (untrained) | | {fmt(base['heldout_avg_at_k'])} | {fmt(base.get('heldout_pass_at_k'))} | "
              f"{fmt(base['heldout_greedy'])} | | | | | | |"]
@@ -434,9 +438,10 @@ def format_table(results):
         col = lambda key, spec=".1f", scale=1.0: mean_cell([r[key] for r in rows.values()], spec, scale)
         diff = lambda key, than: difference_cell(compared.get(label, {}).get(key), than) if label != than else "-"
         lines.append(f"| {label} | {len(rows)} | {col('heldout_avg_at_k')} | {col('heldout_pass_at_k')} | "
-                     f"{col('heldout_greedy')} | {diff('avg_at_k_vs_grpo', 'GRPO')} | {diff('avg_at_k_vs_sft', 'SFT')} | "
-                     f"{diff('pass_at_k_vs_grpo', 'GRPO')} | {diff('greedy_vs_grpo', 'GRPO')} | "
-                     f"{col('loss_tokens', '.0f')} ({col('inserted_share', '.0f', 100)}) | {col('seconds_per_step')} |")
+                     f"{col('heldout_greedy')} | {diff('avg_at_k_vs_grpo', 'GRPO')} | "
+                     f"{diff('avg_at_k_vs_sft', 'SFT')} | {diff('pass_at_k_vs_grpo', 'GRPO')} | "
+                     f"{diff('greedy_vs_grpo', 'GRPO')} | {col('loss_tokens', '.0f')} "
+                     f"({col('inserted_share', '.0f', 100)}) | {col('seconds_per_step')} |")
     lines += ["", "Training (the RL steps; an SFT step samples nothing):", "",
               f"| arm | boxed % (avg@{k}) | collapsed groups % before / after GEC | advantage variance | "
               f"entropy, last quarter | own accuracy %, first -> last quarter | GEC rewrites ending right % |",
@@ -448,20 +453,24 @@ def format_table(results):
             continue
         col = lambda key, spec=".1f", scale=1.0: mean_cell([r[key] for r in rows.values()], spec, scale)
         lines.append(f"| {label} | {col('heldout_boxed', '.0f', 100)} | {col('collapsed_before_gec', '.0f', 100)} / "
-                     f"{col('collapsed_after_gec', '.0f', 100)} | {col('adv_var', '.2f')} | {col('entropy_final', '.2f')} | "
-                     f"{col('own_accuracy_first', '.0f', 100)} -> {col('own_accuracy_last', '.0f', 100)} | "
-                     f"{col('gec_correct_share', '.0f', 100)} |")
+                     f"{col('collapsed_after_gec', '.0f', 100)} | {col('adv_var', '.2f')} | "
+                     f"{col('entropy_final', '.2f')} | {col('own_accuracy_first', '.0f', 100)} -> "
+                     f"{col('own_accuracy_last', '.0f', 100)} | {col('gec_correct_share', '.0f', 100)} |")
     pairs = results.get("contrasts") or []
     if pairs:
-        lines += ["", "What the controls answer (paired differences, mean [95 % t interval]; ≈: the interval holds 0):", "",
-                  f"| question | arm - arm | seeds | Δ avg@{k} | Δ pass@{k} | Δ greedy |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += ["", "What the controls answer (paired differences, mean [95 % t interval]; ≈: the interval "
+                      "holds 0):", "",
+                  f"| question | arm - arm | seeds | Δ avg@{k} | Δ pass@{k} | Δ greedy |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for c in pairs:
             cell = lambda key: difference_cell(c[key], "").rstrip()
             lines.append(f"| {c['question']} | {c['arm']} - {c['than']} | {c['avg_at_k']['n']} | "
                          f"{cell('avg_at_k')} | {cell('pass_at_k')} | {cell('greedy')} |")
     noise = binomial_noise(results)
-    lines += ["", f"One evaluation's own noise: a held-out accuracy near {noise['accuracy']:.0f} % on {noise['problems']} "
-              f"problems has a binomial standard error of about {noise['se']:.1f} points (per problem, not per response)."]
+    lines += ["", f"One evaluation's own noise: a held-out accuracy near {noise['accuracy']:.0f} % on "
+                  f"{noise['problems']} "
+              f"problems has a binomial standard error of about {noise['se']:.1f} points (per problem, not per "
+              f"response)."]
     if counts == [1]:
         lines.append("With one seed there is no spread and no interval: this run cannot tell arms apart.")
     total = results["seconds_all_calls"]
@@ -575,12 +584,14 @@ def report(out, opts, extra, arms, settings, base_summary, runs, histories, star
     results = dict(
         settings=dict(model=opts.model, data=opts.data or "arithmetic", eval_data=opts.eval_data, arms=list(arms),
                       flags={label: flags for label, flags in arms.items()}, extra_flags=list(extra),
-                      seeds=list(range(opts.seeds)), seeds_per_arm={label: len(arm_seeds(label, opts)) for label in arms},
+                      seeds=list(range(opts.seeds)),
+                      seeds_per_arm={label: len(arm_seeds(label, opts)) for label in arms},
                       max_steps=settings.max_steps, eval_samples=opts.eval_samples,
                       eval_temperature=eval_temperature(opts, settings),
                       eval_max_new_tokens=opts.eval_max_new_tokens or settings.max_completion_length,
                       output_dir=str(out), keep_weights=opts.keep_weights),
-        base=dict(heldout_avg_at_k=base_summary["average_weighted"], heldout_pass_at_k=base_summary["pass_at_k_weighted"],
+        base=dict(heldout_avg_at_k=base_summary["average_weighted"],
+                  heldout_pass_at_k=base_summary["pass_at_k_weighted"],
                   heldout_greedy=base_summary["greedy"]["average_weighted"], heldout_boxed=base_summary["boxed"],
                   problems=sum(base_summary["problems"].values())),
         runs=runs, seconds=time.perf_counter() - started)
@@ -621,7 +632,9 @@ def report_so_far(out, opts, extra, arms, settings, started):
         histories[(label, seed)] = rows
         timing = read_json(directory / "timing.json") if (directory / "timing.json").is_file() else {}
         runs.append(dict(arm=label, seed=seed, directory=str(directory), seconds_train=timing.get("seconds_train"),
-                         seconds_eval=timing.get("seconds_eval"), **run_numbers(rows, read_summary(directory / "eval" / "summary.json"), settings.num_generations)))
+                         seconds_eval=timing.get("seconds_eval"),
+                         **run_numbers(rows, read_summary(directory / "eval" / "summary.json"),
+                                       settings.num_generations)))
     return report(out, opts, extra, arms, settings, read_summary(base_path), runs, histories, started, write=False)
 
 
@@ -634,7 +647,8 @@ def run_study(opts, extra):
     settings = study_settings(opts, extra)
     arms = {label: arm_flags(flags, settings.max_steps) for label, flags in chosen_arms(opts.arms).items()}
     if opts.report_only:
-        return report_so_far(out, opts, extra, arms, settings, started), dict(trained=0, resumed=0, evaluated=0, skipped=0)
+        return report_so_far(out, opts, extra, arms, settings, started), dict(trained=0, resumed=0,
+                                                                              evaluated=0, skipped=0)
     with hold_lock(out, "replicate.py"):  # one study writes here at a time
         check_cache(out, arms, opts, extra, settings)  # every arm's flags parsed, every cached run checked
         done = dict(trained=0, resumed=0, evaluated=0, skipped=0)
@@ -680,12 +694,14 @@ def build_parser():
     p.add_argument("--headline-seeds", type=int, default=0,
                    help=f"more seeds for the headline arms ({', '.join(HEADLINE)}); 0: --seeds")
     p.add_argument("--model", default="smollm2-135m", help="as edge_grpo.py --model (an alias brings its settings)")
-    p.add_argument("--data", default=None, help="training data, as edge_grpo.py --data; none: the built-in arithmetic set")
+    p.add_argument("--data", default=None,
+                   help="training data, as edge_grpo.py --data; none: the built-in arithmetic set")
     p.add_argument("--eval-data", nargs="+", default=None,
                    help="held-out sets, as analysis.py eval --data; none: arithmetic-test for the built-in set, else "
                         f"the paper's five ({', '.join(EVAL_SETS)})")
     p.add_argument("--max-steps", type=int, default=0,
-                   help="steps per run; 0: 16 for smollm2-135m (the 45-minute budget; the demo runs 24), else the model's settings")
+                   help="steps per run; 0: 16 for smollm2-135m (the 45-minute budget; the demo runs 24), else the "
+                        "model's settings")
     p.add_argument("--eval-samples", type=int, default=EVAL_SAMPLES, help="k of avg@k and pass@k")
     p.add_argument("--eval-temperature", type=float, default=None,
                    help="temperature of avg@k; none: the runs' sampling temperature (greedy pass@1 is measured too)")

@@ -72,7 +72,8 @@ class Rollout:
     prompt_mask: torch.Tensor      # (B, Tp) 1 on prompt tokens
     completion_ids: torch.Tensor   # (B, T) right-padded
     completion_mask: torch.Tensor  # (B, T) 1 on the response up to and including its first EOS
-    sampled_mask: torch.Tensor     # (B, T) 1 where the policy sampled the token; 0 where GEC inserted it, and on padding
+    # (B, T) 1 where the policy sampled the token; 0 where GEC inserted it, and on padding
+    sampled_mask: torch.Tensor
     inserted: torch.Tensor         # (B, T) index into TOKEN_SOURCES: 0 where the policy sampled (and on padding)
     truncated: torch.Tensor        # (B,) bool: the response hit its length cap without EOS
     texts: list                    # (B,) decoded responses, special tokens removed
@@ -109,10 +110,12 @@ def build_prompt(tokenizer, problem, prompt_format):
 def drop_long_prompts(problems, tokenizer, prompt_format, max_prompt_length):
     """Problems whose prompt exceeds --max-prompt-length tokens are left out, and counted."""
     kept = [row for row in problems
-            if len(tokenizer(build_prompt(tokenizer, row["problem"], prompt_format), add_special_tokens=False).input_ids)
+            if len(tokenizer(build_prompt(tokenizer, row["problem"], prompt_format),
+                             add_special_tokens=False).input_ids)
             <= max_prompt_length]
     if len(kept) < len(problems):
-        print(f"left out {len(problems) - len(kept)} of {len(problems)} problems longer than --max-prompt-length {max_prompt_length}")
+        print(f"left out {len(problems) - len(kept)} of {len(problems)} problems longer than --max-prompt-length "
+              f"{max_prompt_length}")
     if not kept:
         fail(f"every problem is longer than --max-prompt-length {max_prompt_length} tokens")
     return kept
@@ -317,9 +320,10 @@ def rollout_from_texts(tokenizer, model, prompts, texts, answers, group_size, tr
     mask = right_pad([[1] * len(s) for s in ids], 0, width=completion_ids.shape[1])
     return Rollout(prompt_ids=encoded.input_ids.repeat_interleave(group_size, 0),
                    prompt_mask=encoded.attention_mask.repeat_interleave(group_size, 0),
-                   completion_ids=completion_ids, completion_mask=mask, sampled_mask=mask.clone(), inserted=torch.zeros_like(mask),
-                   truncated=torch.tensor(truncated, dtype=torch.bool), texts=list(texts),
-                   rewards=torch.tensor([reward(t, answers[i // group_size]) for i, t in enumerate(texts)]),
+                   completion_ids=completion_ids, completion_mask=mask, sampled_mask=mask.clone(),
+                   inserted=torch.zeros_like(mask), truncated=torch.tensor(truncated, dtype=torch.bool),
+                   texts=list(texts), rewards=torch.tensor([reward(t, answers[i // group_size]) for i,
+                                                            t in enumerate(texts)]),
                    actions=["none"] * len(texts), group_size=group_size)
 
 
@@ -355,7 +359,8 @@ def concat_rollouts(first, second, pad_id):
         return torch.cat([pad, t] if left else [t, pad], dim=1)
     Tp = max(first.prompt_ids.shape[1], second.prompt_ids.shape[1])
     T = max(first.completion_ids.shape[1], second.completion_ids.shape[1])
-    cat = lambda name, width, value, left: torch.cat([widen(getattr(r, name), width, value, left) for r in (first, second)])
+    def cat(name, width, value, left):
+        return torch.cat([widen(getattr(r, name), width, value, left) for r in (first, second)])
     return Rollout(prompt_ids=cat("prompt_ids", Tp, pad_id, True), prompt_mask=cat("prompt_mask", Tp, 0, True),
                    completion_ids=cat("completion_ids", T, pad_id, False),
                    completion_mask=cat("completion_mask", T, 0, False), sampled_mask=cat("sampled_mask", T, 0, False),
@@ -391,7 +396,8 @@ def per_token_quantities(model, input_ids, attention_mask, completion_mask, quan
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                               position_ids=real_positions(attention_mask)).last_hidden_state  # (B, Tp + T, D)
     keep = completion_mask.bool()  # (B, T)
-    hidden, targets = hidden[:, -T - 1:-1][keep], input_ids[:, -T:][keep]  # the state before token t predicts it: (N, D), (N,)
+    # the state before token t predicts it: (N, D), (N,)
+    hidden, targets = hidden[:, -T - 1:-1][keep], input_ids[:, -T:][keep]
     temperature = temperature if temperature > 0 else 1.0  # greedy sampling: score the plain distribution
     head = model.get_output_embeddings()
     columns = [[] for _ in quantities]
@@ -418,7 +424,8 @@ def token_logprobs_and_entropy(model, input_ids, attention_mask, completion_mask
 def choose_gec_actions(needs_fix, has_solution, prompt_too_long, generator, forced_reflection=False,
                        branches=DEFAULT_GEC_BRANCHES):
     """One action per row, from one uniform draw per row (every row draws, so row i's choice does not
-    depend on the others; generator: one Generator, or one per row, row_generators). needs_fix, has_solution, prompt_too_long: (B,) bool.
+    depend on the others; generator: one Generator, or one per row, row_generators). needs_fix,
+    has_solution, prompt_too_long: (B,) bool.
     GEC: reflection with p 1/2, answer with p 1/4, solution with p 1/4 (answer when there is no
     solution). Forced reflection (the paper's baseline): reflection for every row that needs a fix.
     branches: the ones allowed (--gec-branches); the draw's interval [0, 1) is cut in GEC_BRANCHES' order
@@ -537,7 +544,8 @@ def rewrite_rows(tokenizer, rollout, actions, answers, solutions, stop_ids):
         if action == "reflection":  # the policy continues after the cue (continue_rows)
             inserted = _encode(tokenizer, REFLECTION_CUE)
         elif action == "answer":
-            inserted = _encode(tokenizer, ANSWER_SENTENCE.format(answer=reference_answer_text(answers[row // G]))) + [eos]
+            inserted = _encode(tokenizer,
+                               ANSWER_SENTENCE.format(answer=reference_answer_text(answers[row // G]))) + [eos]
         elif action == "solution":  # the reference solution replaces the response
             response, flags = [], []
             inserted = _encode(tokenizer, solutions[row // G]) + [eos]
@@ -572,20 +580,22 @@ def cached_contexts(model, rollout, kv, ids, rows, kept_lengths, pad_id):
 
 
 def continue_rows(model, rollout, kv, rewrite, rows, decoding, *, seed, max_new_tokens, first_row=0):
-    """The policy goes on after the reflection cue (or the solution's prefix), for `rows` only, in one decoding loop: from the
-    sampling cache when there is one (kv), else from a fresh prefill of prompt + response + cue.
+    """The policy goes on after the reflection cue (or the solution's prefix), for `rows` only, in one
+    decoding loop: from the sampling cache when there is one (kv), else from a fresh prefill of
+    prompt + response + cue.
     The new tokens are appended to the rewrite's rows (sampled flag 1), in place."""
     ids, pad_id, stop_ids = rewrite.ids, decoding.pad_id, decoding.stop_ids
     if kv is not None:
-        cache, mask, step_ids = cached_contexts(model, rollout, kv, ids, rows, [rewrite.kept[row] for row in rows], pad_id)
+        cache, mask, step_ids = cached_contexts(model, rollout, kv, ids, rows,
+                                                [rewrite.kept[row] for row in rows], pad_id)
     else:  # a rollout that was not sampled here (saved texts)
         contexts = [rollout.prompt_ids[row][rollout.prompt_mask[row].bool()].tolist() + ids[row] for row in rows]
         context_ids, mask = (t.to(model.device) for t in left_pad(contexts, pad_id))
         cache, step_ids = prefill(model, context_ids, mask, group_size=1), context_ids[:, -1:]
     continuation, _ = decoding.decoder(
-        model, cache, mask, step_ids, max_new_tokens=max_new_tokens, temperature=decoding.temperature, top_p=decoding.top_p,
-        generator=row_generators(seed, [first_row + row for row in rows], model.device), stop_ids=stop_ids,
-        pad_id=pad_id)  # (len(rows), T')
+        model, cache, mask, step_ids, max_new_tokens=max_new_tokens, temperature=decoding.temperature,
+        top_p=decoding.top_p, generator=row_generators(seed, [first_row + row for row in rows], model.device),
+        stop_ids=stop_ids, pad_id=pad_id)  # (len(rows), T')
     continuation_mask, _ = completion_mask_from_eos(continuation, stop_ids)
     for k, row in enumerate(rows):
         new = continuation[k, :int(continuation_mask[k].sum())].tolist()
@@ -632,8 +642,8 @@ def guided_error_correction(model, tokenizer, rollout, answers, solutions, *, se
     continuing = [row for row in range(B) if actions[row] in ("reflection", "prefix")]  # one decoding loop for both
     if continuing:
         decoding = Decoding(temperature, top_p, stop_ids, pad_id, decoder)
-        continue_rows(model, rollout, kv, rewrite, continuing, decoding, seed=seed + 1, max_new_tokens=reflection_tokens,
-                      first_row=first_row)
+        continue_rows(model, rollout, kv, rewrite, continuing, decoding, seed=seed + 1,
+                      max_new_tokens=reflection_tokens, first_row=first_row)
     return rescore(tokenizer, rollout, actions, rewrite, answers, stop_ids, pad_id)
 
 

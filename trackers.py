@@ -89,7 +89,8 @@ def log_completions(trackers, step, lines):
     """The step's completions.jsonl rows as a W&B table (TensorBoard: the metrics only)."""
     if "wandb" in trackers and trackers["wandb"].get("sent") and trackers["wandb"]["state"]["last_step"] == step:
         import wandb
-        table = wandb.Table(columns=list(COMPLETION_COLUMNS), data=[[line[c] for c in COMPLETION_COLUMNS] for line in lines])
+        table = wandb.Table(columns=list(COMPLETION_COLUMNS),
+                            data=[[line[c] for c in COMPLETION_COLUMNS] for line in lines])
         trackers["wandb"]["run"].log({"completions": table}, step=step)
 
 

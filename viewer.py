@@ -53,7 +53,8 @@ def runs_of(line):
         text = line["rewritten"] if line.get("rewritten") is not None else line["sampled"]
         return [("sampled", 1, [(text, None)])]
     runs = []
-    for text, h, source, trained in zip(line["tokens"], line["token_entropy"], line["token_source"], line["token_trained"]):
+    for text, h, source, trained in zip(line["tokens"], line["token_entropy"], line["token_source"],
+                                        line["token_trained"]):
         key = (TOKEN_SOURCES[source], trained)
         if not runs or runs[-1][:2] != key:
             runs.append((*key, []))
@@ -69,7 +70,8 @@ def response_html(line):
     for source, trained, tokens in runs_of(line):
         marker = (f' class="ins" data-src="{source}" title="inserted by GEC: {source}'
                   f'{"" if trained else ", not trained"}"') if source != "sampled" else ' data-src="sampled"'
-        body = "".join(f"<t>{html.escape(text)}</t>" if h is None else f"<t e={shade(h)} h={h:.2f}>{html.escape(text)}</t>"
+        body = "".join(f"<t>{html.escape(text)}</t>" if h is None else f"<t e={shade(h)} "
+                                                                       f"h={h:.2f}>{html.escape(text)}</t>"
                        for text, h in tokens)
         parts.append(f'<span{marker} data-trained="{trained}">{body}</span>')
     return "".join(parts)
@@ -166,7 +168,10 @@ only.addEventListener("change", filter);
 group.addEventListener("change", filter);
 document.getElementById("prev").addEventListener("click", () => move(-1));
 document.getElementById("next").addEventListener("click", () => move(1));
-document.addEventListener("keydown", e => { if (e.key === "ArrowLeft") move(-1); if (e.key === "ArrowRight") move(1); });
+document.addEventListener("keydown", e => {
+  if (e.key === "ArrowLeft") move(-1);
+  if (e.key === "ArrowRight") move(1);
+});
 document.addEventListener("mouseover", e => {
   const t = e.target.closest("t[h]");
   if (t) status.textContent = "H_t = " + t.getAttribute("h") + " nats";
@@ -188,7 +193,9 @@ def page_html(title, lines_by_step):
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{html.escape(title)}</title>
-<script>window.addEventListener("error", e => {{ document.documentElement.dataset.error = String(e.message); }});</script>
+<script>
+window.addEventListener("error", e => {{ document.documentElement.dataset.error = String(e.message); }});
+</script>
 <style>{STYLE}</style></head><body>
 <header><b>{html.escape(title)}</b> <button id="prev">&larr;</button><select id="step">{options}</select>
 <button id="next">&rarr;</button><select id="group"><option value="all">all groups</option>{group_options}</select>
@@ -205,7 +212,8 @@ def check_line(path, number, line):
     numbers = ("sampled_reward", "reward")
     per_token = ("tokens", "token_entropy", "token_source", "token_trained")
     bad = [f for f in numbers if not isinstance(line[f], (int, float)) or not math.isfinite(line[f])]
-    bad += [f for f in ("advantage", "advantage_eda", "entropy") if not isinstance(line.get(f, 0), (int, float, type(None)))]
+    bad += [f for f in ("advantage", "advantage_eda", "entropy") if not isinstance(line.get(f, 0),
+                                                                                   (int, float, type(None)))]
     if "tokens" in line:
         columns = [line.get(f) for f in per_token]
         if not all(isinstance(c, list) and len(c) == len(columns[0]) for c in columns):
@@ -216,7 +224,8 @@ def check_line(path, number, line):
     if not isinstance(line["gec_action"], str):
         bad.append("gec_action")
     if bad:
-        fail(f"{path}:{number}: not a completions row the viewer can show ({', '.join(bad)}): delete or repair the line")
+        fail(f"{path}:{number}: not a completions row the viewer can show ({', '.join(bad)}): delete or "
+             f"repair the line")
 
 
 def write_page(run_dir, steps=None, most=VIEW_STEPS, output=None):
@@ -232,8 +241,8 @@ def write_page(run_dir, steps=None, most=VIEW_STEPS, output=None):
     logged = sorted({line["step"] for line in lines})
     missing = sorted(set(steps or ()) - set(logged))
     if missing:
-        fail(f"--steps {' '.join(map(str, missing))}: not logged in {source} (logged: {logged[0] if logged else '-'} .. "
-             f"{logged[-1] if logged else '-'}, every --log-completions-steps)")
+        fail(f"--steps {' '.join(map(str, missing))}: not logged in {source} (logged: "
+             f"{logged[0] if logged else '-'} .. {logged[-1] if logged else '-'}, every --log-completions-steps)")
     chosen = choose_steps(logged, steps, most)
     by_step = {s: [line for line in lines if line["step"] == s] for s in chosen}
     config = run_dir / "config.json"

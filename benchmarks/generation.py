@@ -76,7 +76,8 @@ def main():
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
     parser.add_argument("--rows", nargs="+", type=int, default=[8], help="batch sizes to measure")
     parser.add_argument("--new-tokens", type=int, default=None, help="default: 128 on CPU, 1024 on CUDA")
-    parser.add_argument("--models", nargs="+", default=None, help="embedded, qwen-shaped (default: embedded; + qwen-shaped on CUDA)")
+    parser.add_argument("--models", nargs="+", default=None,
+                        help="embedded, qwen-shaped (default: embedded; + qwen-shaped on CUDA)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

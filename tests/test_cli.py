@@ -50,7 +50,8 @@ def test_fsdp_refuses_what_it_does_not_run(argv, message, monkeypatch):
 
 def test_aliases_bring_settings_and_flags_override():
     qwen = cli.parse_args(["--model", "qwen2.5-math-1.5b"])
-    assert (qwen.learning_rate, qwen.temperature, qwen.num_generations, qwen.max_completion_length) == (1e-6, 0.6, 8, 1024)
+    assert (qwen.learning_rate, qwen.temperature, qwen.num_generations, qwen.max_completion_length) == (1e-6,
+                                                                                                        0.6, 8, 1024)
     assert cli.parse_args(["--model", "qwen2.5-math-1.5b", "--learning-rate", "2e-6"]).learning_rate == 2e-6
     assert cli.parse_args([]).model == "smollm2-135m"
     assert cli.arm_name(cli.parse_args(["--no-gec", "--no-eda"])) == "GRPO"
@@ -77,8 +78,9 @@ def test_cli_loads_no_torch_and_no_trainer():
 
 
 # the rooms, lowest first: a module imports only from rooms below it (or its own)
-FLOORS = [{"reward", "errors"}, {"data"}, {"cli", "precision", "trackers"}, {"rollout", "lora", "distributed", "optim"}, {"fast", "checkpoints"},
-          {"edge_grpo", "viewer"}, {"analysis", "course"}, {"replicate"}]
+FLOORS = [{"reward", "errors"}, {"data"}, {"cli", "precision", "trackers"},
+          {"rollout", "lora", "distributed", "optim"}, {"fast", "checkpoints"}, {"edge_grpo", "viewer"},
+          {"analysis", "course"}, {"replicate"}]
 
 
 def project_imports(path):
@@ -104,7 +106,8 @@ def test_the_import_graph_has_no_circle_and_no_import_upward():
 
 # ----------------------------------------------------------------------------- traps a new user hit (issue 27)
 
-@pytest.mark.parametrize("argv, meant", [(["--lr", "1e-5"], "--learning-rate"), (["--num-generation", "4"], "--num-generations"),
+@pytest.mark.parametrize("argv, meant", [(["--lr", "1e-5"], "--learning-rate"),
+                                         (["--num-generation", "4"], "--num-generations"),
                                          (["--max-step", "3"], "--max-steps")])
 def test_no_abbreviations_and_a_typo_names_the_flag_meant(argv, meant):
     """--lr was taken for --lr-scheduler-type and --num-generation silently for --num-generations."""
@@ -116,8 +119,8 @@ def test_no_abbreviations_and_a_typo_names_the_flag_meant(argv, meant):
 def test_a_flag_error_answers_before_torch_loads():
     code = ("import runpy, sys\nsys.argv = ['edge_grpo.py', '--lr', '1e-5']\n"
             "try:\n    runpy.run_path('edge_grpo.py', run_name='__main__')\nexcept SystemExit as e:\n"
-            "    assert 'did you mean --learning-rate' in str(e), e\n    assert 'torch' not in sys.modules, 'torch loaded first'\n"
-            "else:\n    raise AssertionError('no error')\n")
+            "    assert 'did you mean --learning-rate' in str(e), e\n    assert 'torch' not in sys.modules, 'torch "
+            "loaded first'\nelse:\n    raise AssertionError('no error')\n")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
@@ -125,8 +128,8 @@ def test_help_shows_the_defaults_that_run():
     """python edge_grpo.py runs the demo's settings (the default model's alias): --help says so; with
     the paper's alias it shows the paper's."""
     def default_of(flag, *argv):
-        text = subprocess.run([sys.executable, "edge_grpo.py", *argv, "--help"], cwd=ROOT, capture_output=True, text=True,
-                              env={"COLUMNS": "200", "PATH": ""}, check=True).stdout
+        text = subprocess.run([sys.executable, "edge_grpo.py", *argv, "--help"], cwd=ROOT,
+                              capture_output=True, text=True, env={"COLUMNS": "200", "PATH": ""}, check=True).stdout
         return re.search(rf"\n  {flag} [A-Z_]+\s+[^(]*\(default: ([^)]*)\)", text).group(1)
     assert default_of("--learning-rate") == "3e-05" and default_of("--max-completion-length") == "48"
     assert default_of("--learning-rate", "--model", "qwen2.5-math-1.5b") == "1e-06"

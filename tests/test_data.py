@@ -87,7 +87,8 @@ def test_fetch_names_the_bad_field(tmp_path):
     assert not list((tmp_path / "cache").glob("*"))
 
 
-@pytest.mark.skipif(not (SHARED / "train" / "deepscaler_hard-1k.json").is_file(), reason="the paper's data is not beside the checkout")
+@pytest.mark.skipif(not (SHARED / "train" / "deepscaler_hard-1k.json").is_file(),
+                    reason="the paper's data is not beside the checkout")
 def test_the_pinned_training_set_checks_out(tmp_path):
     """The real entry (URL swapped for a local copy of the published file): 1000 rows, the pinned SHA-256."""
     spec = dict(data.PAPER_DATA["deepscaler_hard-1k"], url=(SHARED / "train" / "deepscaler_hard-1k.json").as_uri())

@@ -104,7 +104,8 @@ def test_two_ranks_give_the_weights_of_one_process(launched, loss_type, layout):
     for a, b in zip(m1, m2):
         assert a["gec_actions"] == b["gec_actions"] and a["reward"] == b["reward"]
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)  # FSDP's gradients summed, not averaged
-    assert len(m2) == 2 and not list((tmp / f"two-{layout}-{loss_type}").glob("checkpoint-1"))  # rank 0 wrote one of each
+    # rank 0 wrote one of each
+    assert len(m2) == 2 and not list((tmp / f"two-{layout}-{loss_type}").glob("checkpoint-1"))
 
 
 def test_dynamic_sampling_on_two_ranks_keeps_the_groups_of_one_process(launched):
@@ -171,7 +172,8 @@ def test_a_checkpoint_resumes_on_any_layout(launched):
     weights of the uninterrupted runs (up to their rounding differences)."""
     tmp, _, _ = launched
     assert_same_update(weights(tmp / "straight-fsdp", 4), weights(tmp / "resumed-ddp-as-fsdp", 4))
-    args = args_for(tmp / "resumed-fsdp-in-one", "--resume", str(tmp / "first-half-fsdp" / "checkpoint-2"), "--max-steps", "4")
+    args = args_for(tmp / "resumed-fsdp-in-one", "--resume", str(tmp / "first-half-fsdp" / "checkpoint-2"),
+                    "--max-steps", "4")
     model, tok = eg.load_model_and_tokenizer("tiny", torch.device("cpu"), torch.float32, weights=args.resume)
     eg.train(args, model=model, tokenizer=tok, progress=False)
     assert_same_update(weights(tmp / "straight-ddp", 4), weights(tmp / "resumed-fsdp-in-one", 4))
@@ -180,7 +182,8 @@ def test_a_checkpoint_resumes_on_any_layout(launched):
 def test_a_rank_that_dies_ends_the_run_with_an_error(tmp_path):
     data = write_jsonl(tmp_path / "data.jsonl", PROBLEMS)
     start = time.perf_counter()
-    result = torchrun([[str(tmp_path / "out"), common(data, "--max-steps", "4", "--ddp-timeout", "30") + [{"die_at_step": 1}]]],
+    result = torchrun([[str(tmp_path / "out"),
+                        common(data, "--max-steps", "4", "--ddp-timeout", "30") + [{"die_at_step": 1}]]],
                       timeout=120)
     assert result.returncode != 0
     # torchrun names the rank that died and its exit code; the other was stopped (SIGTERM) or failed on its own

@@ -283,7 +283,8 @@ def test_a_changed_max_steps_continues_the_decay_from_where_it_was():
     assert anchor[1] == 0.5
     assert [optim.lr_factor(k, 12, 0, "linear", anchor) for k in (4, 6, 8, 11, 12)] == pytest.approx(
         [0.5, 0.5 * 6 / 8, 0.5 * 4 / 8, 0.5 * 1 / 8, 0.0])
-    assert [optim.lr_factor(k, 12, 0, "linear", anchor) for k in (0, 3)] == pytest.approx([1.0, 9 / 12])  # before it: unused
+    # before it: unused
+    assert [optim.lr_factor(k, 12, 0, "linear", anchor) for k in (0, 3)] == pytest.approx([1.0, 9 / 12])
 
 
 def test_resume_with_more_steps_has_no_jump_in_the_learning_rate(tok, tmp_path):
@@ -292,7 +293,8 @@ def test_resume_with_more_steps_has_no_jump_in_the_learning_rate(tok, tmp_path):
     first = eg.train(args_for(tmp_path / "a", *common, "--max-steps", "4", "--save-steps", "2"), model=tiny_model(tok),
                      tokenizer=tok, progress=False)
     resume_args = eg.parse_args(["--resume", str(tmp_path / "a" / "checkpoint-2"), "--max-steps", "6"])
-    model, tokenizer = eg.load_model_and_tokenizer("tiny", torch.device("cpu"), torch.float32, weights=resume_args.resume)
+    model, tokenizer = eg.load_model_and_tokenizer("tiny", torch.device("cpu"), torch.float32,
+                                                   weights=resume_args.resume)
     resumed = eg.train(resume_args, model=model, tokenizer=tokenizer, progress=False)
     assert [m["step"] for m in resumed] == [3, 4, 5, 6]
     # step 3 ran at 1e-3 x (4 - 2) / 4 in the 4-step run; resumed, it starts there and falls to 0 after step 6
@@ -391,7 +393,8 @@ def test_seed_grpo_semantic_entropy_hand_table():
              "\\boxed{1}", "\\boxed{2}", "\\boxed{3}", "\\boxed{4}"]
     se = eg.semantic_entropy(texts, 4)
     assert se.tolist() == pytest.approx([0.0, 1.039721, 1.039721, 1.386294], abs=1e-6)
-    assert eg.semantic_entropy_scale(se, 4, cli.SEED_GRPO_ALPHA).tolist() == pytest.approx([1.0, 0.969673, 0.969673, 0.959969], abs=1e-6)
+    assert eg.semantic_entropy_scale(se, 4, cli.SEED_GRPO_ALPHA).tolist() == pytest.approx([1.0, 0.969673, 0.969673,
+                                                                                            0.959969], abs=1e-6)
     assert eg.answer_clusters(texts[4:8]) == [0, 0, 1, 2]
 
 
@@ -447,10 +450,11 @@ def fake_rollout(rewards, G=4, tag=0):
     from rollout import Rollout
     B = len(rewards)
     return Rollout(prompt_ids=torch.full((B, 2), 5), prompt_mask=torch.ones(B, 2, dtype=torch.long),
-                   completion_ids=torch.arange(B)[:, None] + 100 * tag, completion_mask=torch.ones(B, 1, dtype=torch.long),
-                   sampled_mask=torch.ones(B, 1, dtype=torch.long), inserted=torch.zeros(B, 1, dtype=torch.long), truncated=torch.zeros(B, dtype=torch.bool),
-                   texts=[f"{tag}:{i}" for i in range(B)], rewards=torch.tensor(rewards, dtype=torch.float),
-                   actions=["none"] * B, group_size=G)
+                   completion_ids=torch.arange(B)[:, None] + 100 * tag,
+                   completion_mask=torch.ones(B, 1, dtype=torch.long),
+                   sampled_mask=torch.ones(B, 1, dtype=torch.long), inserted=torch.zeros(B, 1, dtype=torch.long),
+                   truncated=torch.zeros(B, dtype=torch.bool), texts=[f"{tag}:{i}" for i in range(B)],
+                   rewards=torch.tensor(rewards, dtype=torch.float), actions=["none"] * B, group_size=G)
 
 
 def test_dynamic_sampling_keeps_mixed_groups_and_draws_fresh_prompts(tok, monkeypatch):
@@ -470,8 +474,8 @@ def test_dynamic_sampling_keeps_mixed_groups_and_draws_fresh_prompts(tok, monkey
     first = fake_rollout([0, 0, 0, 0, 0, 2, 0, 0], tag=1)
     args = eg.parse_args(["--dynamic-sampling", "--num-generations", "4", "--max-sampling-rounds", "3"])
     sampled, rollout, problems, drawn, position = eg.dynamic_sampling(
-        None, tok, first, first, [{"problem": "p1"}, {"problem": "p2"}], lambda position, n: (next(drawn_problems), position + n),
-        10, 0, args)
+        None, tok, first, first, [{"problem": "p1"}, {"problem": "p2"}], lambda position,
+        n: (next(drawn_problems), position + n), 10, 0, args)
     assert drawn == 4 and [p["problem"] for p in problems] == ["p2", "p4"] and seen_rows == [8, 12] and position == 12
     assert rollout.texts == ["1:4", "1:5", "1:6", "1:7", "3:0", "3:1", "3:2", "3:3"]
     assert rollout.rewards.tolist() == [0, 2, 0, 0, 0, 2, 2, 0]
@@ -555,12 +559,14 @@ def test_sft_steps_switch_objective_at_k_and_resume_across_the_switch(tok, tmp_p
     """--sft-steps 2 of 4: steps 1-2 supervised (no sampling), 3-4 EDGE-GRPO. A run stopped during
     step 2 (K - 1 done, checkpoint-1) and resumed equals the uninterrupted one, weights and metrics."""
     data = write_jsonl(tmp_path / "data.jsonl", PROBLEMS)
-    flags = ["--data", str(data), "--max-steps", "4", "--sft-steps", "2", "--save-steps", "1", "--save-total-limit", "0"]
+    flags = ["--data", str(data), "--max-steps", "4", "--sft-steps", "2", "--save-steps", "1",
+             "--save-total-limit", "0"]
     straight = tiny_model(tok)
     history = eg.train(args_for(tmp_path / "a", *flags), model=straight, tokenizer=tok, progress=False)
     assert [m["objective"] for m in history] == ["sft", "sft", "rl", "rl"]
     assert "reward" not in history[0] and "gec_actions" in history[2]
-    assert [m["learning_rate"] for m in history] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])  # one linear decay over both
+    # one linear decay over both
+    assert [m["learning_rate"] for m in history] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
 
     real = eg.sft_step
 

@@ -41,7 +41,8 @@ def test_fused_head_gradients_equal_autograd_through_log_softmax(uses):
     logp = ((h64 @ w64.T + b64) / T).log_softmax(-1)  # (n, V)
     ref_taken, ref_entropy = logp.gather(-1, targets[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
     reference = torch.autograd.grad(loss_of(ref_taken, ref_entropy), (h64, w64, b64))
-    assert torch.allclose(taken.double(), ref_taken, atol=1e-5) and torch.allclose(entropy.double(), ref_entropy, atol=1e-5)
+    assert torch.allclose(taken.double(), ref_taken, atol=1e-5) and torch.allclose(entropy.double(),
+                                                                                   ref_entropy, atol=1e-5)
     for mine, ref in zip(ours, reference):
         assert torch.allclose(mine.double(), ref, atol=1e-5), (mine, ref)
         assert ref.abs().max() > 1e-3
@@ -53,7 +54,8 @@ def test_fused_head_adds_into_an_existing_weight_grad():
     earlier one plus the float64 reference, and it is the same tensor object."""
     g = torch.Generator().manual_seed(1)
     n, D, V, T = 6, 4, 9, 0.8
-    hidden, weight = torch.randn(n, D, generator=g, requires_grad=True), torch.randn(V, D, generator=g, requires_grad=True)
+    hidden, weight = torch.randn(n, D, generator=g, requires_grad=True), torch.randn(V, D, generator=g,
+                                                                                     requires_grad=True)
     targets, a = torch.randint(0, V, (n,), generator=g), torch.randn(n, generator=g)
     earlier = torch.randn(V, D, generator=g)
     weight.grad = earlier.clone()
@@ -174,7 +176,8 @@ def test_lean_activations_under_gradient_checkpointing(tok):
         lean_activations(model)
         if checkpointing:
             (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-        logp, entropy = fused_logprobs_and_entropy(model, r.input_ids, r.attention_mask, r.completion_mask, group_size=4)
+        logp, entropy = fused_logprobs_and_entropy(model, r.input_ids, r.attention_mask, r.completion_mask,
+                                                   group_size=4)
         (logp.sum() - 0.5 * entropy.sum()).backward()
         grads.append([p.grad for p in model.parameters()])
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads))
@@ -258,9 +261,9 @@ def test_keep_freed_memory_keeps_freed_blocks_and_returns_big_ones():
     script = ("import resource, sys, torch, fast\n"
               "if sys.argv[1] == 'keep': assert fast.keep_freed_memory()\n"
               "faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-              "rss = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) // 1024\n"
-              "before = rss(); big = torch.ones(2**24); during = rss(); del big; after = rss()\n"
-              "blocks = [torch.ones(2**20) for _ in range(25)]; del blocks\n"
+              "rss = lambda: int(next(l for l in open('/proc/self/status') if "
+              "l.startswith('VmRSS')).split()[1]) // 1024\nbefore = rss(); big = torch.ones(2**24); during = rss(); "
+              "del big; after = rss()\nblocks = [torch.ones(2**20) for _ in range(25)]; del blocks\n"
               "start = faults()\n"
               "for _ in range(5): torch.ones(10 * 2**20)\n"
               "print(faults() - start, during - before, after - before)\n")
@@ -297,8 +300,9 @@ def test_fast_scoring_equals_the_plain_path(arch):
     results = []
     for model, score in ((plain, lambda m: rollout.token_logprobs_and_entropy(m, r.input_ids, r.attention_mask,
                                                                                r.completion_mask, temperature=0.7)),
-                         (lean, lambda m: fused_logprobs_and_entropy(m, r.input_ids, r.attention_mask, r.completion_mask,
-                                                                     temperature=0.7, group_size=4))):
+                         (lean, lambda m: fused_logprobs_and_entropy(m, r.input_ids, r.attention_mask,
+                                                                     r.completion_mask, temperature=0.7,
+                                                                     group_size=4))):
         logp, entropy = score(model)
         (logp.sum() - 0.3 * entropy.sum()).backward()
         results.append((logp.detach(), entropy.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
@@ -376,14 +380,15 @@ def rollout_and_gec(model, tok, decoding, top_p=1.0):
     import dataclasses
     from reward import MAX_REWARD
     decoder = DECODERS[decoding]
-    prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"), build_prompt(tok, "Compute 12*3 please.", "step-by-step")]
-    r, kv = rollout.sample_with_cache(model, tok, prompts, ["2", "36"], group_size=4, max_new_tokens=20, temperature=1.0,
-                                      top_p=top_p, seed=3, decoder=decoder)
+    prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"),
+               build_prompt(tok, "Compute 12*3 please.", "step-by-step")]
+    r, kv = rollout.sample_with_cache(model, tok, prompts, ["2", "36"], group_size=4, max_new_tokens=20,
+                                      temperature=1.0, top_p=top_p, seed=3, decoder=decoder)
     rewards = r.rewards.clone()
     rewards[[0, 3, 6]] = MAX_REWARD
     corrected = rollout.guided_error_correction(model, tok, dataclasses.replace(r, rewards=rewards), ["2", "36"],
-                                                ["two", None], seed=5, kv=kv, forced_reflection=True, reflection_tokens=7,
-                                                top_p=top_p, decoder=decoder)
+                                                ["two", None], seed=5, kv=kv, forced_reflection=True,
+                                                reflection_tokens=7, top_p=top_p, decoder=decoder)
     assert corrected.actions.count("reflection") == 5
     return r.completion_ids, corrected.completion_ids
 

@@ -29,8 +29,8 @@ def train_lora(tmp_path, arch, *extra, steps="2"):
     model = make_model(tok)
     base = copy.deepcopy(model)
     data = write_jsonl(tmp_path / "data.jsonl", PROBLEMS)
-    args = args_for(tmp_path / "out", "--data", str(data), "--max-steps", steps, "--use-peft", "--learning-rate", "1e-2",
-                    "--lora-target-modules", "q_proj", "v_proj", "down_proj", *extra)
+    args = args_for(tmp_path / "out", "--data", str(data), "--max-steps", steps, "--use-peft",
+                    "--learning-rate", "1e-2", "--lora-target-modules", "q_proj", "v_proj", "down_proj", *extra)
     eg.train(args, model=model, tokenizer=tok, progress=False)
     return model, base, tok, args
 
@@ -64,7 +64,8 @@ def test_lora_trains_adapters_only_and_matches_a_hand_merged_model(tmp_path, arc
     assert trained and all("lora_" in name for name in trained)
     state = model.state_dict()
     for name, p in base.state_dict().items():
-        key = name if name in state else name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        key = name if name in state else name.replace(".weight", ".base_layer.weight").replace(".bias",
+                                                                                               ".base_layer.bias")
         assert torch.equal(state[key], p), name
     assert all(module.lora_B["default"].weight.abs().max() > 0 for module in lora.adapter_layers(model))
     rollout = mixed_rollout(model, tok)
@@ -99,7 +100,8 @@ def test_lora_resume_equals_an_uninterrupted_run(tmp_path):
     data = write_jsonl(tmp_path / "data.jsonl", PROBLEMS)
     common = ["--data", str(data), "--max-steps", "4", "--use-peft", "--learning-rate", "1e-2", "--beta", "0.1"]
     eg.train(args_for(tmp_path / "a", *common), model=tiny_model(tok), tokenizer=tok, progress=False)
-    eg.train(args_for(tmp_path / "b", *common, "--save-steps", "2"), model=tiny_model(tok), tokenizer=tok, progress=False)
+    eg.train(args_for(tmp_path / "b", *common, "--save-steps", "2"), model=tiny_model(tok), tokenizer=tok,
+             progress=False)
     resume_args = eg.parse_args(["--resume", str(tmp_path / "b" / "checkpoint-2"), "--output-dir", str(tmp_path / "c")])
     assert resume_args.use_peft
     eg.train(resume_args, model=tiny_model(tok), tokenizer=tok, progress=False)  # the base model, as --model loads it

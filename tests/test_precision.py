@@ -86,10 +86,12 @@ def test_mixed_precision_resume_equals_an_uninterrupted_run(tok, tmp_path):
     data = write_jsonl(tmp_path / "data.jsonl", PROBLEMS)
     common = ["--data", str(data), "--max-steps", "4", "--dtype", "bfloat16", "--learning-rate", "1e-3"]
     eg.train(args_for(tmp_path / "a", *common), model=tiny_model(tok), tokenizer=tok, progress=False)
-    eg.train(args_for(tmp_path / "b", *common, "--save-steps", "2"), model=tiny_model(tok), tokenizer=tok, progress=False)
+    eg.train(args_for(tmp_path / "b", *common, "--save-steps", "2"), model=tiny_model(tok), tokenizer=tok,
+             progress=False)
     resume_args = eg.parse_args(["--resume", str(tmp_path / "b" / "checkpoint-2"), "--output-dir", str(tmp_path / "c")])
     assert resume_args.dtype == "bfloat16"
-    model, tokenizer = eg.load_model_and_tokenizer("tiny", torch.device("cpu"), torch.float32, weights=resume_args.resume)
+    model, tokenizer = eg.load_model_and_tokenizer("tiny", torch.device("cpu"), torch.float32,
+                                                   weights=resume_args.resume)
     eg.train(resume_args, model=model, tokenizer=tokenizer, progress=False)
     straight, resumed = (load_file(f"{tmp_path}/{d}/checkpoint-4/model.safetensors") for d in ("a", "c"))
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
@@ -107,9 +109,11 @@ def test_memory_plan_arithmetic():
                                  prompt_tokens=512, completion_tokens=1280, micro_batch_rows=8)
     state = sum(plan[k] for k in ("weights", "master weights (fp32)", "gradients", "AdamW moments"))
     assert state == 20 * n and plan["reference model (--beta)"] == 0
-    assert plan["KV cache of one rollout"] == 8 * 1792 * 2 * 28 * 2 * 128 * 2  # rows x tokens x (K, V) x layers x kv heads x dim x 2 B
+    # rows x tokens x (K, V) x layers x kv heads x dim x 2 B
+    assert plan["KV cache of one rollout"] == 8 * 1792 * 2 * 28 * 2 * 128 * 2
     assert plan["total"] == sum(v for k, v in plan.items() if k != "total")
-    assert plan["activations of one micro-batch"] == (512 + 8 * 1280) * 28 * (10 * 1536 + 2 * 8960) * 2  # one prompt per group
+    # one prompt per group
+    assert plan["activations of one micro-batch"] == (512 + 8 * 1280) * 28 * (10 * 1536 + 2 * 8960) * 2
 
 
 # ----------------------------------------------------------------------------- the Qwen2 architecture
@@ -117,8 +121,8 @@ def test_memory_plan_arithmetic():
 def test_qwen_prompt_is_the_authors(qtok):
     """Qwen2.5-Math gets the bare problem; its template's default system prompt asks for \\boxed{}."""
     prompt = build_prompt(qtok, "2+2?", eg.prompt_format_of("qwen2.5-math-1.5b"))
-    assert prompt == ("<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
-                      "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n")
+    assert prompt == ("<|im_start|>system\nPlease reason step by step, and put your final answer within "
+                      "\\boxed{}.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n")
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -161,7 +165,8 @@ def test_8bit_optimizers_train_a_toy_objective_to_the_fp32_adamw_result():
     (measured 4.7e-3: bf16 keeps 8 bits, 2^-8 = 3.9e-3)."""
     pytest.importorskip("torchao")
     reference = regression("adamw_torch_fused", torch.float32)
-    for optim, dtype, tolerance in (("adamw_torch_8bit", torch.float32, 1e-3), ("adamw_torch_8bit_sr", torch.bfloat16, 1e-2)):
+    for optim, dtype, tolerance in (("adamw_torch_8bit", torch.float32, 1e-3),
+                                    ("adamw_torch_8bit_sr", torch.bfloat16, 1e-2)):
         w = regression(optim, dtype)
         assert ((w - reference).norm() / reference.norm()).item() < tolerance, optim
 
@@ -207,7 +212,8 @@ def test_8bit_resume_equals_an_uninterrupted_run(tok, tmp_path, optim):
              progress=False)
     resume_args = eg.parse_args(["--resume", str(tmp_path / "b" / "checkpoint-2"), "--output-dir", str(tmp_path / "c")])
     assert resume_args.optim == optim
-    model, tokenizer = eg.load_model_and_tokenizer("tiny", torch.device("cpu"), torch.float32, weights=resume_args.resume)
+    model, tokenizer = eg.load_model_and_tokenizer("tiny", torch.device("cpu"), torch.float32,
+                                                   weights=resume_args.resume)
     eg.train(resume_args, model=model, tokenizer=tokenizer, progress=False)
     straight, resumed, start = (load_file(f"{tmp_path}/{d}/model.safetensors")
                                 for d in ("a/checkpoint-4", "c/checkpoint-4", "b/checkpoint-2"))

@@ -159,6 +159,7 @@ def test_every_command_names_a_script_and_flags_that_exist(document):
     for script, words in commands((ROOT / document).read_text()):
         assert (ROOT / script).is_file(), f"{document}: {' '.join(words)}"
         flags = {w.split("=")[0] for w in words if w.startswith("--") and w != "--"}
-        unknown = flags - accepted_flags(script, words) - {"--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-backend",
-                                                           "--rdzv-endpoint", "--standalone", "--no-deps"}
+        unknown = flags - accepted_flags(script, words) - {"--nproc-per-node", "--nnodes", "--node-rank",
+                                                           "--rdzv-backend", "--rdzv-endpoint", "--standalone",
+                                                           "--no-deps"}
         assert not unknown, f"{document}: {' '.join(words)}: {sorted(unknown)}"

@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def four_steps(tok, out, *flags):
     data_path = write_jsonl(out.parent / "data.jsonl", PROBLEMS)
-    args = args_for(out, "--data", str(data_path), "--max-steps", "4", "--save-steps", "2", "--save-total-limit", "2", *flags)
+    args = args_for(out, "--data", str(data_path), "--max-steps", "4", "--save-steps", "2", "--save-total-limit",
+                    "2", *flags)
     return eg.train(args, model=tiny_model(tok), tokenizer=tok, progress=False)
 
 
@@ -50,7 +51,8 @@ def test_a_diverging_run_stops_and_every_checkpoint_stays_finite(tok, tmp_path):
     row stops the run with one line; every checkpoint left holds finite weights, the newest kept."""
     out = tmp_path / "run"
     with pytest.raises(SystemExit, match=r"steps 2-4: every gradient held NaN or inf"):
-        eg.train(args_for(out, "--learning-rate", "1e30", "--max-steps", "8", "--save-steps", "1", "--save-total-limit", "2"),
+        eg.train(args_for(out, "--learning-rate", "1e30", "--max-steps", "8", "--save-steps", "1",
+                          "--save-total-limit", "2"),
                  model=tiny_model(tok), tokenizer=tok, progress=False)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_updates"] for r in rows] == [0, 1, 1, 1] and math.isfinite(rows[0]["grad_norm"])
@@ -69,7 +71,8 @@ def test_non_finite_weights_are_never_saved(tok, tmp_path):
         next(model.parameters())[0, 0] = float("nan")
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     with pytest.raises(SystemExit, match="the weights hold NaN or inf, so no checkpoint-1 was written"):
-        checkpoints.save_checkpoint(tmp_path / "run", 1, model, tok, optimizer, eg.make_scheduler(optimizer, args), None, 0, args)
+        checkpoints.save_checkpoint(tmp_path / "run", 1, model, tok, optimizer, eg.make_scheduler(optimizer, args),
+                                    None, 0, args)
     assert not list((tmp_path / "run").glob("*checkpoint-1*"))
 
 
@@ -100,7 +103,8 @@ def test_a_full_disk_during_a_save_removes_the_partial_copy_and_names_the_last_c
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, path, *a, **k)
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(SystemExit, match=r"could not write checkpoint-4 .*No space left.* is the disk full\? .*checkpoint-2"):
+    with pytest.raises(SystemExit, match=r"could not write checkpoint-4 .*No space left.* is the disk full\? "
+                                         r".*checkpoint-2"):
         four_steps(tok, out)
     assert [p.name for p in out.iterdir() if "checkpoint" in p.name] == ["checkpoint-2"]  # no .checkpoint-4.tmp left
     assert checkpoints.is_complete(out / "checkpoint-2")
@@ -214,7 +218,8 @@ def test_gec_is_timed_apart_from_sampling_and_the_parts_add_up(tok, tmp_path, mo
     at least 50 ms."""
     real = eg.guided_error_correction
     monkeypatch.setattr(eg, "guided_error_correction", lambda *a, **k: time.sleep(0.05) or real(*a, **k))
-    history = eg.train(args_for(tmp_path / "run", "--max-steps", "2"), model=tiny_model(tok), tokenizer=tok, progress=False)
+    history = eg.train(args_for(tmp_path / "run", "--max-steps", "2"), model=tiny_model(tok), tokenizer=tok,
+                       progress=False)
     for m in history:
         assert m["seconds_gec"] >= 0.05
         assert m["seconds_generation"] + m["seconds_gec"] + m["seconds_update"] == pytest.approx(m["seconds"], abs=1e-6)
@@ -222,8 +227,8 @@ def test_gec_is_timed_apart_from_sampling_and_the_parts_add_up(tok, tmp_path, mo
 
 def test_completions_are_logged_per_row_and_analysis_reads_them(tok, tmp_path, capsys):
     out = tmp_path / "run"
-    history = eg.train(args_for(out, "--max-steps", "2", "--log-completions-steps", "1", "--no-eda"), model=tiny_model(tok),
-                       tokenizer=tok, progress=False)
+    history = eg.train(args_for(out, "--max-steps", "2", "--log-completions-steps", "1", "--no-eda"),
+                       model=tiny_model(tok), tokenizer=tok, progress=False)
     lines = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1] * 8 + [2] * 8  # P x G = 2 x 4 rows a step
     for line in lines:

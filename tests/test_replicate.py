@@ -76,7 +76,8 @@ def test_format_only_reward_hand_table():
     assert eg.trained_rewards(rollout, "exact-match").tolist() == [2.0, 1.0, 0.0, 0.0]
     assert eg.trained_rewards(rollout, "format-only").tolist() == [1.0, 1.0, 0.0, 0.0]
     pair = rollout_from_texts(tok, tiny_model(tok), ["p"], texts[:2], ["4"], group_size=2)
-    assert eg.group_advantages(eg.trained_rewards(pair, "exact-match"), 2).tolist() == pytest.approx([0.7070, -0.7070], abs=1e-3)
+    assert eg.group_advantages(eg.trained_rewards(pair, "exact-match"), 2).tolist() == pytest.approx([0.7070,
+                                                                                                      -0.7070], abs=1e-3)
     assert eg.group_advantages(eg.trained_rewards(pair, "format-only"), 2).tolist() == [0.0, 0.0]
     assert eg.REWARD_MAXIMUM["format-only"] == 1.0
 
@@ -95,7 +96,8 @@ def test_gec_without_the_answer_branch_never_answers_and_keeps_the_others_ratio(
     for action, p in (("reflection", 2 / 3), ("solution", 1 / 3)):
         assert abs(counts[action] / n - p) < 6 * math.sqrt(p * (1 - p) / n), counts
     g = lambda: torch.Generator().manual_seed(3)
-    assert set(choose_gec_actions([True] * 500, [False] * 500, [False] * 500, g(), branches=("reflection", "solution"))) \
+    assert set(choose_gec_actions([True] * 500, [False] * 500, [False] * 500, g(),
+                                  branches=("reflection", "solution"))) \
         == {"reflection"}
     assert set(choose_gec_actions([True] * 500, [True] * 500, [False] * 500, g(), branches=("solution",))) == {"solution"}
     draws = torch.rand(500, generator=g()).tolist()
@@ -139,7 +141,8 @@ def test_the_study_writes_its_report_and_a_second_call_redoes_nothing(tiny_path,
     out = tmp_path / "study"
     results, done = study(tiny_path, out)
     assert done == dict(trained=4, resumed=0, evaluated=5, skipped=0)  # 2 arms x 2 seeds, + the base model
-    assert [(r["arm"], r["seed"]) for r in results["runs"]] == [("GRPO", 0), ("EDGE-GRPO", 0), ("GRPO", 1), ("EDGE-GRPO", 1)]
+    assert [(r["arm"], r["seed"]) for r in results["runs"]] == [("GRPO", 0), ("EDGE-GRPO", 0), ("GRPO", 1),
+                                                                ("EDGE-GRPO", 1)]
     saved = json.loads((out / "results.json").read_text())
     assert saved["runs"] == results["runs"] and set(saved["comparisons"]) == {"EDGE-GRPO"}
     run = saved["runs"][1]
@@ -153,9 +156,11 @@ def test_the_study_writes_its_report_and_a_second_call_redoes_nothing(tiny_path,
     pytest.importorskip("matplotlib")
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     checkpoint = out / "grpo" / "seed-1" / "checkpoint-2"
-    assert (checkpoint / "model.safetensors").is_file() and not (checkpoint / "trainer_state.pt").exists()  # moments dropped
+    # moments dropped
+    assert (checkpoint / "model.safetensors").is_file() and not (checkpoint / "trainer_state.pt").exists()
     # a second call: every run and evaluation is there, nothing is trained or evaluated again
-    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.parent.name in ("eval", "seed-0", "seed-1")}
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.parent.name in ("eval",
+                                                                                                   "seed-0", "seed-1")}
     again, done = study(tiny_path, out)
     assert done == dict(trained=0, resumed=0, evaluated=0, skipped=4)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
@@ -188,8 +193,8 @@ def test_the_new_arms_run_end_to_end_and_the_table_compares_with_sft(tiny_path, 
     objectives per step, GEC's branches, and the table's columns."""
     out = tmp_path / "study"
     results, _ = replicate.main(["--arms", "sft", "edge-grpo-on-policy-guidance", "--seeds", "1", "--model", tiny_path,
-                                 "--max-steps", "2", "--eval-limit", "2", "--eval-max-new-tokens", "4", "--eval-samples",
-                                 "2", "--output-dir", str(out), "--", *TINY_RUN])
+                                 "--max-steps", "2", "--eval-limit", "2", "--eval-max-new-tokens", "4",
+                                 "--eval-samples", "2", "--output-dir", str(out), "--", *TINY_RUN])
     objectives = {slug: [json.loads(line)["objective"] for line in (out / slug / "seed-0" / "metrics.jsonl").open()]
                   for slug in ("sft", "sft-then-grpo", "sft-then-edge-grpo", "edge-grpo-on-policy-guidance")}
     assert objectives == {"sft": ["sft", "sft"], "sft-then-grpo": ["sft", "rl"], "sft-then-edge-grpo": ["sft", "rl"],
@@ -211,7 +216,8 @@ def test_headline_seeds_run_more_seeds_for_the_headline_arms_only():
     arms = replicate.chosen_arms(opts.arms)
     plan = replicate.study_plan(arms, opts)
     assert len(arms) == 13 and len(plan) == 13 * 3 + 4 * 2
-    assert [label for seed, label in plan if seed >= 3] == ["GRPO", "EDGE-GRPO", "EDGE-GRPO, on-policy guidance", "SFT"] * 2
+    assert [label for seed, label in plan if seed >= 3] == ["GRPO", "EDGE-GRPO",
+                                                            "EDGE-GRPO, on-policy guidance", "SFT"] * 2
     assert replicate.arm_flags(replicate.SFT_ARMS["SFT, then GRPO"], 16) == ["--sft-steps", "8", "--no-gec", "--no-eda"]
 
 
@@ -225,8 +231,8 @@ def test_a_study_rerun_with_other_settings_is_refused_or_redone(tiny_path, tmp_p
         study(tiny_path, out, steps=3, seeds=1)
     with pytest.raises(SystemExit, match=r"--learning-rate 0.001 -> 0.01"):
         replicate.main(["--arms", "grpo", "edge-grpo", "--seeds", "1", "--model", tiny_path, "--max-steps", "2",
-                        "--eval-limit", "3", "--eval-max-new-tokens", "5", "--eval-samples", "2", "--output-dir", str(out),
-                        "--", *TINY_RUN[:8], "--learning-rate", "1e-2", *TINY_RUN[10:]])
+                        "--eval-limit", "3", "--eval-max-new-tokens", "5", "--eval-samples", "2",
+                        "--output-dir", str(out), "--", *TINY_RUN[:8], "--learning-rate", "1e-2", *TINY_RUN[10:]])
     with pytest.raises(SystemExit, match=r"eval samples 2 -> 3"):
         study(tiny_path, out, "--eval-samples", "3", seeds=1)
     assert {p: p.read_bytes() for p in before} == before

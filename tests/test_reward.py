@@ -74,7 +74,8 @@ ANSWER_TABLE = [
     ("\\text{Evelyn}", "\\text{Evelyn}", True), ("Evelyn", "\\text{Evelyn}", True), ("Eve", "\\text{Evelyn}", False),
     ("\\textbf{(C)}", "(C)", True), ("(c)", "(C)", False),
     # list-valued references (Minerva): any listed form counts
-    ("\\frac{1}{m}t", ["\\frac{t}{m}", "\\frac{1}{m}t"], True), ("\\frac{m}{t}", ["\\frac{t}{m}", "\\frac{1}{m}t"], False),
+    ("\\frac{1}{m}t", ["\\frac{t}{m}", "\\frac{1}{m}t"], True),
+    ("\\frac{m}{t}", ["\\frac{t}{m}", "\\frac{1}{m}t"], False),
     # training-set references that are boxed themselves or wrapped in braces
     ("170", "$\\boxed{a=170}$", True), ("17", "$\\boxed{a=170}$", False),
     ("2^{n-1}", "{a_n = 2^{n-1}}", True), ("2^{n+1}", "{a_n = 2^{n-1}}", False),

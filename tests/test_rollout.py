@@ -81,7 +81,8 @@ def test_same_seed_same_samples_and_caller_rng_untouched(model, tok):
     assert torch.equal(torch.random.get_rng_state(), before)
     assert torch.equal(a.completion_ids, b.completion_ids) and a.texts == b.texts
     c = sample(model, tok, seed=8)
-    assert not torch.equal(a.completion_ids[:, :c.completion_ids.shape[1]], c.completion_ids[:, :a.completion_ids.shape[1]])
+    assert not torch.equal(a.completion_ids[:, :c.completion_ids.shape[1]],
+                           c.completion_ids[:, :a.completion_ids.shape[1]])
 
 
 def test_greedy_is_the_same_for_any_seed(model, tok):
@@ -95,7 +96,8 @@ def test_greedy_decoding_equals_transformers_generate(model, tok):
     """Our decoding loop against model.generate on left-padded prompts of different lengths: the same
     tokens, including where rows stop and the padding after. The stop id is a token that the two
     prompts' rows first produce at different steps, so rows stop at different steps."""
-    prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"), build_prompt(tok, "Compute 12*3 and explain.", "step-by-step")]
+    prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"),
+               build_prompt(tok, "Compute 12*3 and explain.", "step-by-step")]
     enc = tok(prompts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
     ids, mask = enc.input_ids.repeat_interleave(2, 0), enc.attention_mask.repeat_interleave(2, 0)
     model = sharpened(tiny_model(tok))
@@ -254,7 +256,8 @@ def test_gec_rewrites_wrong_rows_and_only_regenerates_continued_ones(model, tok)
     import rollout
     calls = []
     counting = lambda model, cache, mask, *a, **kw: calls.append(mask) or rollout.decode(model, cache, mask, *a, **kw)
-    after = guided_error_correction(model, tok, before, ["2", "36"], solutions, seed=4, reflection_tokens=6, decoder=counting)
+    after = guided_error_correction(model, tok, before, ["2", "36"], solutions, seed=4, reflection_tokens=6,
+                                    decoder=counting)
 
     assert after.actions[0] == "none"
     assert torch.equal(after.completion_ids[0, :before.completion_mask[0].sum()],
@@ -293,8 +296,10 @@ def test_gec_continues_from_the_sampling_cache_as_from_a_fresh_prefill(tok):
     ended, the never-fed last token of a truncated one). Greedy continuations equal those of a full
     prefill of prompt + response + cue, for rows that ended and rows that were truncated."""
     model = sharpened(tiny_model(tok))
-    prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"), build_prompt(tok, "Compute 12*3 and explain.", "step-by-step")]
-    r, kv = sample_with_cache(model, tok, prompts, ["2", "36"], group_size=4, max_new_tokens=16, temperature=3.0, seed=0)
+    prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"),
+               build_prompt(tok, "Compute 12*3 and explain.", "step-by-step")]
+    r, kv = sample_with_cache(model, tok, prompts, ["2", "36"], group_size=4, max_new_tokens=16,
+                              temperature=3.0, seed=0)
     assert kv is not None and r.truncated.any() and not r.truncated.all()
     kwargs = dict(seed=1, forced_reflection=True, reflection_tokens=8, temperature=0)
     cached = guided_error_correction(model, tok, r, ["2", "36"], ["two", "36"], kv=kv, **kwargs)
@@ -341,7 +346,8 @@ def test_prefilling_each_prompt_once_gives_the_same_samples(model, tok, temperat
     ids, mask = enc.input_ids.repeat_interleave(4, 0), enc.attention_mask.repeat_interleave(4, 0)
     kwargs = dict(max_new_tokens=12, temperature=temperature, top_p=1.0, seed=5, stop_ids=[tok.eos_token_id],
                   pad_id=tok.pad_token_id)
-    assert torch.equal(generate(model, ids, mask, group_size=1, **kwargs)[0], generate(model, ids, mask, group_size=4, **kwargs)[0])
+    assert torch.equal(generate(model, ids, mask, group_size=1, **kwargs)[0],
+                       generate(model, ids, mask, group_size=4, **kwargs)[0])
 
 
 # ----------------------------------------------------------------------------- GEC on a Qwen-style tokenizer
@@ -379,7 +385,8 @@ def test_decoding_uses_the_current_cache_api():
         warnings.simplefilter("error", FutureWarning)
         rollout = sample(tiny_model(tok), tok, seed=0)
         fast.fused_logprobs_and_entropy(tiny_model(tok), rollout.input_ids, rollout.attention_mask,
-                                        rollout.completion_mask, group_size=4)  # the fast path runs prompts with a cache
+                                        # the fast path runs prompts with a cache
+                                        rollout.completion_mask, group_size=4)
 
 
 def test_a_rows_samples_do_not_depend_on_the_rest_of_its_batch(tok):
@@ -388,7 +395,8 @@ def test_a_rows_samples_do_not_depend_on_the_rest_of_its_batch(tok):
     the tokens and GEC actions it gets in the whole batch. This is what lets torchrun ranks split a
     step's prompts and still sample what one process would."""
     model = sharpened(tiny_model(tok))
-    prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"), build_prompt(tok, "Compute 12*3 please.", "step-by-step")]
+    prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"),
+               build_prompt(tok, "Compute 12*3 please.", "step-by-step")]
     kwargs = dict(group_size=4, max_new_tokens=12, temperature=1.0, seed=5)
     whole, kv = sample_with_cache(model, tok, prompts, ["2", "36"], **kwargs)
     alone, kv_alone = sample_with_cache(model, tok, prompts[1:], ["36"], first_row=4, **kwargs)
@@ -407,7 +415,8 @@ def test_concat_rollouts_pads_prompts_left_and_completions_right():
 
     def make(prompt, completion, reward):
         return Rollout(prompt_ids=torch.tensor([prompt]), prompt_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                       completion_ids=torch.tensor([completion]), completion_mask=torch.ones(1, len(completion), dtype=torch.long),
+                       completion_ids=torch.tensor([completion]),
+                       completion_mask=torch.ones(1, len(completion), dtype=torch.long),
                        sampled_mask=torch.ones(1, len(completion), dtype=torch.long),
                        inserted=torch.zeros(1, len(completion), dtype=torch.long), truncated=torch.tensor([False]),
                        texts=["t"], rewards=torch.tensor([reward]), actions=["none"], group_size=1)
@@ -420,7 +429,8 @@ def test_concat_rollouts_pads_prompts_left_and_completions_right():
 # ----------------------------------------------------------------------------- the prefix branch (on-policy guidance)
 
 @pytest.mark.parametrize("solution, answer, prefix", [
-    ("We compute $12 + 34 = 46$. The answer is \\boxed{46}.", "46", "We compute $12 + 34 = "),  # inside, then at the end
+    # inside, then at the end
+    ("We compute $12 + 34 = 46$. The answer is \\boxed{46}.", "46", "We compute $12 + 34 = "),
     ("We have 14 - 10 = 4, as asked.", "4", "We have 14 - 10 = "),                 # 4 occurs as a number, not in 14
     ("Adding both numbers gives: 9", "9", "Adding both numbers g"),          # at the end: the cap, 21 of 28 characters
     ("7 is the answer, and 7 it stays.", "7", ""),                       # at the start (and twice): nothing shown

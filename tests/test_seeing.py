@@ -129,7 +129,8 @@ class Page(HTMLParser):
             self.facts = self.row
         elif name == "t" and self.row is not None:
             inserted = [b for n, b in self.stack[:-1] if n == "span" and b.get("class") == "ins"]
-            self.token = dict(text="", shade=a.get("e"), h=a.get("h"), source=inserted[-1]["data-src"] if inserted else None,
+            self.token = dict(text="", shade=a.get("e"), h=a.get("h"),
+                              source=inserted[-1]["data-src"] if inserted else None,
                               trained=[b for n, b in self.stack if n == "span" and "data-trained" in b][-1]["data-trained"])
             self.row["tokens"].append(self.token)
         elif name == "details":
@@ -140,7 +141,8 @@ class Page(HTMLParser):
             pass
         if name == "t":
             self.token = None
-        if name == "div" and self.facts is not None and not any(n == "div" and b.get("class") == "facts" for n, b in self.stack):
+        if name == "div" and self.facts is not None and not any(n == "div" and b.get("class") == "facts" for n,
+                                                                b in self.stack):
             self.facts = None
 
     def handle_data(self, text):
@@ -170,8 +172,8 @@ def test_the_page_shows_every_logged_row_token_by_token_with_its_numbers(tok, tm
             assert [int(t["shade"]) for t in s["tokens"]] == [shade(h) for h in r["token_entropy"]]
             assert [int(t["trained"]) for t in s["tokens"]] == r["token_trained"]
             assert s["rewritten"] == str(int(r["gec_action"] not in ("none", "skipped")))
-            assert (f"{r['gec_action']} · reward {r['sampled_reward']:g} → {r['reward']:g} · A i {r['advantage']:+.2f} → "
-                    f"{r['advantage_eda']:+.2f} (EDA) · H i {r['entropy']:.3f}") == " ".join(s["facts"].split()).replace(
+            assert (f"{r['gec_action']} · reward {r['sampled_reward']:g} → {r['reward']:g} · A i "
+                    f"{r['advantage']:+.2f} → {r['advantage_eda']:+.2f} (EDA) · H i {r['entropy']:.3f}") == " ".join(s["facts"].split()).replace(
                         "Ai", "A i").replace("Hi", "H i")
 
 
@@ -207,9 +209,10 @@ def hostile_run(tmp_path):
     """A completions.jsonl written by hand: each response one hostile token, then an ordinary one."""
     out = tmp_path / "hostile"
     out.mkdir()
-    rows = [dict(step=1, prompt=0, problem="<script>alert(2)</script> What is 1+1?", answer="</code>2", sampled=text + " 2",
-                 sampled_reward=0.0, gec_action="none", rewritten=None, reward=0.0, advantage=0.0, advantage_eda=0.0,
-                 entropy=1.0, tokens=[text, " 2"], token_entropy=[1.0, 1.0], token_source=[0, 0], token_trained=[1, 1])
+    rows = [dict(step=1, prompt=0, problem="<script>alert(2)</script> What is 1+1?", answer="</code>2",
+                 sampled=text + " 2", sampled_reward=0.0, gec_action="none", rewritten=None, reward=0.0,
+                 advantage=0.0, advantage_eda=0.0, entropy=1.0, tokens=[text, " 2"], token_entropy=[1.0, 1.0],
+                 token_source=[0, 0], token_trained=[1, 1])
             for text in HOSTILE]
     (out / "completions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
@@ -254,10 +257,12 @@ def test_hostile_completions_break_neither_the_page_nor_its_width_in_chromium(tm
     out = hostile_run(tmp_path)
     path, _ = analysis.write_page(out)
     probe = path.with_name("probe.html")  # the page, and after it a script that measures it
-    probe.write_text(path.read_text(encoding="utf-8").replace("</body>", "<script>document.documentElement.dataset.fits = "
-                     "String(document.documentElement.scrollWidth <= window.innerWidth && document.title.indexOf('owned') < 0)"
-                     "</script></body>"), encoding="utf-8")
-    shown = chromium(f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={width},900", "--dump-dom", f"file://{probe}")
+    probe.write_text(path.read_text(encoding="utf-8").replace("</body>",
+                                                              "<script>document.documentElement.dataset.fits = "
+                     "String(document.documentElement.scrollWidth <= window.innerWidth && "
+                     "document.title.indexOf('owned') < 0)</script></body>"), encoding="utf-8")
+    shown = chromium(f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={width},900", "--dump-dom",
+                     f"file://{probe}")
     assert shown.returncode == 0 and 'data-ready="1"' in shown.stdout and "data-error" not in shown.stdout
     assert 'data-fits="true"' in shown.stdout, "a completion widened the page or ran a script"
     assert "Uncaught" not in shown.stderr
@@ -289,7 +294,8 @@ def test_tensorboard_holds_every_metric_of_every_step_once_after_a_resume(tok, t
     assert set(events.Tags()["scalars"]) == names and "gec_actions/answer" in names and "loss_tokens_by_source/cue" in names
     for name in names:
         logged = events.Scalars(name)
-        assert [e.step for e in logged] == [s for s in (1, 2) if name in expected[s]]  # each step once, the redone one too
+        # each step once, the redone one too
+        assert [e.step for e in logged] == [s for s in (1, 2) if name in expected[s]]
         assert [e.value for e in logged] == pytest.approx([expected[e.step][name] for e in logged], rel=1e-6)
     assert "config/text_summary" in events.Tags()["tensors"]  # the flags, once
 
@@ -338,7 +344,8 @@ def test_wandb_offline_holds_the_history_each_step_once_and_the_completions(tok,
 def test_a_missing_tracker_or_a_contradiction_is_one_line_before_any_model_loads(tok, tmp_path, monkeypatch):
     real = trackers.importlib.util.find_spec
     monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
-    with pytest.raises(SystemExit, match=r"--report-to wandb: the wandb package is not installed \(pip install wandb\)"):
+    with pytest.raises(SystemExit, match=r"--report-to wandb: the wandb package is not installed \(pip "
+                                         r"install wandb\)"):
         eg.train(args_for(tmp_path / "a", "--report-to", "tensorboard", "wandb"), progress=False)  # no model given
     with pytest.raises(SystemExit, match="--report-to none contradicts"):
         args_for(tmp_path / "b", "--report-to", "none", "tensorboard")

@@ -18,7 +18,8 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
 
 QWEN_SPECIALS = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 QWEN_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
-QWEN_CHAT_TEMPLATE = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\n" + QWEN_SYSTEM + "<|im_end|>\n{% endif %}"
+QWEN_CHAT_TEMPLATE = ("{% if messages[0]['role'] != 'system' "
+                      "%}<|im_start|>system\n" + QWEN_SYSTEM + "<|im_end|>\n{% endif %}"
                       + CHAT_TEMPLATE)
 
 
@@ -111,7 +112,8 @@ def write_tiny_gguf(path, layers=2, hidden=32, heads=4, kv_heads=2, intermediate
                             ("attn_k", (kv, hidden)), ("attn_v", (kv, hidden)), ("attn_output", (hidden, hidden)),
                             ("ffn_gate", (intermediate, hidden)), ("ffn_up", (intermediate, hidden)),
                             ("ffn_down", (hidden, intermediate))]:
-            writer.add_tensor(f"blk.{i}.{name}.weight", np.ones(shape, np.float32) if len(shape) == 1 else weight(*shape))
+            writer.add_tensor(f"blk.{i}.{name}.weight",
+                              np.ones(shape, np.float32) if len(shape) == 1 else weight(*shape))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
