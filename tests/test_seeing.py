@@ -346,7 +346,7 @@ def test_a_missing_tracker_or_a_contradiction_is_one_line_before_any_model_loads
     monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
     with pytest.raises(SystemExit, match=r"--report-to wandb: the wandb package is not installed \(pip "
                                          r"install wandb\)"):
-        eg.train(args_for(tmp_path / "a", "--report-to", "tensorboard", "wandb"), progress=False)  # no model given
+        eg.train(args_for(tmp_path / "a", "--report-to", "wandb"), progress=False)  # no model given
     with pytest.raises(SystemExit, match="--report-to none contradicts"):
         args_for(tmp_path / "b", "--report-to", "none", "tensorboard")
 
