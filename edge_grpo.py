@@ -46,23 +46,9 @@ import torch
 import distributed
 import fast
 import trackers
-from checkpoints import (
-    completion_lines,
-    directory_mb,
-    hold_lock,
-    write_config,
-    load_model_and_tokenizer,
-    load_trainer_state,
-    prepare_output_dir,
-    prompt_format_of,
-    reference_model,
-    resolve_device,
-    resolve_dtype,
-    restore_trainer_state,
-    save_checkpoint,
-    stop_on_signals,
-    trim_run_logs,
-)
+from checkpoints import (completion_lines, directory_mb, hold_lock, write_config, load_model_and_tokenizer,
+                         load_trainer_state, prepare_output_dir, prompt_format_of, reference_model, resolve_device,
+                         resolve_dtype, restore_trainer_state, save_checkpoint, stop_on_signals, trim_run_logs)
 from cli import arm_name
 from data import load_data, next_prompts
 from errors import fail
@@ -895,8 +881,8 @@ def report_step(run, bar, history, trained):
                   f"{metrics['grad_norm']}); the update was skipped, the weights are unchanged")
     if streak(history, "zero_std_after_gec", 1.0) == COLLAPSE_WARN_STEPS:
         bar.write(f"WARNING: every group has had identical rewards for {COLLAPSE_WARN_STEPS} steps: advantages "
-                  f"are all 0, "
-                  "nothing is learned (advantage collapse). Try --gec, more --num-generations, or easier data.")
+                  "are all 0, nothing is learned (advantage collapse). Try --gec, more --num-generations, or easier "
+                  "data.")
     if streak(history, "truncation_rate", 1.0) == COLLAPSE_WARN_STEPS:
         bar.write(f"WARNING: no completion has ended for {COLLAPSE_WARN_STEPS} steps: raise --max-completion-length.")
 

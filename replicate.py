@@ -383,28 +383,32 @@ def arm_rows(results, label):
     return {r["seed"]: r for r in results["runs"] if r["arm"] == label}
 
 
+def by_seed(runs, label, key):
+    """{seed: the arm's held-out `key` (avg_at_k, pass_at_k, greedy)}: what paired_difference pairs."""
+    return {r["seed"]: r[f"heldout_{key}"] for r in runs if r["arm"] == label}
+
+
 def comparisons(runs, arms):
     """Each arm's paired differences (seed by seed, the seeds both have): to GRPO in avg@k, pass@k and
     greedy, and to SFT in avg@k and greedy where SFT ran."""
-    by = lambda label, key: {r["seed"]: r[key] for r in runs if r["arm"] == label}
     out = {}
     for label in arms:
         out[label] = {} if label == BASELINE else {
-            f"{key}_vs_grpo": paired_difference(by(label, f"heldout_{key}"), by(BASELINE, f"heldout_{key}"))
+            f"{key}_vs_grpo": paired_difference(by_seed(runs, label, key), by_seed(runs, BASELINE, key))
             for key in ("avg_at_k", "pass_at_k", "greedy")}
-        if SFT_BASELINE in arms and label != SFT_BASELINE and by(SFT_BASELINE, "heldout_avg_at_k"):
-            out[label].update({f"{key}_vs_sft": paired_difference(by(label, f"heldout_{key}"),
-                                                                   by(SFT_BASELINE, f"heldout_{key}"))
+        if SFT_BASELINE in arms and label != SFT_BASELINE and by_seed(runs, SFT_BASELINE, "avg_at_k"):
+            out[label].update({f"{key}_vs_sft": paired_difference(by_seed(runs, label, key),
+                                                                   by_seed(runs, SFT_BASELINE, key))
                                for key in ("avg_at_k", "greedy")})
     return {label: diffs for label, diffs in out.items() if diffs}  # GRPO: only where SFT ran
 
 
 def contrasts(runs):
     """CONTRASTS' paired differences in avg@k, pass@k and greedy, for the pairs of arms that both ran."""
-    by = lambda label, key: {r["seed"]: r[f"heldout_{key}"] for r in runs if r["arm"] == label}
     return [dict(arm=arm, than=than, question=question,
-                 **{key: paired_difference(by(arm, key), by(than, key)) for key in ("avg_at_k", "pass_at_k", "greedy")})
-            for arm, than, question in CONTRASTS if by(arm, "avg_at_k") and by(than, "avg_at_k")]
+                 **{key: paired_difference(by_seed(runs, arm, key), by_seed(runs, than, key))
+                    for key in ("avg_at_k", "pass_at_k", "greedy")})
+            for arm, than, question in CONTRASTS if by_seed(runs, arm, "avg_at_k") and by_seed(runs, than, "avg_at_k")]
 
 
 def format_table(results):

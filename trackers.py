@@ -78,16 +78,16 @@ def log_step(trackers, metrics):
         writer.flush()  # a killed run loses no logged step
     if "wandb" in trackers:
         w = trackers["wandb"]
-        w["sent"] = step > w["state"]["last_step"]  # else W&B already holds this step, from before the resume
-        if w["sent"]:
+        if step > w["state"]["last_step"]:  # else W&B already holds this step, from before the resume
             w["run"].log(values, step=step)
             w["state"]["last_step"] = step
             w["path"].write_text(json.dumps(w["state"]))
+            w["sent_step"] = step  # its completions table goes with it
 
 
 def log_completions(trackers, step, lines):
     """The step's completions.jsonl rows as a W&B table (TensorBoard: the metrics only)."""
-    if "wandb" in trackers and trackers["wandb"].get("sent") and trackers["wandb"]["state"]["last_step"] == step:
+    if "wandb" in trackers and trackers["wandb"].get("sent_step") == step:
         import wandb
         table = wandb.Table(columns=list(COMPLETION_COLUMNS),
                             data=[[line[c] for c in COMPLETION_COLUMNS] for line in lines])

@@ -23,10 +23,10 @@ from cli import read_run_config
 from errors import fail
 from rollout import TOKEN_SOURCES
 
-VIEW_STEPS = 10  # logged steps a page holds by default, evenly spaced, first and last included: ~22 bytes a token
+VIEW_STEPS = 10  # logged steps a page holds by default, evenly spaced, first and last included (~30 bytes a token)
 ENTROPY_MAX = 4.0  # nats: the top of the shading's scale (H_t above it: the darkest shade); 8 shades of 0.5
-ENTROPY_SHADES = 8
-SHADES = ["#ffffff", "#fff4e0", "#ffe7bf", "#ffd699", "#ffc170", "#ffa94d", "#ff8f33", "#f5731b"]
+SHADES = ["#ffffff", "#fff4e0", "#ffe7bf", "#ffd699", "#ffc170", "#ffa94d", "#ff8f33", "#f5731b"]  # white -> orange
+ENTROPY_SHADES = len(SHADES)
 VIEW_FIELDS = ("step", "prompt", "problem", "answer", "sampled", "gec_action", "sampled_reward", "reward")
 
 
