@@ -32,7 +32,7 @@ from data import EVAL_SETS, data_name, load_data
 from errors import fail
 from edge_grpo import response_entropy
 from reward import MAX_REWARD, extract_boxed
-from rollout import (build_prompt, guided_error_correction, rollout_from_texts, sample_rollout,
+from rollout import (Sampling, build_prompt, guided_error_correction, rollout_from_texts, sample_rollout,
                      token_logprobs_and_entropy)
 from viewer import VIEW_STEPS, write_page
 
@@ -65,7 +65,7 @@ def eval_records(model, tokenizer, prompt_format, problems, benchmark, *, temper
         prompts = [build_prompt(tokenizer, row["problem"], prompt_format) for row in batch]
         answers = [row["answer"] for row in batch]
         rollout = sample_rollout(model, tokenizer, prompts, answers, group_size=samples, max_new_tokens=max_new_tokens,
-                                 temperature=temperature, seed=seed + start)
+                                 sampling=Sampling(temperature), seed=seed + start)
         with torch.no_grad():
             _, entropy = token_logprobs_and_entropy(model, rollout.input_ids.to(model.device),
                                                     rollout.attention_mask.to(model.device),
@@ -325,7 +325,8 @@ def forced_reflection(model, tokenizer, prompt_format, records, *, max_new_token
     before = rollout_from_texts(tokenizer, model, prompts, [r["response"] for r in wrong], answers, group_size=1,
                                 truncated=[r["truncated"] for r in wrong])
     after = guided_error_correction(model, tokenizer, before, answers, [None] * len(wrong), seed=seed,
-                                    forced_reflection=True, reflection_tokens=max_new_tokens, temperature=temperature)
+                                    forced_reflection=True, reflection_tokens=max_new_tokens,
+                                    sampling=Sampling(temperature))
     corrected = int((after.rewards == MAX_REWARD).sum())
     return dict(wrong=len(wrong), corrected=corrected, corrected_share=corrected / len(wrong))
 

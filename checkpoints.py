@@ -87,8 +87,10 @@ def load_model_and_tokenizer(name, device, dtype, weights=None):
             tokenizer = AutoTokenizer.from_pretrained(source, **offline)
         except Exception as e:  # not on disk and the hub unreachable or unknown; a damaged tokenizer.json
             fail(damaged(Path(source) / "tokenizer.json", e) if local else not_fetched(name, source, e, offline))
-        try:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **unquantized_config(source), **offline)
+        try:  # use_kernels off: transformers 5.25 re-kernelizes such a model on every train() / eval(), giving each
+            # RMSNorm its class's forward back (or a hub kernel), which silently undid fast.py's routing
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_kernels=False,
+                                                         **unquantized_config(source), **offline)
         except Exception as e:  # a truncated model.safetensors: SafetensorError; config.json: JSONDecodeError
             fail(damaged(Path(source) / "model.safetensors", e) if local else not_fetched(name, source, e, offline))
     if tokenizer.pad_token is None:

@@ -56,7 +56,7 @@ from lora import add_adapters, adapters_disabled, load_adapter
 from optim import build_optimizer, make_scheduler, resumed_anchor
 from precision import check_memory_plan, peak_memory_mb, split_master_weights, uses_masters
 from reward import FORMAT_REWARD, MAX_REWARD, boxed_answer, format_reward
-from rollout import (GEC_ACTIONS, TOKEN_SOURCES, build_prompt, concat_rollouts, decode, drop_long_prompts,
+from rollout import (GEC_ACTIONS, TOKEN_SOURCES, Sampling, build_prompt, concat_rollouts, decode, drop_long_prompts,
                      format_samples, guided_error_correction, rollout_from_texts, sample_with_cache, select_groups,
                      token_logprobs_and_entropy)
 
@@ -423,11 +423,12 @@ def optimizer_step(optimizer, scheduler, args, master_weights):
 
 
 def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_weights=None, shaping=None,
-                  advantage_scale=None):
+                  advantage_scale=None, token_entropy=False):
     """advantages -> token weights -> micro-batch losses -> optimizer step, --num-iterations times.
     master_weights (precision.py): the optimizer updates fp32 masters of a bf16 model. shaping (B,):
     added to the rewards before the advantages (--overlong-buffer); advantage_scale (B,): multiplies
-    the advantages, before EDA (--seed-grpo). Returns metrics."""
+    the advantages, before EDA (--seed-grpo). token_entropy: also return each token's H_t (per_row's
+    H_t, else None), copied off the device only for the steps completions.jsonl logs. Returns metrics."""
     G, B = rollout.group_size, len(rollout.texts)
     device = next(model.parameters()).device
     loss_mask = trained_token_mask(rollout, args.inserted_tokens)  # (B, T)
@@ -447,7 +448,7 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_
     # unless a no-grad pass must come first: for old log-probs (num_iterations > 1), or when a micro-batch
     # splits a group (EDA's mean is the group's); then A_eda is fixed before the first micro-batch.
     H, A_eda, fixed = torch.zeros(B), A.clone(), False
-    H_t = torch.zeros(loss_mask.shape)  # (B, T) each token's entropy under the rollout's policy: for the viewer
+    H_t = torch.zeros(loss_mask.shape) if token_entropy else None  # (B, T) each token's H_t, for the viewer
     if args.num_iterations > 1 or (args.eda and size % G):
         per_token["old_logp"], H = rollout_pass(model, rollout, batches, args)
         if not args.authors_eda:  # the authors' EDA keeps H_i's gradient: from the training forward
@@ -458,7 +459,7 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_
             batch = micro_batch(rollout, rows, per_token, device)
             # (b, T), (b, T); as_forward: under --fsdp, FSDP gathers the LM head and reduces its gradient
             logp, entropy = distributed.as_forward(model, logprobs_and_entropies, batch, args, G)
-            if iteration == 0:
+            if iteration == 0 and token_entropy:
                 H_t[rows, :entropy.shape[1]] = entropy.detach().float().cpu()
             if fixed:
                 A_batch = A_eda[rows].to(device)  # (b,)
@@ -496,6 +497,12 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_
                 per_row=dict(A=A.tolist(), A_eda=A_eda.tolist(), H=H.tolist(), H_t=H_t, loss_mask=loss_mask))
 
 
+def logs_completions(args, step_number):
+    """Whether step number step_number (1, 2, ...) writes its rows to completions.jsonl: every
+    --log-completions-steps steps (0: never)."""
+    return bool(args.log_completions_steps) and step_number % args.log_completions_steps == 0
+
+
 def decoding_path(args, model):
     """The decoder rollout.py samples with: fast.decode_static on a static cache with a torch.compile'd
     step under --compile (by default on CUDA), else rollout.decode, the plain loop. The same tokens."""
@@ -510,18 +517,17 @@ def sample_and_correct(model, tokenizer, problems, seed, args, first_row=0, cloc
     G = args.num_generations
     prompts = [build_prompt(tokenizer, row["problem"], args.prompt_format) for row in problems]
     answers = [row["answer"] for row in problems]
-    decoder = decoding_path(args, model)
+    sampling = Sampling(args.temperature, args.top_p, decoding_path(args, model))
     sampled, kv = sample_with_cache(model, tokenizer, prompts, answers, group_size=G,
-                                    max_new_tokens=args.max_completion_length, temperature=args.temperature,
-                                    top_p=args.top_p, seed=seed, decoder=decoder, first_row=first_row)
+                                    max_new_tokens=args.max_completion_length, sampling=sampling, seed=seed,
+                                    first_row=first_row)
     if not args.gec:
         return sampled, sampled
     started = time.perf_counter()
     corrected = guided_error_correction(model, tokenizer, sampled, answers, [row["solution"] for row in problems],
                                         seed=seed + 1, kv=kv, forced_reflection=args.forced_reflection,
-                                        reflection_tokens=args.gec_reflection_tokens, temperature=args.temperature,
-                                        top_p=args.top_p, decoder=decoder, first_row=first_row,
-                                        branches=args.gec_branches)
+                                        reflection_tokens=args.gec_reflection_tokens, sampling=sampling,
+                                        first_row=first_row, branches=args.gec_branches)
     if clock is not None:
         clock["gec"] += time.perf_counter() - started
     return sampled, corrected  # the sampling cache (kv) is freed here, before the update
@@ -557,7 +563,7 @@ def train_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step
     scale = (semantic_entropy_scale(uncertainty, G, args.seed_grpo_alpha).repeat_interleave(G) if args.seed_grpo
              else None)
     update = policy_update(model, ref_model, optimizer, scheduler, rollout, args, master_weights, shaping=penalty,
-                           advantage_scale=scale)
+                           advantage_scale=scale, token_entropy=logs_completions(args, step + 1))
     per_row = update.pop("per_row")
     t3 = time.perf_counter()
     # the tokens GEC had the policy write (after the cue or the prefix)
@@ -870,7 +876,7 @@ def report_step(run, bar, history, trained):
                     acc=f"{metrics['accuracy']:.2f}",
                     collapsed=f"{metrics['zero_std_before_gec']:.2f}->{metrics['zero_std_after_gec']:.2f}",
                     H=f"{metrics['entropy']:.2f}", s=f"{metrics['seconds']:.1f}")
-    if args.log_completions_steps and metrics["step"] % args.log_completions_steps == 0:
+    if logs_completions(args, metrics["step"]):
         bar.write("\n".join([f"step {metrics['step']} samples:"] + format_samples(rollout, problems)))
         lines = completion_lines(metrics["step"], trained, run.tokenizer)
         with (Path(args.output_dir) / "completions.jsonl").open("a") as f:

@@ -30,6 +30,7 @@ Departures from the authors' code (../shared/PAPER.md, "Guided Error Correction"
 import re
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from transformers import DynamicCache
@@ -232,8 +233,8 @@ def decode(model, cache, mask, step_ids, *, max_new_tokens, temperature, top_p, 
     that has produced a stop id gets pad_id after it; the loop ends when every row has stopped.
     Returns the new ids (B, T <= max_new_tokens) and kv = (cache, its mask), from which rows can be
     continued (guided_error_correction). The cache grows a token at a time. Every function here that
-    decodes takes the decoder as an argument (decoder=decode): fast.decode_static has this signature
-    and gives the same tokens on a static cache, compiled or not (--compile)."""
+    decodes takes the decoder in its Sampling record: fast.decode_static has this signature and gives
+    the same tokens on a static cache, compiled or not (--compile)."""
     stops = torch.tensor(stop_ids, device=mask.device)
     done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)  # (B,)
     new = []
@@ -253,8 +254,17 @@ def decode(model, cache, mask, step_ids, *, max_new_tokens, temperature, top_p, 
     return ids, (cache, mask[:, :cache.get_seq_length()])
 
 
-def generate(model, input_ids, attention_mask, *, max_new_tokens, temperature, top_p, seed, stop_ids, pad_id,
-             group_size=1, decoder=decode, first_row=0):
+@dataclass(frozen=True)
+class Sampling:
+    """How the policy samples, chosen by the flags (--temperature, --top-p, and --compile's decoder): one
+    record from the trainer through the rollout and GEC's continuation to the decoding loop."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    decoder: Callable = decode  # or fast.decode_static (--compile): the same signature, the same tokens
+
+
+def generate(model, input_ids, attention_mask, *, max_new_tokens, seed, stop_ids, pad_id, sampling=Sampling(),
+             group_size=1, first_row=0):
     """Completions (B, T <= max_new_tokens) of left-padded prompts (B, Tp), and the kv to continue
     them (see decode). Each row samples from its own generator, seeded by (seed, first_row + its
     index): the same seed gives the same samples. group_size: groups of G identical prompts are
@@ -262,10 +272,10 @@ def generate(model, input_ids, attention_mask, *, max_new_tokens, temperature, t
     device = model.device
     mask = attention_mask.to(device)
     cache = prefill(model, input_ids.to(device), mask, group_size)
-    return decoder(model, cache, mask, input_ids[:, -1:].to(device), max_new_tokens=max_new_tokens,
-                  temperature=temperature, top_p=top_p,
-                  generator=row_generators(seed, range(first_row, first_row + input_ids.shape[0]), device),
-                  stop_ids=stop_ids, pad_id=pad_id)
+    return sampling.decoder(model, cache, mask, input_ids[:, -1:].to(device), max_new_tokens=max_new_tokens,
+                            temperature=sampling.temperature, top_p=sampling.top_p,
+                            generator=row_generators(seed, range(first_row, first_row + input_ids.shape[0]), device),
+                            stop_ids=stop_ids, pad_id=pad_id)
 
 
 def _encode(tokenizer, text):
@@ -276,16 +286,16 @@ def pad_id_of(tokenizer):
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def sample_rollout(model, tokenizer, prompts, answers, *, group_size, max_new_tokens, temperature=1.0,
-                   top_p=1.0, seed=0, decoder=decode, first_row=0):
+def sample_rollout(model, tokenizer, prompts, answers, *, group_size, max_new_tokens, sampling=Sampling(), seed=0,
+                   first_row=0):
     """G = group_size completions for each prompt, sampled together, scored by reward.py. first_row:
     the index of this batch's first row in the step's whole batch (a torchrun rank's share)."""
     return sample_with_cache(model, tokenizer, prompts, answers, group_size=group_size, max_new_tokens=max_new_tokens,
-                             temperature=temperature, top_p=top_p, seed=seed, decoder=decoder, first_row=first_row)[0]
+                             sampling=sampling, seed=seed, first_row=first_row)[0]
 
 
-def sample_with_cache(model, tokenizer, prompts, answers, *, group_size, max_new_tokens, temperature=1.0,
-                      top_p=1.0, seed=0, decoder=decode, first_row=0):
+def sample_with_cache(model, tokenizer, prompts, answers, *, group_size, max_new_tokens, sampling=Sampling(),
+                      seed=0, first_row=0):
     """sample_rollout, and the sampling pass's KV cache with its mask, from which guided_error_correction
     continues rows without running prompt and response through the model again."""
     encoded = tokenizer(prompts, padding=True, padding_side="left", add_special_tokens=False,
@@ -293,10 +303,9 @@ def sample_with_cache(model, tokenizer, prompts, answers, *, group_size, max_new
     prompt_ids = encoded.input_ids.repeat_interleave(group_size, dim=0)  # (B, Tp)
     prompt_mask = encoded.attention_mask.repeat_interleave(group_size, dim=0)  # (B, Tp)
     stop_ids = stop_token_ids(tokenizer, model)
-    completion_ids, kv = generate(model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
-                                  temperature=temperature, top_p=top_p, seed=seed, stop_ids=stop_ids,
-                                  pad_id=pad_id_of(tokenizer), group_size=group_size, decoder=decoder,
-                                  first_row=first_row)  # (B, T)
+    completion_ids, kv = generate(model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, seed=seed,
+                                  stop_ids=stop_ids, pad_id=pad_id_of(tokenizer), sampling=sampling,
+                                  group_size=group_size, first_row=first_row)  # (B, T)
     completion_mask, truncated = completion_mask_from_eos(completion_ids, stop_ids)
     texts = tokenizer.batch_decode(completion_ids * completion_mask + pad_id_of(tokenizer) * (1 - completion_mask),
                                    skip_special_tokens=True)
@@ -512,17 +521,6 @@ class Rewrite:
     kept: dict     # rewritten row -> how many of its tokens are the original response (its end tokens dropped)
 
 
-@dataclass
-class Decoding:
-    """How the policy samples a continuation: the settings that travel together from the flags to the
-    decoder (rollout.decode, or fast.decode_static under --compile)."""
-    temperature: float
-    top_p: float
-    stop_ids: list
-    pad_id: int
-    decoder: object
-
-
 def rewrite_rows(tokenizer, rollout, actions, answers, solutions, stop_ids):
     """Each row as GEC rewrites it, before any continuation: a Rewrite of its token ids, per token 1 if
     the policy sampled it and 0 if GEC inserted it, and for each rewritten row how many of its tokens
@@ -579,12 +577,13 @@ def cached_contexts(model, rollout, kv, ids, rows, kept_lengths, pad_id):
     return selected, torch.cat([mask, step_mask.to(mask.device)], dim=1), step_ids.to(mask.device)
 
 
-def continue_rows(model, rollout, kv, rewrite, rows, decoding, *, seed, max_new_tokens, first_row=0):
+def continue_rows(model, rollout, kv, rewrite, rows, sampling, *, seed, max_new_tokens, stop_ids, pad_id,
+                  first_row=0):
     """The policy goes on after the reflection cue (or the solution's prefix), for `rows` only, in one
     decoding loop: from the sampling cache when there is one (kv), else from a fresh prefill of
     prompt + response + cue.
     The new tokens are appended to the rewrite's rows (sampled flag 1), in place."""
-    ids, pad_id, stop_ids = rewrite.ids, decoding.pad_id, decoding.stop_ids
+    ids = rewrite.ids
     if kv is not None:
         cache, mask, step_ids = cached_contexts(model, rollout, kv, ids, rows,
                                                 [rewrite.kept[row] for row in rows], pad_id)
@@ -592,9 +591,9 @@ def continue_rows(model, rollout, kv, rewrite, rows, decoding, *, seed, max_new_
         contexts = [rollout.prompt_ids[row][rollout.prompt_mask[row].bool()].tolist() + ids[row] for row in rows]
         context_ids, mask = (t.to(model.device) for t in left_pad(contexts, pad_id))
         cache, step_ids = prefill(model, context_ids, mask, group_size=1), context_ids[:, -1:]
-    continuation, _ = decoding.decoder(
-        model, cache, mask, step_ids, max_new_tokens=max_new_tokens, temperature=decoding.temperature,
-        top_p=decoding.top_p, generator=row_generators(seed, [first_row + row for row in rows], model.device),
+    continuation, _ = sampling.decoder(
+        model, cache, mask, step_ids, max_new_tokens=max_new_tokens, temperature=sampling.temperature,
+        top_p=sampling.top_p, generator=row_generators(seed, [first_row + row for row in rows], model.device),
         stop_ids=stop_ids, pad_id=pad_id)  # (len(rows), T')
     continuation_mask, _ = completion_mask_from_eos(continuation, stop_ids)
     for k, row in enumerate(rows):
@@ -623,8 +622,7 @@ def rescore(tokenizer, rollout, actions, rewrite, answers, stop_ids, pad_id):
 
 
 def guided_error_correction(model, tokenizer, rollout, answers, solutions, *, seed, reflection_tokens, kv=None,
-                            forced_reflection=False, temperature=1.0, top_p=1.0, decoder=decode, first_row=0,
-                            branches=DEFAULT_GEC_BRANCHES):
+                            forced_reflection=False, sampling=Sampling(), first_row=0, branches=DEFAULT_GEC_BRANCHES):
     """GEC: rewrite every response with r_i < MAX_REWARD, then re-score; returns a new Rollout.
     answers, solutions: one per prompt (a solution may be None or ''); kv: the sampling pass's cache
     (sample_with_cache), if any. Tokens GEC inserts (the cue, the answer sentence, the solution,
@@ -641,9 +639,8 @@ def guided_error_correction(model, tokenizer, rollout, answers, solutions, *, se
     rewrite = rewrite_rows(tokenizer, rollout, actions, answers, solutions, stop_ids)
     continuing = [row for row in range(B) if actions[row] in ("reflection", "prefix")]  # one decoding loop for both
     if continuing:
-        decoding = Decoding(temperature, top_p, stop_ids, pad_id, decoder)
-        continue_rows(model, rollout, kv, rewrite, continuing, decoding, seed=seed + 1,
-                      max_new_tokens=reflection_tokens, first_row=first_row)
+        continue_rows(model, rollout, kv, rewrite, continuing, sampling, seed=seed + 1,
+                      max_new_tokens=reflection_tokens, stop_ids=stop_ids, pad_id=pad_id, first_row=first_row)
     return rescore(tokenizer, rollout, actions, rewrite, answers, stop_ids, pad_id)
 
 

@@ -44,20 +44,21 @@ def run_one(model_name, path, rows, new_tokens, device_name, repeats=2):
     import functools
     import torch
     import fast
-    from rollout import decode, generate
+    from rollout import Sampling, decode, generate
     decoder = dict(dynamic=decode, static=functools.partial(fast.decode_static, compiled=False),
                    compiled=functools.partial(fast.decode_static, compiled=True))[path]
     device = torch.device(device_name)
     model, _ = load(model_name, device)
     model.eval()
     fast.enable(model)  # as `python edge_grpo.py` (--fast) runs it
-    prompt = torch.randint(100, 1000, (1, 64), generator=torch.Generator().manual_seed(0)).repeat(rows, 1)
+    high = min(1000, model.config.vocab_size)  # ids 100-999 of a real vocabulary: ordinary tokens
+    prompt = torch.randint(high // 10, high, (1, 64), generator=torch.Generator().manual_seed(0)).repeat(rows, 1)
     mask = torch.ones_like(prompt)
 
     def once(seed):
         start = time.perf_counter()
-        ids, _ = generate(model, prompt, mask, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0, seed=seed,
-                          stop_ids=[-1], pad_id=0, group_size=rows, decoder=decoder)  # -1: no row ever stops
+        ids, _ = generate(model, prompt, mask, max_new_tokens=new_tokens, seed=seed, stop_ids=[-1], pad_id=0,
+                          sampling=Sampling(1.0, 1.0, decoder), group_size=rows)  # -1: no row ever stops
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start, ids

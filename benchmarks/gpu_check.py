@@ -9,8 +9,8 @@ line per model: seconds per step split into generation / GEC / update, generated
 peak CUDA memory, the memory plan's total, and the fraction of master weights that moved; then
 benchmarks/generation.py's lines for the 1.5B-shaped model (decoding paths, tokens/s).
 Without CUDA it says so and exits 0; `--device cpu` runs the same check on the CPU (slowly: use
---max-completion-length 48 --num-generations 4). Sized for one 10-minute run on an H100 (an estimate: no GPU has run it yet; --no-generation
-skips the decoding benchmark).
+--max-completion-length 48 --num-generations 4). Sized for one 10-minute run on an H100 (an estimate:
+no GPU has run it yet; --no-generation skips the decoding benchmark).
 
   python benchmarks/gpu_check.py
   python benchmarks/gpu_check.py --device cpu --models embedded --max-completion-length 48 --num-generations 4 --steps 2

@@ -112,7 +112,8 @@ def run_ours(P, G, L, steps, edge):
                                                          args)
             seconds = time.perf_counter() - start
         out.append(dict(seconds=seconds, generation=metrics["seconds_generation"], gec=metrics["seconds_gec"],
-                        update=metrics["seconds_update"], tokens=int(trained["rollout"].completion_mask.sum()), rss=rss.peak))
+                        update=metrics["seconds_update"], tokens=int(trained["rollout"].completion_mask.sum()),
+                        rss=rss.peak))
     return out
 
 
@@ -132,7 +133,8 @@ def run_trl(P, G, L, steps, keep_memory=False):
         import fast
         fast.keep_freed_memory()
     batches = workload(P, steps)
-    rows = [dict(prompt=build_prompt(tokenizer, r["problem"], "step-by-step"), answer=r["answer"]) for batch in batches for r in batch]
+    rows = [dict(prompt=build_prompt(tokenizer, r["problem"], "step-by-step"), answer=r["answer"])
+            for batch in batches for r in batch]
 
     def reward_fn(prompts, completions, answer, **kwargs):
         return [reward(c, a) for c, a in zip(completions, answer)]

@@ -96,8 +96,9 @@ def test_plot_writes_a_png(tmp_path):
         run = tmp_path / arm
         run.mkdir()
         (run / "config.json").write_text(json.dumps(dict(arm=arm)))
-        (run / "metrics.jsonl").write_text("".join(json.dumps(dict(step=s, adv_var=var, entropy=0.5, accuracy=0.1,
-                                                                   zero_std_before_gec=1 - var, zero_std_after_gec=0.0)) + "\n" for s in range(1, 6)))
+        lines = [dict(step=s, adv_var=var, entropy=0.5, accuracy=0.1, zero_std_before_gec=1 - var,
+                      zero_std_after_gec=0.0) for s in range(1, 6)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     out = tmp_path / "fig.png"
     summary = analysis.main(["plot", str(tmp_path / "GRPO"), str(tmp_path / "EDGE-GRPO"), "--output", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
@@ -212,8 +213,9 @@ def test_plots_label_their_axes_keep_the_legend_off_the_curves_and_share_bins(tm
                         **k: bins.append(k.get("bins")) or real_hist(self, x, **k))
     run = tmp_path / "GRPO"
     run.mkdir()
-    (run / "metrics.jsonl").write_text("".join(json.dumps(dict(step=s, adv_var=0.5, entropy=0.5, accuracy=0.1,
-                                                               zero_std_before_gec=0.5, zero_std_after_gec=0.0)) + "\n" for s in (1, 2)))
+    lines = [dict(step=s, adv_var=0.5, entropy=0.5, accuracy=0.1, zero_std_before_gec=0.5, zero_std_after_gec=0.0)
+             for s in (1, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     analysis.main(["plot", str(run), "--output", str(tmp_path / "fig.png")])
     panels = [ax for ax in figures[-1].axes if ax.get_visible() and ax.axison]
     assert len(panels) == 4 and all(ax.get_ylabel() for ax in panels)

@@ -23,7 +23,8 @@ def test_group_advantages_hand_table():
     A = eg.group_advantages(rewards, G=4)
     # group 1: mean 1, sample std sqrt((1 + 0 + 0 + 1) / 3) = 0.816497; 1 / (0.816497 + 1e-4) = 1.224595
     # group 2: all equal -> exactly 0
-    # group 3: mean 0.5, sample std sqrt((2.25 + 3 * 0.25) / 3) = 1.0; 1.5 / 1.0001 = 1.499850, -0.5 / 1.0001 = -0.499950
+    # group 3: mean 0.5, sample std sqrt((2.25 + 3 * 0.25) / 3) = 1.0;
+    # 1.5 / 1.0001 = 1.499850, -0.5 / 1.0001 = -0.499950
     expected = [1.224595, 0, 0, -1.224595, 0, 0, 0, 0, 1.499850, -0.499950, -0.499950, -0.499950]
     assert torch.allclose(A, torch.tensor(expected), atol=1e-5)
     assert (A[4:8] == 0).all()
@@ -185,8 +186,8 @@ def test_flat_buffer_adamw_steps_like_plain_adamw(tok, tmp_path):
             eg.policy_update(model, None, optimizer, eg.make_scheduler(optimizer, args), rollout, args)
     params = [list(m.parameters()) for m in models]
     assert all(p.grad.untyped_storage().data_ptr() == grad_storage for p in params[0])
-    assert all(flat.state[p]["exp_avg"].untyped_storage().data_ptr() == flat.state[params[0][0]]["exp_avg"].untyped_storage().data_ptr()
-               for p in params[0])
+    storage = lambda p: flat.state[p]["exp_avg"].untyped_storage().data_ptr()
+    assert all(storage(p) == storage(params[0][0]) for p in params[0])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*params))
     assert sum((a - b).abs().sum() for a, b in zip(params[0], tiny_model(tok).parameters())) > 1e-3  # it moved
 
@@ -264,6 +265,27 @@ def test_one_prompt_per_step_prints_samples(tok, tmp_path, capsys):
     assert len(history) == 2
     out = capsys.readouterr().out
     assert out.count("samples:") == 2 and out.count("What is") >= 2
+
+
+def test_token_entropies_leave_the_device_only_on_logged_steps(tok, tmp_path):
+    """H_t per token is returned (for completions.jsonl) on the steps --log-completions-steps logs, and
+    equals a separate no-grad pass of the same policy over the same rows; other steps skip the copy."""
+    args = args_for(tmp_path, "--log-completions-steps", "2", "--num-iterations", "1")
+    problems = [dict(problem="What is 1+1?", answer="2", solution="1+1=\\boxed{2}"),
+                dict(problem="Compute 12*3.", answer="36", solution=None)]
+    model = tiny_model(tok)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the policy stays as it was sampled
+    scheduler = eg.make_scheduler(optimizer, args)
+    assert [eg.logs_completions(args, n) for n in (1, 2, 3, 4)] == [False, True, False, True]
+    _, quiet, _ = eg.train_step(model, None, tok, optimizer, scheduler, problems, 0, args)  # step 1: not logged
+    _, logged, _ = eg.train_step(model, None, tok, optimizer, scheduler, problems, 1, args)  # step 2: logged
+    assert quiet["H_t"] is None
+    r = logged["rollout"]
+    with torch.no_grad():
+        _, H_t = eg.token_logprobs_and_entropy(model, r.input_ids, r.attention_mask, r.completion_mask, 1.0)
+    mask = r.completion_mask.bool()
+    assert logged["H_t"].shape == mask.shape and torch.allclose(logged["H_t"][mask], H_t[mask], atol=1e-5)
+    assert (logged["H_t"][~mask] == 0).all()
 
 
 def test_warmup_and_linear_decay_are_hugging_faces():
@@ -598,8 +620,10 @@ def test_sft_steps_refuse_data_without_solutions_and_beyond_max_steps(tmp_path):
     with pytest.raises(SystemExit, match="--sft-steps must be between 0 and --max-steps"):
         args_for(tmp_path / "out", "--max-steps", "2", "--sft-steps", "3")
     assert cli.arm_name(args_for(tmp_path, "--max-steps", "4", "--sft-steps", "4")) == "SFT"
-    assert cli.arm_name(args_for(tmp_path, "--max-steps", "4", "--sft-steps", "2", "--no-gec", "--no-eda")) == "SFT, then GRPO"
-    assert cli.arm_name(args_for(tmp_path, "--gec-branches", "reflection", "prefix")) == "EDGE-GRPO (reflection + prefix)"
+    assert cli.arm_name(args_for(tmp_path, "--max-steps", "4", "--sft-steps", "2", "--no-gec", "--no-eda")) == \
+        "SFT, then GRPO"
+    assert cli.arm_name(args_for(tmp_path, "--gec-branches", "reflection", "prefix")) == \
+        "EDGE-GRPO (reflection + prefix)"
 
 
 def test_what_each_step_trains_on_is_counted_by_source(tok, tmp_path):

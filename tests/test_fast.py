@@ -136,9 +136,9 @@ def test_shared_prompts_accumulate_over_micro_batches_like_one_plain_backward(to
 def test_lean_activations_same_numbers_less_memory_for_backward(tok):
     """Every MLP and RMSNorm of the tiny Llama routed through SwiGLUDown / RMSNormFunction: the same
     log-probs, entropies and gradients as the stock modules (float64 model; both norms compute in
-    float32, as transformers' does, hence the tolerance), and the tensors kept for backward shrink by what the two functions drop: per layer and
-    token 2 x I values of the MLP (silu(g) and the product) and D for each of the two norms, and D
-    for the final norm."""
+    float32, as transformers' does, hence the tolerance), and the tensors kept for backward shrink by
+    what the two functions drop: per layer and token 2 x I values of the MLP (silu(g) and the product)
+    and D for each of the two norms, and D for the final norm."""
     stock = tiny_model(tok).double()
     lean = copy.deepcopy(stock)
     assert lean_activations(lean) == 2 * 3 + 1 + 1  # 2 layers x (MLP, 2 norms), the final norm, the embedding
@@ -161,9 +161,30 @@ def test_lean_activations_same_numbers_less_memory_for_backward(tok):
     assert torch.allclose(l1, l2, atol=1e-6) and torch.allclose(h1, h2, atol=1e-6)
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(g1, g2))
     config, tokens = stock.config, r.input_ids.numel()
-    dropped = tokens * (config.num_hidden_layers * (2 * config.intermediate_size + 2 * config.hidden_size) + config.hidden_size)
+    per_layer = 2 * config.intermediate_size + 2 * config.hidden_size
+    dropped = tokens * (config.num_hidden_layers * per_layer + config.hidden_size)
     assert kept_stock - kept_lean == dropped, (kept_stock, kept_lean, dropped)
     assert sum(g.abs().sum() for g in g1) > 0
+
+
+def test_lean_routing_of_a_loaded_model_survives_train_and_eval(tok, tmp_path):
+    """A model loaded from a directory (a checkpoint, a resumed run) keeps fast.py's routing through
+    the train() / eval() of every step: transformers 5.25 began to kernelize such models by default,
+    swapping each RMSNorm's forward back on every mode change (a resumed bf16 run then differed from
+    an uninterrupted one by ~1e-6 in the norms); checkpoints.load_model_and_tokenizer turns that off."""
+    tiny_model(tok).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model, _ = eg.load_model_and_tokenizer(str(tmp_path), torch.device("cpu"), torch.float32)
+    assert lean_activations(model) == 8  # 2 layers x (MLP, 2 norms), the final norm, the embedding
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    outputs = []
+    for norm in norms:
+        norm.register_forward_hook(lambda module, args, out: outputs.append(type(out.grad_fn).__name__))
+    for mode in (True, False, True):
+        model.train(mode)
+        outputs.clear()
+        model(input_ids=torch.tensor([[5, 6, 7]])).logits.sum().backward()
+        assert outputs == ["RMSNormFunctionBackward"] * 5
 
 
 def test_lean_activations_under_gradient_checkpointing(tok):
@@ -379,16 +400,16 @@ def rollout_and_gec(model, tok, decoding, top_p=1.0):
     (3 are marked correct and left alone): 5 rows decode in a static batch of 8."""
     import dataclasses
     from reward import MAX_REWARD
-    decoder = DECODERS[decoding]
+    sampling = rollout.Sampling(1.0, top_p, DECODERS[decoding])
     prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"),
                build_prompt(tok, "Compute 12*3 please.", "step-by-step")]
     r, kv = rollout.sample_with_cache(model, tok, prompts, ["2", "36"], group_size=4, max_new_tokens=20,
-                                      temperature=1.0, top_p=top_p, seed=3, decoder=decoder)
+                                      sampling=sampling, seed=3)
     rewards = r.rewards.clone()
     rewards[[0, 3, 6]] = MAX_REWARD
     corrected = rollout.guided_error_correction(model, tok, dataclasses.replace(r, rewards=rewards), ["2", "36"],
                                                 ["two", None], seed=5, kv=kv, forced_reflection=True,
-                                                reflection_tokens=7, top_p=top_p, decoder=decoder)
+                                                reflection_tokens=7, sampling=sampling)
     assert corrected.actions.count("reflection") == 5
     return r.completion_ids, corrected.completion_ids
 

@@ -104,7 +104,8 @@ def test_memory_plan_arithmetic():
     config = Qwen2Config(**precision.QWEN_MATH_SHAPES["qwen2.5-math-1.5b"])
     n = precision.parameter_count(config)
     assert n == pytest.approx(1.54e9, rel=0.005)
-    assert precision.parameter_count(Qwen2Config(**precision.QWEN_MATH_SHAPES["qwen2.5-math-7b"])) == pytest.approx(7.62e9, rel=0.005)
+    seven_b = Qwen2Config(**precision.QWEN_MATH_SHAPES["qwen2.5-math-7b"])
+    assert precision.parameter_count(seven_b) == pytest.approx(7.62e9, rel=0.005)
     plan = precision.memory_plan(config, dtype=torch.bfloat16, beta=0.0, rows=8, group_size=8,
                                  prompt_tokens=512, completion_tokens=1280, micro_batch_rows=8)
     state = sum(plan[k] for k in ("weights", "master weights (fp32)", "gradients", "AdamW moments"))

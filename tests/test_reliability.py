@@ -40,7 +40,8 @@ def resume_fresh(checkpoint, *flags):
 
 
 def files(directory):
-    return {p.relative_to(directory): (p.stat().st_size, p.stat().st_mtime_ns) for p in Path(directory).rglob("*") if p.is_file()}
+    return {p.relative_to(directory): (p.stat().st_size, p.stat().st_mtime_ns) for p in Path(directory).rglob("*")
+            if p.is_file()}
 
 
 # ----------------------------------------------------------------------------- 1. a non-finite update
@@ -142,7 +143,8 @@ def test_answers_and_problems_that_are_not_text_are_refused_by_line(tmp_path, li
     path.write_text('{"problem": "2+2", "answer": 4}\n' + line + "\n")
     with pytest.raises(SystemExit, match=re.escape(f"bad.jsonl:2: {message}")):
         data.load_problems(path)
-    assert data.load_problems(write_jsonl(tmp_path / "ok.jsonl", [dict(problem="p", answer=["1", 2.5])]))[0]["answer"] == ["1", 2.5]
+    rows = data.load_problems(write_jsonl(tmp_path / "ok.jsonl", [dict(problem="p", answer=["1", 2.5])]))
+    assert rows[0]["answer"] == ["1", 2.5]
 
 
 def test_a_file_that_is_not_utf8_is_refused_by_line(tmp_path):
@@ -185,8 +187,9 @@ sys.path.insert(0, ".")
 import edge_grpo as eg
 from tests.tiny import tiny_model, tiny_tokenizer
 tok = tiny_tokenizer()
-args = eg.parse_args(["--model", "tiny", "--output-dir", sys.argv[1], "--num-generations", "2", "--prompts-per-step", "2",
-                      "--max-completion-length", "8", "--gec-reflection-tokens", "4", "--log-completions-steps", "0",
+args = eg.parse_args(["--model", "tiny", "--output-dir", sys.argv[1], "--num-generations", "2",
+                      "--prompts-per-step", "2", "--max-completion-length", "8", "--gec-reflection-tokens", "4",
+                      "--log-completions-steps", "0",
                       "--max-steps", "100000", "--save-steps", "0"])
 eg.train(args, model=tiny_model(tok), tokenizer=tok, progress=False)
 """
@@ -246,7 +249,8 @@ def test_completions_are_logged_per_row_and_analysis_reads_them(tok, tmp_path, c
 
 def contents(directory):
     """Every file's bytes but the lock's (rewritten, and left empty, by every launch)."""
-    return {p.relative_to(directory): p.read_bytes() for p in Path(directory).rglob("*") if p.is_file() and p.name != ".lock"}
+    return {p.relative_to(directory): p.read_bytes() for p in Path(directory).rglob("*")
+            if p.is_file() and p.name != ".lock"}
 
 
 def logged_steps(path):
@@ -297,7 +301,8 @@ def test_a_resume_with_a_changed_method_flag_is_refused_unless_allowed(tok, tmp_
     with pytest.raises(SystemExit, match=r"--num-generations 4 -> 2"):
         eg.parse_args(["--resume", str(out / "checkpoint-2"), "--num-generations", "2"])
     assert contents(out) == before
-    assert eg.parse_args(["--resume", str(out / "checkpoint-2"), "--max-steps", "6", "--save-steps", "3"]).max_steps == 6
+    resumed = eg.parse_args(["--resume", str(out / "checkpoint-2"), "--max-steps", "6", "--save-steps", "3"])
+    assert resumed.max_steps == 6
     resume_fresh(out / "checkpoint-2", "--no-eda", "--allow-changed-flags")
     config = json.loads((out / "config.json").read_text())
     assert config["arm"] == "GRPO + GEC" and config["flag_changes"] == [
@@ -316,7 +321,8 @@ def test_two_launches_into_one_directory_the_second_stops_and_the_first_finishes
     first = subprocess.Popen([sys.executable, "edge_grpo.py", *flags], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
-    while not ((out / ".lock").is_file() and (out / ".lock").read_text()) and first.poll() is None and time.time() < deadline:
+    locked = lambda: (out / ".lock").is_file() and (out / ".lock").read_text()
+    while not locked() and first.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     second = subprocess.run([sys.executable, "edge_grpo.py", *flags], cwd=ROOT, capture_output=True, text=True)
     output, _ = first.communicate(timeout=300)

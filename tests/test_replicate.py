@@ -28,7 +28,8 @@ def test_mean_std_and_paired_interval_hand_table():
     # half-width t_{0.975, 2} x sd / sqrt(3) = 4.303 x 0.066667 = 0.28687
     diff = replicate.paired_difference({0: 0.5, 1: 0.7, 2: 0.6, 3: 0.9}, {0: 0.4, 1: 0.4, 2: 0.5})
     assert diff["n"] == 3 and diff["mean"] == pytest.approx(1 / 6)
-    assert diff["low"] == pytest.approx(1 / 6 - 0.28687, abs=1e-4) and diff["high"] == pytest.approx(1 / 6 + 0.28687, abs=1e-4)
+    assert diff["low"] == pytest.approx(1 / 6 - 0.28687, abs=1e-4)
+    assert diff["high"] == pytest.approx(1 / 6 + 0.28687, abs=1e-4)
     assert replicate.paired_difference({0: 0.5}, {0: 0.25}) == dict(mean=0.25, low=None, high=None, n=1)
     assert "≈ GRPO" in replicate.difference_cell(diff)  # the interval holds 0
     assert "≈" not in replicate.difference_cell(dict(mean=0.2, low=0.05, high=0.35, n=3))
@@ -76,8 +77,8 @@ def test_format_only_reward_hand_table():
     assert eg.trained_rewards(rollout, "exact-match").tolist() == [2.0, 1.0, 0.0, 0.0]
     assert eg.trained_rewards(rollout, "format-only").tolist() == [1.0, 1.0, 0.0, 0.0]
     pair = rollout_from_texts(tok, tiny_model(tok), ["p"], texts[:2], ["4"], group_size=2)
-    assert eg.group_advantages(eg.trained_rewards(pair, "exact-match"), 2).tolist() == pytest.approx([0.7070,
-                                                                                                      -0.7070], abs=1e-3)
+    assert eg.group_advantages(eg.trained_rewards(pair, "exact-match"), 2).tolist() == \
+        pytest.approx([0.7070, -0.7070], abs=1e-3)
     assert eg.group_advantages(eg.trained_rewards(pair, "format-only"), 2).tolist() == [0.0, 0.0]
     assert eg.REWARD_MAXIMUM["format-only"] == 1.0
 
@@ -99,7 +100,8 @@ def test_gec_without_the_answer_branch_never_answers_and_keeps_the_others_ratio(
     assert set(choose_gec_actions([True] * 500, [False] * 500, [False] * 500, g(),
                                   branches=("reflection", "solution"))) \
         == {"reflection"}
-    assert set(choose_gec_actions([True] * 500, [True] * 500, [False] * 500, g(), branches=("solution",))) == {"solution"}
+    only = choose_gec_actions([True] * 500, [True] * 500, [False] * 500, g(), branches=("solution",))
+    assert set(only) == {"solution"}
     draws = torch.rand(500, generator=g()).tolist()
     expected = ["reflection" if u < 0.5 else "answer" if u < 0.75 else "solution" for u in draws]
     assert choose_gec_actions([True] * 500, [True] * 500, [False] * 500, g()) == expected
@@ -107,7 +109,8 @@ def test_gec_without_the_answer_branch_never_answers_and_keeps_the_others_ratio(
 
 def test_control_flags_parse_and_contradictions_fail():
     assert eg.parse_args(["--gec-branches", "reflection", "solution"]).gec_branches == ["reflection", "solution"]
-    assert eg.parse_args([]).gec_branches == ["reflection", "answer", "solution"] and eg.parse_args([]).reward == "exact-match"
+    default = eg.parse_args([])
+    assert default.gec_branches == ["reflection", "answer", "solution"] and default.reward == "exact-match"
     for argv in (["--no-gec", "--gec-branches", "reflection"], ["--forced-reflection", "--gec-branches", "solution"]):
         with pytest.raises(SystemExit, match="--gec-branches"):
             eg.parse_args(argv)
@@ -147,7 +150,8 @@ def test_the_study_writes_its_report_and_a_second_call_redoes_nothing(tiny_path,
     assert saved["runs"] == results["runs"] and set(saved["comparisons"]) == {"EDGE-GRPO"}
     run = saved["runs"][1]
     summary = json.loads((out / "edge-grpo" / "seed-0" / "eval" / "summary.json").read_text())
-    assert run["heldout_avg_at_k"] == summary["average_weighted"] and run["heldout_greedy"] == summary["greedy"]["average_weighted"]
+    assert run["heldout_avg_at_k"] == summary["average_weighted"]
+    assert run["heldout_greedy"] == summary["greedy"]["average_weighted"]
     assert summary["samples"] == 2 and summary["problems"] == {"arithmetic-test": 3}
     metrics = [json.loads(line) for line in (out / "edge-grpo" / "seed-0" / "metrics.jsonl").read_text().splitlines()]
     assert run["steps"] == 2 and run["adv_var"] == pytest.approx(sum(m["adv_var"] for m in metrics) / 2)

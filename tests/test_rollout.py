@@ -10,7 +10,7 @@ import torch
 import fast
 from reward import MAX_REWARD, reward
 from rollout import rollout_from_texts as make_rollout
-from rollout import (ANSWER_SENTENCE, GEC_MAX_PROMPT_TOKENS, REFLECTION_CUE, STEP_BY_STEP,
+from rollout import (ANSWER_SENTENCE, GEC_MAX_PROMPT_TOKENS, REFLECTION_CUE, STEP_BY_STEP, Sampling,
                      build_prompt, choose_gec_actions, completion_mask_from_eos, generate, guided_error_correction,
                      sample_next_token, sample_rollout, sample_with_cache, shares_prompts, token_logprobs_and_entropy)
 from checkpoints import default_prompt_format
@@ -20,7 +20,7 @@ from tests.tiny import qwen_tokenizer, sharpened, tiny_model, tiny_qwen2, tiny_t
 def sample(model, tok, seed, temperature=1.0, G=4, max_new_tokens=16):
     prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"), build_prompt(tok, "Compute 12*3.", "step-by-step")]
     return sample_rollout(model, tok, prompts, ["2", "36"], group_size=G, max_new_tokens=max_new_tokens,
-                          temperature=temperature, seed=seed)
+                          sampling=Sampling(temperature), seed=seed)
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -30,7 +30,8 @@ def test_prompt_families(tok):
     assert default_prompt_format("HuggingFaceTB/SmolLM2-135M") == "step-by-step"
     bare = build_prompt(tok, "2+2?", "bare")
     assert bare == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
-    assert build_prompt(tok, "2+2?", "step-by-step") == f"<|im_start|>user\n2+2?{STEP_BY_STEP}<|im_end|>\n<|im_start|>assistant\n"
+    assert build_prompt(tok, "2+2?", "step-by-step") == \
+        f"<|im_start|>user\n2+2?{STEP_BY_STEP}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def test_no_chat_template_falls_back_to_plain_text_with_a_warning():
@@ -103,7 +104,7 @@ def test_greedy_decoding_equals_transformers_generate(model, tok):
     model = sharpened(tiny_model(tok))
 
     def both(stop, group_size):
-        ours, _ = generate(model, ids, mask, max_new_tokens=20, temperature=0, top_p=1.0, seed=0, stop_ids=[stop],
+        ours, _ = generate(model, ids, mask, max_new_tokens=20, sampling=Sampling(0), seed=0, stop_ids=[stop],
                            pad_id=tok.pad_token_id, group_size=group_size)
         with torch.no_grad():
             theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
@@ -248,7 +249,8 @@ def test_gec_rewrites_wrong_rows_and_only_regenerates_continued_ones(model, tok)
     G = 8
     prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"), build_prompt(tok, "Compute 12*3.", "step-by-step")]
     texts = ["so \\boxed{2}", "it is 3", "\\boxed{3}", "hmm", "x", "1+1=2", "\\boxed{5}", "no"] + \
-            ["12*3=36", "\\boxed{35}", "36?", "?", "I think 30", "\\boxed{6}", "36", "\\boxed{-36}"]  # group 2: all wrong
+            ["12*3=36", "\\boxed{35}", "36?", "?", "I think 30", "\\boxed{6}", "36",
+             "\\boxed{-36}"]  # group 2: all wrong
     before = rollout_from_texts(tok, prompts, texts, G)
     assert before.rewards.tolist()[:3] == [2.0, 0.0, 1.0] and (before.rewards[G:] < MAX_REWARD).all()
     solutions = ["1 and 1 make \\boxed{2}.", None]  # the second problem has no solution: answer instead
@@ -257,7 +259,7 @@ def test_gec_rewrites_wrong_rows_and_only_regenerates_continued_ones(model, tok)
     calls = []
     counting = lambda model, cache, mask, *a, **kw: calls.append(mask) or rollout.decode(model, cache, mask, *a, **kw)
     after = guided_error_correction(model, tok, before, ["2", "36"], solutions, seed=4, reflection_tokens=6,
-                                    decoder=counting)
+                                    sampling=Sampling(decoder=counting))
 
     assert after.actions[0] == "none"
     assert torch.equal(after.completion_ids[0, :before.completion_mask[0].sum()],
@@ -299,9 +301,9 @@ def test_gec_continues_from_the_sampling_cache_as_from_a_fresh_prefill(tok):
     prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"),
                build_prompt(tok, "Compute 12*3 and explain.", "step-by-step")]
     r, kv = sample_with_cache(model, tok, prompts, ["2", "36"], group_size=4, max_new_tokens=16,
-                              temperature=3.0, seed=0)
+                              sampling=Sampling(3.0), seed=0)
     assert kv is not None and r.truncated.any() and not r.truncated.all()
-    kwargs = dict(seed=1, forced_reflection=True, reflection_tokens=8, temperature=0)
+    kwargs = dict(seed=1, forced_reflection=True, reflection_tokens=8, sampling=Sampling(0))
     cached = guided_error_correction(model, tok, r, ["2", "36"], ["two", "36"], kv=kv, **kwargs)
     fresh = guided_error_correction(model, tok, r, ["2", "36"], ["two", "36"], **kwargs)
     assert cached.actions == fresh.actions and cached.actions.count("reflection") == 8
@@ -344,7 +346,7 @@ def test_prefilling_each_prompt_once_gives_the_same_samples(model, tok, temperat
     prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"), build_prompt(tok, "Compute 12*3.", "step-by-step")]
     enc = tok(prompts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
     ids, mask = enc.input_ids.repeat_interleave(4, 0), enc.attention_mask.repeat_interleave(4, 0)
-    kwargs = dict(max_new_tokens=12, temperature=temperature, top_p=1.0, seed=5, stop_ids=[tok.eos_token_id],
+    kwargs = dict(max_new_tokens=12, sampling=Sampling(temperature), seed=5, stop_ids=[tok.eos_token_id],
                   pad_id=tok.pad_token_id)
     assert torch.equal(generate(model, ids, mask, group_size=1, **kwargs)[0],
                        generate(model, ids, mask, group_size=4, **kwargs)[0])
@@ -369,7 +371,8 @@ def test_gec_appends_after_the_text_not_after_an_end_of_turn_token():
         ids = after.completion_ids[row, :int(after.completion_mask[row].sum())].tolist()
         text = texts[row].replace("<|im_end|>", "")
         if action == "answer":
-            expected = tok(text + ANSWER_SENTENCE.format(answer="5"), add_special_tokens=False).input_ids + [tok.eos_token_id]
+            expected = tok(text + ANSWER_SENTENCE.format(answer="5"), add_special_tokens=False).input_ids + \
+                [tok.eos_token_id]
             assert ids == expected
         elif action == "reflection":
             prefix = tok(text + REFLECTION_CUE, add_special_tokens=False).input_ids
@@ -397,13 +400,13 @@ def test_a_rows_samples_do_not_depend_on_the_rest_of_its_batch(tok):
     model = sharpened(tiny_model(tok))
     prompts = [build_prompt(tok, "What is 1+1?", "step-by-step"),
                build_prompt(tok, "Compute 12*3 please.", "step-by-step")]
-    kwargs = dict(group_size=4, max_new_tokens=12, temperature=1.0, seed=5)
+    kwargs = dict(group_size=4, max_new_tokens=12, sampling=Sampling(1.0), seed=5)
     whole, kv = sample_with_cache(model, tok, prompts, ["2", "36"], **kwargs)
     alone, kv_alone = sample_with_cache(model, tok, prompts[1:], ["36"], first_row=4, **kwargs)
     width = alone.completion_ids.shape[1]
     assert torch.equal(whole.completion_ids[4:, :width], alone.completion_ids)
     assert (whole.completion_ids[4:, width:] == tok.pad_token_id).all()
-    gec = dict(seed=9, reflection_tokens=6, temperature=1.0)
+    gec = dict(seed=9, reflection_tokens=6, sampling=Sampling(1.0))
     both = guided_error_correction(model, tok, whole, ["2", "36"], ["two", None], kv=kv, **gec)
     part = guided_error_correction(model, tok, alone, ["36"], [None], kv=kv_alone, first_row=4, **gec)
     assert both.actions[4:] == part.actions and both.texts[4:] == part.texts

@@ -52,7 +52,8 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>")
 
 
-@pytest.mark.parametrize("text", ["We compute $12 + 34 = 46$. \\boxed{46}", "héllo wörld ∑ 😀 <script>&", "", "a\n\nb"])
+@pytest.mark.parametrize("text", ["We compute $12 + 34 = 46$. \\boxed{46}", "héllo wörld ∑ 😀 <script>&", "",
+                                  "a\n\nb"])
 def test_token_pieces_concatenate_to_the_decoded_text_also_when_a_character_spans_tokens(text):
     tok = byte_tokenizer()
     ids = tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
@@ -129,9 +130,9 @@ class Page(HTMLParser):
             self.facts = self.row
         elif name == "t" and self.row is not None:
             inserted = [b for n, b in self.stack[:-1] if n == "span" and b.get("class") == "ins"]
+            trained = [b for n, b in self.stack if n == "span" and "data-trained" in b][-1]["data-trained"]
             self.token = dict(text="", shade=a.get("e"), h=a.get("h"),
-                              source=inserted[-1]["data-src"] if inserted else None,
-                              trained=[b for n, b in self.stack if n == "span" and "data-trained" in b][-1]["data-trained"])
+                              source=inserted[-1]["data-src"] if inserted else None, trained=trained)
             self.row["tokens"].append(self.token)
         elif name == "details":
             self.row = None  # the response before GEC: text, not the tokens trained on
@@ -167,14 +168,15 @@ def test_the_page_shows_every_logged_row_token_by_token_with_its_numbers(tok, tm
         for r, s in zip(logged, shown["rows"]):
             assert "".join(t["text"] for t in s["tokens"]) == text_of(r)
             assert [t["text"] for t in s["tokens"]] == r["tokens"]
-            assert [t["source"] for t in s["tokens"]] == [None if k == 0 else TOKEN_SOURCES[k] for k in r["token_source"]]
+            assert [t["source"] for t in s["tokens"]] == \
+                [None if k == 0 else TOKEN_SOURCES[k] for k in r["token_source"]]
             assert [float(t["h"]) for t in s["tokens"]] == pytest.approx(r["token_entropy"], abs=0.005)
             assert [int(t["shade"]) for t in s["tokens"]] == [shade(h) for h in r["token_entropy"]]
             assert [int(t["trained"]) for t in s["tokens"]] == r["token_trained"]
             assert s["rewritten"] == str(int(r["gec_action"] not in ("none", "skipped")))
+            shown = " ".join(s["facts"].split()).replace("Ai", "A i").replace("Hi", "H i")
             assert (f"{r['gec_action']} · reward {r['sampled_reward']:g} → {r['reward']:g} · A i "
-                    f"{r['advantage']:+.2f} → {r['advantage_eda']:+.2f} (EDA) · H i {r['entropy']:.3f}") == " ".join(s["facts"].split()).replace(
-                        "Ai", "A i").replace("Hi", "H i")
+                    f"{r['advantage']:+.2f} → {r['advantage_eda']:+.2f} (EDA) · H i {r['entropy']:.3f}") == shown
 
 
 def test_steps_are_chosen_evenly_or_by_name_and_an_unlogged_step_is_one_line(tok, tmp_path):
@@ -291,7 +293,8 @@ def test_tensorboard_holds_every_metric_of_every_step_once_after_a_resume(tok, t
     expected = numeric_metrics(out)
     assert sorted(expected) == [1, 2]
     names = set().union(*(m.keys() for m in expected.values()))
-    assert set(events.Tags()["scalars"]) == names and "gec_actions/answer" in names and "loss_tokens_by_source/cue" in names
+    assert set(events.Tags()["scalars"]) == names
+    assert "gec_actions/answer" in names and "loss_tokens_by_source/cue" in names
     for name in names:
         logged = events.Scalars(name)
         # each step once, the redone one too
