@@ -960,6 +960,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # model init paths that draw random numbers (none for loaded weights)
     try:
         train(args)
+        distributed.barrier()  # every rank out of its last collective before the group is destroyed
     except RuntimeError as e:  # gloo's collective that waited --ddp-timeout for a hung rank (NCCL's watchdog aborts)
         if distributed.launched() and "timed out" in str(e).lower():
             fail(f"rank {distributed.rank()}: waited --ddp-timeout {args.ddp_timeout} s for another rank and gave up "

@@ -39,4 +39,5 @@ def run(output_dir, flags):
 if __name__ == "__main__":
     for output_dir, flags in json.loads(sys.argv[1]):
         run(output_dir, flags)
+    eg.distributed.barrier()  # as edge_grpo.main: no rank still in a collective when the group goes
     eg.distributed.teardown()
